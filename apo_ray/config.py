@@ -1,0 +1,244 @@
+"""Typed configuration: one dataclass per section, registered in Hydra's ConfigStore.
+
+Each section maps onto the constructor or function it configures (``GenerationConfig`` ->
+``HFGenerator``, ``RMConfig`` -> ``train_reward_model`` ...). Names carry their units: ``*_per_batch``
+counts examples in one optimiser step, ``micro_*`` examples in one forward pass, ``*_tokens`` tokens.
+:func:`validate` runs once at start-up and names the field of every problem it finds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+RM_MODES = ("apo", "apo_seq", "fixed", "ablation")
+POLICY_UPDATERS = ("rjs", "dpo")
+GENERATION_BACKENDS = ("transformers", "vllm")
+LEARNER_STRATEGIES = ("ddp", "deepspeed", "fsdp")
+TRAIN_PRECISIONS = ("fp32", "bf16-autocast", "bf16")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field and the value."""
+
+
+@dataclass
+class ModelConfig:
+    policy: str = "smollm2-135m-instruct"  # hub id, local folder, or an offline alias (models.py)
+    reward: str = "smollm2-135m-instruct"  # RM backbone; a scalar head is added
+    dtype: str = "float32"  # weights of generators and scorers
+    train_precision: str = "bf16-autocast"  # learners: fp32 master weights, bf16 matmuls
+
+
+@dataclass
+class DataConfig:
+    # A .jsonl(.gz) file, a folder of them, or hf://Anthropic/hh-rlhf?data_dir=harmless-base&split=train
+    path: str = "${oc.env:APO_HH_DATA,../shared/data/hh-rlhf}"
+    clean: bool = True
+    seed: int = 0
+    # Sizes: an int counts pairs/queries, a float in (0, 1] is a fraction of the cleaned pairs.
+    # Typed Any because OmegaConf would turn an int into a float (and so a count into a fraction).
+    rm_pairs: Any = 0.3  # D_P; their prompts are the golden queries
+    llm_queries: Any = 0.5  # D_Q (only the prompts are used)
+    dev_pairs: Any = 0.05  # drawn from the LLM block, for RM validation
+    test_pairs: Any = 0.1
+    eval_rm_pairs: Any = 0  # training data of the evaluation RM (paper's RM_Test)
+    golden_path: str | None = None  # golden answers jsonl; None: chosen responses (paper's fallback)
+    gold_queries: int | None = None  # cap on golden queries per round (None: all rm_pairs)
+
+
+@dataclass
+class GenerationConfig:
+    backend: str = "transformers"
+    max_new_tokens: int = 64
+    max_prompt_tokens: int = 256  # prompts are left-truncated to this
+    temperature: float = 1.0
+    top_p: float = 1.0
+    prompts_per_batch: int = 16  # prompts per generate call (each yields samples_per_query sequences)
+    seed: int = 0
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)  # passed untouched to vllm.LLM
+
+
+@dataclass
+class RMConfig:
+    base_lr: float = 1e-6  # RM_Base (and evaluation RMs), trained on D_P before round 1
+    base_epochs: int = 1
+    lr: float = 1e-8  # APO RMs (paper: 1e-8)
+    epochs: int = 1
+    pairs_per_batch: int = 64  # pairs per optimiser step (APO and preference pairs together)
+    micro_pairs: int = 8  # pairs per forward/backward pass
+    max_length: int = 512  # tokens of prompt + response
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    score_batch: int = 32  # sequences per scoring forward pass
+
+
+@dataclass
+class PolicyConfig:
+    updater: str = "rjs"  # rjs: LM loss on best-of-S; dpo: best vs worst of S
+    lrs: list[float] = field(default_factory=lambda: [5e-6, 2e-6, 9e-7])  # one per round (last repeats)
+    epochs: int = 1
+    sequences_per_batch: int = 128
+    micro_sequences: int = 8
+    max_length: int = 1024
+    dpo_beta: float = 0.1
+    weight_decay: float = 0.0
+
+
+@dataclass
+class APOConfig:
+    rounds: int = 3
+    samples_per_query: int = 4  # S
+    beta2: float = 10.0  # weight of the preference term L_rank(D_P)
+    apo_weight: float = 1.0  # weight of the APO term L_rank(D_APO); the authors' code: 0.1
+    rm_mode: str = "apo"  # apo | apo_seq | fixed | ablation
+    arms: list[str] = field(default_factory=list)  # several rm modes in one run (reports); [] = [rm_mode]
+
+
+@dataclass
+class ClusterConfig:
+    address: str | None = None  # None: $RAY_ADDRESS or a new local instance
+    namespace: str | None = None  # None: apo-<run.name>
+    num_generators: int = 1
+    generator_cpus: float = 1.0
+    generator_gpus: float = 0.0
+    num_scorers: int = 1
+    scorer_cpus: float = 1.0
+    scorer_gpus: float = 0.0
+    learner_workers: int = 1
+    learner_cpus: float = 1.0
+    learner_use_gpu: bool = False
+    learner_strategy: str = "ddp"  # ddp | deepspeed | fsdp
+    deepspeed_stage: int = 2
+    gradient_checkpointing: bool = False
+    max_actor_restarts: int = 3
+    driver_cpus: float = 0.0
+    local_num_cpus: int | None = None  # only for a new local instance
+
+
+@dataclass
+class EvalConfig:
+    n_bins: int = 10
+    eval_rm: bool = False  # train an evaluation RM on data.eval_rm_pairs and score policies with it
+    test_queries: int | None = None  # cap on test prompts the policy answers per round
+    judge: bool = False
+    judge_pairs: int = 20
+    judge_model: str = "${oc.env:APO_JUDGE_MODEL,gpt-4o}"
+    judge_base_url: str | None = "${oc.env:OPENAI_BASE_URL,null}"
+    judge_concurrency: int = 4
+
+
+@dataclass
+class RunConfig:
+    name: str = "apo"
+    output_dir: str = "${hydra:runtime.output_dir}"  # absolute; a submitted job's cwd is temporary
+    resume: bool = False
+    seed: int = 0
+    in_process: bool = False  # run the game in this process without Ray (debugging)
+    log_level: str = "INFO"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    apo: APOConfig = field(default_factory=APOConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def arms(self) -> list[str]:
+        return list(self.apo.arms) or [self.apo.rm_mode]
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="apo_schema", node=Config)
+
+
+def _check(errors: list[str], ok: bool, message: str) -> None:
+    if not ok:
+        errors.append(message)
+
+
+def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: float | None = None) -> Config:
+    """Raise :class:`ConfigError` listing every bad field; return ``cfg`` unchanged when all is well.
+
+    ``cluster_cpus``/``cluster_gpus``: what the Ray cluster can ever offer, to refuse actor counts
+    that could never be placed (they would hang, not fail).
+    """
+    e: list[str] = []
+    a, g, rm, p, c, d = cfg.apo, cfg.generation, cfg.rm, cfg.policy, cfg.cluster, cfg.data
+    _check(e, a.rounds >= 1, f"apo.rounds must be >= 1, got {a.rounds}")
+    _check(e, a.samples_per_query >= 1, f"apo.samples_per_query must be >= 1, got {a.samples_per_query}")
+    _check(e, a.beta2 >= 0, f"apo.beta2 must be >= 0, got {a.beta2}")
+    _check(e, a.apo_weight >= 0, f"apo.apo_weight must be >= 0, got {a.apo_weight}")
+    for mode in cfg.arms:
+        _check(e, mode in RM_MODES, f"apo.rm_mode/apo.arms: unknown rm mode {mode!r}; choose from {RM_MODES}")
+    _check(e, p.updater in POLICY_UPDATERS, f"policy.updater must be one of {POLICY_UPDATERS}, got {p.updater!r}")
+    if p.updater == "dpo":
+        _check(e, a.samples_per_query >= 2, "policy.updater=dpo needs apo.samples_per_query >= 2")
+    _check(e, len(p.lrs) >= 1 and all(x > 0 for x in p.lrs), f"policy.lrs must be positive, got {list(p.lrs)}")
+    for name, value in (("rm.lr", rm.lr), ("rm.base_lr", rm.base_lr)):
+        _check(e, value > 0, f"{name} must be > 0, got {value}")
+    for name, value in (("rm.pairs_per_batch", rm.pairs_per_batch), ("rm.micro_pairs", rm.micro_pairs),
+                        ("policy.sequences_per_batch", p.sequences_per_batch),
+                        ("policy.micro_sequences", p.micro_sequences),
+                        ("generation.prompts_per_batch", g.prompts_per_batch),
+                        ("generation.max_new_tokens", g.max_new_tokens), ("rm.max_length", rm.max_length),
+                        ("policy.max_length", p.max_length), ("cluster.num_generators", c.num_generators),
+                        ("cluster.num_scorers", c.num_scorers), ("cluster.learner_workers", c.learner_workers),
+                        ("eval.n_bins", cfg.eval.n_bins)):
+        _check(e, value >= 1, f"{name} must be >= 1, got {value}")
+    _check(e, g.backend in GENERATION_BACKENDS, f"generation.backend must be one of {GENERATION_BACKENDS}, got {g.backend!r}")
+    _check(e, g.temperature >= 0, f"generation.temperature must be >= 0, got {g.temperature}")
+    _check(e, 0 < g.top_p <= 1, f"generation.top_p must be in (0, 1], got {g.top_p}")
+    _check(e, c.learner_strategy in LEARNER_STRATEGIES,
+           f"cluster.learner_strategy must be one of {LEARNER_STRATEGIES}, got {c.learner_strategy!r}")
+    _check(e, cfg.model.train_precision in TRAIN_PRECISIONS,
+           f"model.train_precision must be one of {TRAIN_PRECISIONS}, got {cfg.model.train_precision!r}")
+    for name in ("rm_pairs", "llm_queries", "dev_pairs", "test_pairs", "eval_rm_pairs"):
+        value = getattr(d, name)
+        _check(e, value >= 0, f"data.{name} must be >= 0, got {value}")
+    _check(e, d.rm_pairs > 0, f"data.rm_pairs must be > 0 (golden queries come from it), got {d.rm_pairs}")
+    _check(e, d.llm_queries > 0, f"data.llm_queries must be > 0, got {d.llm_queries}")
+    _check(e, d.test_pairs > 0, f"data.test_pairs must be > 0, got {d.test_pairs}")
+    if cfg.eval.eval_rm:
+        _check(e, d.eval_rm_pairs > 0, "eval.eval_rm=true needs data.eval_rm_pairs > 0")
+    if cluster_cpus is not None:
+        # Every actor of a pool is alive at once, so the whole pool must fit or the run hangs.
+        for pool, n, cpus in (("generator", c.num_generators, c.generator_cpus),
+                              ("scorer", c.num_scorers, c.scorer_cpus)):
+            _check(e, n * cpus <= cluster_cpus,
+                   f"cluster.num_{pool}s={n} x cluster.{pool}_cpus={cpus:g} needs {n * cpus:g} CPUs; "
+                   f"the Ray cluster has {cluster_cpus:g}")
+    if cluster_gpus is not None:
+        need = c.num_generators * c.generator_gpus
+        _check(e, need <= cluster_gpus or c.generator_gpus == 0,
+               f"cluster.num_generators={c.num_generators} x cluster.generator_gpus={c.generator_gpus} "
+               f"needs {need:g} GPUs; the Ray cluster has {cluster_gpus:g}")
+        _check(e, not c.learner_use_gpu or cluster_gpus >= c.learner_workers,
+               f"cluster.learner_use_gpu with cluster.learner_workers={c.learner_workers} needs that many GPUs; "
+               f"the Ray cluster has {cluster_gpus:g}")
+    if e:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(e))
+    return cfg
+
+
+def from_omegaconf(node) -> Config:
+    """A resolved ``Config`` from a Hydra/OmegaConf node (merged onto the schema, so types are checked)."""
+    from omegaconf import OmegaConf
+
+    schema = OmegaConf.structured(Config)
+    merged = OmegaConf.merge(schema, node)
+    return OmegaConf.to_object(merged)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)

