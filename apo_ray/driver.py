@@ -1,0 +1,74 @@
+"""The driver actor: owns the run (state, checkpoints, weights objects) and plays the rounds.
+
+It is a named actor (``apo-driver`` in the run's namespace) so ``ray list actors`` and the dashboard
+show it, and a threaded one: while ``run`` blocks in a learner's ``fit()``, the learner's rank 0
+calls ``deposit`` to hand its weights over (see :mod:`apo_ray.ray_system` on ownership).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import ray
+
+from apo_ray.config import Config, to_dict
+from apo_ray.game import APOGame, PhaseStore, build_game_data, write_summary
+
+DRIVER_NAME = "apo-driver"
+
+
+class APODriver:
+    def __init__(self, cfg: Config, namespace: str | None = None):
+        logging.basicConfig(level=cfg.run.log_level, format="%(asctime)s %(name)s: %(message)s", force=True)
+        self.cfg, self.namespace = cfg, namespace
+        self._box: dict[str, tuple] = {}
+        self._lock = threading.Lock()
+        self._progress: dict = {"state": "created"}
+        self.system = None
+
+    # -- mailbox for learner weights --------------------------------------------------------------
+    def deposit(self, token: str, packed, stats: dict) -> None:
+        ref = ray.put(packed)  # put by this long-lived actor, so this actor owns it
+        with self._lock:
+            self._box[token] = (ref, stats)
+
+    def collect(self, token: str) -> list:
+        with self._lock:
+            return [self._box.pop(token)]  # a list: the caller receives the ref, not the value
+
+    def status(self) -> dict:
+        return dict(self._progress)
+
+    # -- the run -----------------------------------------------------------------------------------
+    def run(self) -> list[dict]:
+        from apo_ray.ray_system import RaySystem
+        from apo_ray.telemetry import APOMetrics
+
+        cfg = self.cfg
+        out = Path(cfg.run.output_dir)
+        phases = out / "phases"
+        if phases.exists() and any(phases.iterdir()) and not cfg.run.resume:
+            raise RuntimeError(f"{phases} holds phases of an earlier run; pass run.resume=true to continue it "
+                               f"or choose another run.output_dir")
+        metrics = APOMetrics(cfg.run.name)
+        me = ray.get_runtime_context().current_actor
+        self.system = RaySystem(cfg, me, namespace=self.namespace)
+        system = self.system
+
+        def on_phase(event: dict) -> None:
+            generation = system.last_generation if event["phase"].startswith("sample") else None
+            metrics.on_phase(event, generation, system.last_sync)
+            self._progress = {"state": "running", **{k: v for k, v in event.items() if k != "record"}}
+
+        self._progress = {"state": "loading data"}
+        data = build_game_data(cfg)
+        game = APOGame(cfg, system, data, PhaseStore(phases, system), on_phase=on_phase)
+        try:
+            records = game.run()
+        finally:
+            system.shutdown()
+        write_summary(out, records, to_dict(cfg))
+        self._progress = {"state": "finished", "records": len(records)}
+        return records

@@ -1,0 +1,57 @@
+"""Progress for people (log lines) and for the Ray dashboard (``ray.util.metrics``, exported to
+Prometheus when the cluster exports metrics). Fed by the game's phase events."""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("apo_ray.progress")
+
+
+class APOMetrics:
+    def __init__(self, run_name: str):
+        from ray.util.metrics import Counter, Gauge
+
+        tags = ("run", "arm")
+        self.default_tags = {"run": run_name}
+        self.round = Gauge("apo_round", "Current APO round", tag_keys=tags)
+        self.phase_seconds = Gauge("apo_phase_seconds", "Wall seconds of the last phase", tag_keys=tags + ("phase",))
+        self.phases_done = Counter("apo_phases_done", "Finished phases", tag_keys=tags + ("phase",))
+        self.samples = Counter("apo_samples_generated", "Sequences sampled from the policy", tag_keys=tags)
+        self.samples_per_s = Gauge("apo_samples_per_s", "Generation throughput, sequences/s", tag_keys=tags)
+        self.tokens_per_s = Gauge("apo_generated_tokens_per_s", "Generation throughput, new tokens/s", tag_keys=tags)
+        self.rm_acc = Gauge("apo_rm_accuracy", "RM preference accuracy", tag_keys=tags + ("split",))
+        self.rm_ece = Gauge("apo_rm_ece", "RM expected calibration error (weighted)", tag_keys=tags + ("split",))
+        self.mean_reward = Gauge("apo_policy_mean_reward", "Evaluation-RM score of the policy's test answers",
+                                 tag_keys=tags)
+        self.sync_seconds = Gauge("apo_weight_sync_seconds", "Seconds pool actors spent loading new weights",
+                                  tag_keys=tags)
+        self.sync_bytes = Counter("apo_weight_sync_bytes", "Bytes of weights loaded by pool actors", tag_keys=tags)
+
+    def on_phase(self, event: dict, generation: dict | None = None, sync: dict | None = None) -> None:
+        tags = {"run": self.default_tags["run"], "arm": str(event.get("arm", "setup"))}
+        phase = event["phase"]
+        if "round" in event:
+            self.round.set(event["round"], tags=tags)
+        if phase == "round_done":
+            record = event["record"]
+            for split in ("dev", "test"):
+                if f"rm_{split}_acc" in record:
+                    self.rm_acc.set(record[f"rm_{split}_acc"], tags=tags | {"split": split})
+                    self.rm_ece.set(record[f"rm_{split}_ece"], tags=tags | {"split": split})
+            self.mean_reward.set(record["policy_mean_reward"], tags=tags)
+            return
+        self.phase_seconds.set(event["seconds"], tags=tags | {"phase": phase})
+        self.phases_done.inc(1, tags=tags | {"phase": phase})
+        line = f"round {event.get('round', 0)} arm {tags['arm']}: {phase} done in {event['seconds']:.1f}s"
+        if phase.startswith("sample") and generation:
+            self.samples.inc(generation["sequences"], tags=tags)
+            self.samples_per_s.set(generation["samples_per_s"], tags=tags)
+            self.tokens_per_s.set(generation["tokens_per_s"], tags=tags)
+            line += f" ({generation['sequences']} samples, {generation['samples_per_s']:.1f} samples/s, " \
+                    f"{generation['tokens_per_s']:.0f} tokens/s)"
+        if sync and sync.get("bytes"):
+            self.sync_seconds.set(sync["seconds"], tags=tags)
+            self.sync_bytes.inc(sync["bytes"], tags=tags)
+        if phase != "evaluate":  # evaluation is many small scoring calls; its total is in the round line
+            log.info(line)

@@ -1,0 +1,310 @@
+"""Weight exchange between learners and pools through the Ray object store.
+
+Why this module exists: ``ray.put(state_dict)`` pickles every tensor separately (torch's reducer copies
+each storage into a bytes object, unless ``RAY_ENABLE_ZERO_COPY_TORCH_TENSORS`` is set), and the
+receiver then unpickles and copies every tensor again before moving it, tensor by tensor, to its
+device. On the H100 that measured 0.24 GB/s for the 1.26 GB state dict, slower than local disk.
+
+Here a state dict travels as ONE contiguous ``uint8`` numpy buffer plus a small metadata list:
+
+* ``pack_state_dict``: one copy of every tensor into the buffer, each at a 64-byte aligned offset (any
+  dtype can be viewed in place, and the same holds once Ray puts the buffer in the object store,
+  which aligns large out-of-band buffers to 64 bytes). CUDA tensors are first packed on the GPU
+  (device-local copies) and leave it in one device-to-host transfer through pinned staging chunks.
+* Ray pickles a numpy array out of band (pickle protocol 5), so ``ray.put`` is one memcpy into
+  shared memory and ``ray.get`` on the same node maps that memory without a copy: the array is
+  read-only and backed by the object store.
+* ``unpack_state_dict(..., device="cpu")`` returns tensors that are views over that buffer (no copy);
+  ``device="cuda"`` moves the whole buffer in one host-to-device transfer (double-buffered pinned
+  staging chunks, ``non_blocking``) and slices the tensors out of the GPU buffer.
+
+Ownership: an object is owned by the process that called ``ray.put``, and it is lost when that
+process dies, even if other references to it exist. A Ray Train worker is short-lived (it exits
+when ``trainer.fit()`` returns), so weights it publishes must be owned by a long-lived actor.
+``ray.put(x, _owner=...)`` was removed in Ray 2.56; ``put_weights(sd, owner=actor)`` has the owner
+actor do the put instead (see there).
+
+This is a plain module (pure functions and a dataclass): Ray only appears in ``put_weights`` and
+``get_weights``; everything else works, and is tested, without a Ray instance.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+ALIGNMENT = 64  # bytes; >= the largest element size, and a cache line
+STAGING_CHUNK_BYTES = 64 << 20  # pinned staging chunk for host <-> device copies (two are kept per GPU)
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Where one tensor lives in the packed buffer."""
+
+    name: str
+    dtype: str  # torch dtype name without the "torch." prefix, e.g. "bfloat16"
+    shape: tuple[int, ...]
+    offset: int  # bytes from the start of the buffer, a multiple of ALIGNMENT
+    nbytes: int
+
+
+@dataclass
+class PackedWeights:
+    """A state dict as one contiguous byte buffer plus metadata.
+
+    Pickles cheaply: the metadata is a few KB, and Ray serialises ``buffer`` out of band, so after
+    ``ray.get`` on the same node ``buffer`` is a read-only view of object-store shared memory.
+    """
+
+    buffer: np.ndarray  # 1-D uint8
+    meta: tuple[TensorMeta, ...]
+    total_bytes: int  # len(buffer), including alignment padding
+
+    @property
+    def tensor_bytes(self) -> int:
+        """Bytes of tensor data, without padding."""
+        return sum(m.nbytes for m in self.meta)
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.meta]
+
+
+def _align(n: int) -> int:
+    return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+
+
+def _dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"unknown torch dtype {name!r} in packed weights metadata")
+    return dtype
+
+
+def _typed_view(flat: torch.Tensor, m: TensorMeta) -> torch.Tensor:
+    """The tensor described by ``m`` as a view over the uint8 tensor ``flat``."""
+    return flat[m.offset : m.offset + m.nbytes].view(_dtype_from_name(m.dtype)).view(m.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host <-> device copies through small, reused pinned buffers. Pinning the whole (GB-sized) buffer
+# would cost more than the copy itself; two 64 MB pinned chunks let the CPU memcpy of chunk i
+# overlap the DMA of chunk i-1, and are allocated once per process and device.
+_staging: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _staging_buffers(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if device not in _staging:
+        _staging[device] = tuple(
+            torch.empty(STAGING_CHUNK_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2)
+        )
+    return _staging[device]
+
+
+def _host_to_device(src: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a 1-D uint8 host tensor to ``device`` (CUDA); returns when the copy is complete."""
+    n = src.numel()
+    dst = torch.empty(n, dtype=torch.uint8, device=device)
+    if n == 0:
+        return dst
+    if src.is_pinned():
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.current_stream(device).synchronize()
+        return dst
+    stream = torch.cuda.current_stream(device)
+    bufs = _staging_buffers(device)
+    done: list[torch.cuda.Event | None] = [None, None]
+    for i, start in enumerate(range(0, n, STAGING_CHUNK_BYTES)):
+        k = i % 2
+        if done[k] is not None:
+            done[k].synchronize()  # the DMA that last read this staging buffer has finished
+        end = min(start + STAGING_CHUNK_BYTES, n)
+        bufs[k][: end - start].copy_(src[start:end])
+        dst[start:end].copy_(bufs[k][: end - start], non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(stream)
+        done[k] = event
+    stream.synchronize()  # staging buffers are reused by the next call; dst is ready for any stream
+    return dst
+
+
+def _device_to_host(src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Copy the 1-D uint8 CUDA tensor ``src`` into the pageable host tensor ``dst``."""
+    n = src.numel()
+    stream = torch.cuda.current_stream(src.device)
+    bufs = _staging_buffers(src.device)
+    pending: list[tuple[torch.cuda.Event, int, int] | None] = [None, None]
+
+    def drain(k: int) -> None:
+        if pending[k] is not None:
+            event, start, end = pending[k]
+            event.synchronize()
+            dst[start:end].copy_(bufs[k][: end - start])
+            pending[k] = None
+
+    chunks = list(range(0, n, STAGING_CHUNK_BYTES))
+    for i, start in enumerate(chunks):
+        k = i % 2
+        drain(k)  # chunk i-2 leaves staging buffer k while chunk i-1 is still in flight
+        end = min(start + STAGING_CHUNK_BYTES, n)
+        bufs[k][: end - start].copy_(src[start:end], non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(stream)
+        pending[k] = (event, start, end)
+    for i in range(len(chunks), len(chunks) + 2):  # the last two chunks, in order
+        drain(i % 2)
+
+
+# ---------------------------------------------------------------------------------------------
+def pack_state_dict(state_dict: Mapping[str, torch.Tensor]) -> PackedWeights:
+    """Copy every tensor of ``state_dict`` into one contiguous, 64-byte aligned uint8 buffer.
+
+    Any dtype works (bf16 included: bytes are copied, numpy never sees the dtype), as do 0-dim and
+    non-contiguous tensors (copied straight into a typed view of their slot, no intermediate copy).
+    Tensors on one CUDA device are packed on the GPU and brought to the host in one transfer.
+    """
+    meta: list[TensorMeta] = []
+    offset = 0
+    for name, t in state_dict.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"state_dict[{name!r}] is a {type(t).__name__}, not a torch.Tensor")
+        nbytes = t.numel() * t.element_size()
+        meta.append(TensorMeta(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, nbytes))
+        offset = _align(offset + nbytes)
+    total = offset
+    # torch's CPU allocator aligns to 64 bytes (numpy only guarantees 16); numpy shares the memory.
+    host = torch.empty(total, dtype=torch.uint8)
+    tensors = list(state_dict.values())
+    devices = {t.device for t in tensors}
+    with torch.no_grad():
+        if len(devices) == 1 and next(iter(devices)).type == "cuda" and total > 0:
+            staging = torch.empty(total, dtype=torch.uint8, device=next(iter(devices)))
+            for m, t in zip(meta, tensors):
+                _typed_view(staging, m).copy_(t.detach())
+            _device_to_host(staging, host)
+        else:
+            for m, t in zip(meta, tensors):
+                _typed_view(host, m).copy_(t.detach())  # D2H per tensor if devices are mixed
+    return PackedWeights(buffer=host.numpy(), meta=tuple(meta), total_bytes=total)
+
+
+def _buffer_as_tensor(buffer: np.ndarray) -> torch.Tensor:
+    """A uint8 CPU tensor sharing memory with ``buffer`` (which ray.get returns read-only)."""
+    if buffer.dtype != np.uint8 or buffer.ndim != 1:
+        raise ValueError(f"packed buffer must be 1-D uint8, got {buffer.dtype} with shape {buffer.shape}")
+    if buffer.flags.writeable:
+        return torch.from_numpy(buffer)
+    # torch warns that it has no read-only tensors. The views we hand out are documented as
+    # read-only: a write would silently change shared object-store memory that every other reader
+    # of the object sees. So silence exactly that warning, once, here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*", category=UserWarning)
+        return torch.from_numpy(buffer)
+
+
+def unpack_state_dict(
+    packed: PackedWeights, device: str | torch.device = "cpu", copy: bool = False
+) -> dict[str, torch.Tensor]:
+    """Rebuild the state dict from ``packed``.
+
+    ``device="cpu"``, ``copy=False``: zero-copy views over ``packed.buffer``. After ``ray.get`` that
+    buffer is read-only object-store memory: do NOT write to these tensors (use ``copy=True``, or
+    ``load_state_dict``/``load_packed_into``, which copy). The views keep the buffer (and so the
+    object-store object) alive, and all share one storage, so ``torch.save`` of one view would
+    save the whole buffer.
+    ``device="cpu"``, ``copy=True``: one copy of the whole buffer, writable views over the copy.
+    ``device="cuda[:i]"``: one host-to-device transfer of the whole buffer, then views over the GPU
+    buffer (writable; ``copy`` is irrelevant).
+    """
+    device = torch.device(device)
+    flat = _buffer_as_tensor(packed.buffer)
+    if device.type == "cpu":
+        if copy:
+            flat = flat.clone()
+    elif device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        flat = _host_to_device(flat, device)
+    else:
+        flat = flat.to(device)  # other accelerators: one transfer, then views
+    return {m.name: _typed_view(flat, m) for m in packed.meta}
+
+
+def load_packed_into(module: torch.nn.Module, packed: PackedWeights, strict: bool = True) -> None:
+    """Copy ``packed`` into ``module``'s existing parameters and buffers, in place.
+
+    The whole buffer goes to the module's device in one transfer; each tensor is then a device-local
+    ``copy_`` (dtype casts allowed, e.g. bf16 weights into an fp32 module). Nothing is re-allocated,
+    so a generator or scorer actor keeps its model (and anything holding its parameters) across
+    weight updates. Tied weights appear under several names and are simply written twice.
+    ``strict``: raise if names differ (missing or unexpected); shapes must always match.
+    """
+    targets = module.state_dict(keep_vars=True)
+    by_name = {m.name: m for m in packed.meta}
+    if strict:
+        missing = sorted(set(targets) - set(by_name))
+        unexpected = sorted(set(by_name) - set(targets))
+        if missing or unexpected:
+            raise KeyError(
+                f"packed weights do not match the module: missing {missing}, unexpected {unexpected}"
+            )
+    devices = {t.device for name, t in targets.items() if name in by_name}
+    on_device = {d: unpack_state_dict(packed, d) for d in devices}  # normally exactly one device
+    with torch.no_grad():
+        for name, target in targets.items():
+            if name not in by_name:
+                continue
+            src = on_device[target.device][name]
+            if src.shape != target.shape:
+                raise ValueError(
+                    f"{name}: packed shape {tuple(src.shape)} != module shape {tuple(target.shape)}"
+                )
+            target.data.copy_(src)
+    for d in devices:
+        if d.type == "cuda":
+            torch.cuda.synchronize(d)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Ray layer: two thin functions.
+def _adopt(owner_self: Any, packed: PackedWeights) -> list:
+    """Runs inside the owner actor (via ``__ray_call__``): put ``packed`` there, so the owner owns it."""
+    import ray
+
+    return [ray.put(packed)]  # in a list: Ray returns the reference itself, not its value
+
+
+def put_weights(state_dict: Mapping[str, torch.Tensor], owner: Any = None) -> Any:
+    """Pack ``state_dict`` and put it in the object store; returns the ``ray.ObjectRef``.
+
+    Ownership matters: an object is owned by the process that put it and is lost when that
+    process dies, whoever else still holds a reference (``OwnerDiedError`` on ``ray.get``). A Ray
+    Train worker exits when ``trainer.fit()`` returns, so weights it publishes must be owned by a
+    long-lived actor. ``ray.put(x, _owner=actor)`` did that until Ray 2.56, which removed it; so
+    with ``owner`` (an actor handle) the packed weights are sent to that actor, which puts them
+    itself (``actor.__ray_call__``). That costs one more memcpy of the buffer (the argument goes
+    through the object store, owned by us, and is freed once the call returns).
+    The owner must be able to serve that call while its own code may be waiting: a dedicated
+    owner actor, or a threaded (``max_concurrency > 1``) or async driver actor. A plain
+    single-threaded driver blocked in ``ray.get(trainer.fit ...)`` would deadlock.
+    Leave ``owner`` None in a long-lived process (the driver itself, a pool actor).
+    """
+    import ray
+
+    packed = pack_state_dict(state_dict)
+    if owner is None:
+        return ray.put(packed)
+    [ref] = ray.get(owner.__ray_call__.remote(_adopt, packed))
+    return ref
+
+
+def get_weights(ref: Any, device: str | torch.device = "cpu", copy: bool = False) -> dict[str, torch.Tensor]:
+    """``ray.get`` packed weights and unpack them on ``device`` (see ``unpack_state_dict``)."""
+    import ray
+
+    return unpack_state_dict(ray.get(ref), device=device, copy=copy)

@@ -1,0 +1,42 @@
+"""APO (RM-LLM game) on Ray: `python jobs/apo.py experiment=demo`, or submitted to a cluster with
+`ray job submit --working-dir . -- python jobs/apo.py experiment=paper_hh run.output_dir=/shared/x`.
+Sweeps: `python jobs/apo.py -m apo.beta2=1,10 rm.lr=1e-8,1e-7`. See README.md."""
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.utils import to_absolute_path
+from omegaconf import DictConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from apo_ray.config import ConfigError, from_omegaconf, register_configs  # noqa: E402
+from apo_ray.launch import run_in_process, run_on_ray  # noqa: E402
+
+register_configs()
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(node: DictConfig) -> None:
+    try:
+        cfg = from_omegaconf(node)
+    except Exception as err:  # OmegaConf names the bad key; say it plainly and stop
+        raise SystemExit(f"config error: {err}") from None
+    logging.basicConfig(level=cfg.run.log_level, format="%(asctime)s %(name)s: %(message)s", force=True)
+    if not cfg.data.path.startswith("hf://"):
+        cfg.data.path = to_absolute_path(cfg.data.path)
+    if cfg.data.golden_path:
+        cfg.data.golden_path = to_absolute_path(cfg.data.golden_path)
+    cfg.run.output_dir = to_absolute_path(cfg.run.output_dir)
+    try:
+        records = run_in_process(cfg) if cfg.run.in_process else run_on_ray(cfg)
+    except ConfigError as err:
+        raise SystemExit(str(err)) from None
+    logging.getLogger("apo").info("finished %d records; summary in %s/summary.json", len(records),
+                                  cfg.run.output_dir)
+
+
+if __name__ == "__main__":
+    main()
