@@ -39,7 +39,7 @@ from typing import Any
 import openai
 
 from apo_ray.data import GoldenAnswer, PreferencePair, query_key
-from apo_ray.judge import ChatAPI, end_with_newline
+from apo_ray.judge import ChatAPI, drop_torn_tail
 from apo_ray.models import hh_to_messages
 
 log = logging.getLogger(__name__)
@@ -143,15 +143,16 @@ def golden_answer(api: ChatAPI, pair: PreferencePair, *, seed: int = 0) -> tuple
         return GoldenAnswer(pair.prompt, f"{text} {reason}", "model+why"), None
     except _ContentFiltered as exc:
         return GoldenAnswer(pair.prompt, canned_refusal(key, seed), "canned-refusal"), str(exc)[:300]
-    except Exception as exc:  # any other failure falls back to the HH answer
+    except Exception as exc:  # noqa: BLE001 - any other failure falls back to the HH answer
         return GoldenAnswer(pair.prompt, pair.chosen, "chosen-fallback"), f"{type(exc).__name__}: {exc}"[:300]
 
 
 def _read_done(path: Path) -> dict[str, str]:
-    """key -> source of the answers already in ``path`` (a torn last line is ignored and ended)."""
+    """key -> source of the answers already in ``path`` (a torn last line is dropped first)."""
     done: dict[str, str] = {}
     if not path.exists():
         return done
+    drop_torn_tail(path)
     with open(path, encoding="utf-8") as fh:
         for line in fh:
             try:
@@ -159,7 +160,6 @@ def _read_done(path: Path) -> dict[str, str]:
                 done[row.get("key") or query_key(row["prompt"])] = row.get("source", "file")
             except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                 continue
-    end_with_newline(path)
     return done
 
 

@@ -70,21 +70,21 @@ def cache_key(model: str, messages: Sequence[dict[str, str]], temperature: float
 
 
 class AnswerCache:
-    """Append-only JSONL of ``{"key", "text", "finish_reason"}``; a torn last line is ignored."""
+    """Append-only JSONL of ``{"key", "text", "finish_reason"}``; a torn last line is dropped."""
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
         self._lock = threading.Lock()
         self._entries: dict[str, dict[str, Any]] = {}
         if self.path.exists():
+            drop_torn_tail(self.path)
             with open(self.path, encoding="utf-8") as fh:
                 for line in fh:
                     try:
                         row = json.loads(line)
                         self._entries[row["key"]] = row
                     except (json.JSONDecodeError, KeyError, TypeError):
-                        continue  # an interrupted write
-            end_with_newline(self.path)
+                        continue  # not one of ours; skip rather than fail the whole cache
 
     def get(self, key: str) -> dict[str, Any] | None:
         return self._entries.get(key)
@@ -102,13 +102,18 @@ class AnswerCache:
         return len(self._entries)
 
 
-def end_with_newline(path: Path) -> None:
-    """If a crash left a partial last line, end it so the next append starts a clean line."""
-    if path.exists() and path.stat().st_size > 0:
-        with open(path, "rb+") as fh:
-            fh.seek(-1, os.SEEK_END)
-            if fh.read(1) != b"\n":
-                fh.write(b"\n")
+def drop_torn_tail(path: Path) -> None:
+    """Cut a partial last line (left by a crash mid-write) so the file holds only whole JSON lines
+    and the next append starts on a fresh line."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as fh:
+        data = fh.read()
+        if not data.endswith(b"\n"):
+            cut = data.rfind(b"\n") + 1
+            log.warning("%s: dropping a partial last line (%d bytes) from an interrupted write",
+                        path, len(data) - cut)
+            fh.truncate(cut)
 
 
 class ChatAPI:
@@ -280,7 +285,7 @@ class JudgeClient:
         """(raw text or None, verdict, error) for one ordering; failures become "invalid"."""
         try:
             text = self.api.complete(messages).text
-        except Exception as exc:  # a failed request is an invalid verdict, not a crash
+        except Exception as exc:  # noqa: BLE001 - a failed request is an invalid verdict, not a crash
             return None, "invalid", f"{type(exc).__name__}: {exc}"
         return text, parse_judge_verdict(text), None
 

@@ -83,7 +83,9 @@ def _learner_loop(config: dict) -> None:
                              world_size=ctx.get_world_size())
 
     def prepare(model):
-        return ray.train.torch.prepare_model(model, move_to_device=device)
+        if settings.strategy == "deepspeed":
+            return model  # deepspeed.initialize wraps it in training._Stepper
+        return ray.train.torch.prepare_model(model, move_to_device=device, parallel_strategy=config["parallel"])
 
     if config["kind"] == "rm":
         state, stats = train_reward_model(config["model"], init_state, data, settings, prepare_model=prepare,
@@ -144,7 +146,8 @@ class RaySystem:
             _learner_loop,
             train_loop_config={"kind": kind, "model": model, "init": [init.handle], "data": [ray.put(data)],
                                "settings": settings, "loss": loss, "mailbox": [self.mailbox], "token": token,
-                               "cpus_per_worker": c.learner_cpus},
+                               "cpus_per_worker": c.learner_cpus,
+                               "parallel": "fsdp" if c.learner_strategy == "fsdp" else "ddp"},
             scaling_config=ScalingConfig(num_workers=c.learner_workers, use_gpu=c.learner_use_gpu,
                                          resources_per_worker=resources),
             torch_config=TorchConfig(backend="nccl" if c.learner_use_gpu else "gloo"),
@@ -162,9 +165,11 @@ class RaySystem:
         make = rm_settings if section == "rm" else policy_settings
         kwargs = {"lr": lr, "seed": seed} | ({"epochs": epochs} if section == "rm" else {})
         s = make(self.cfg, **kwargs)
+        s.strategy = "deepspeed" if self.cfg.cluster.learner_strategy == "deepspeed" else "ddp"
+        s.zero_stage = self.cfg.cluster.deepspeed_stage
         return {k: getattr(s, k) for k in ("lr", "examples_per_step", "micro_examples", "max_length", "epochs",
                                            "weight_decay", "precision", "seed", "gradient_checkpointing",
-                                           "log_every_steps")}
+                                           "strategy", "zero_stage", "log_every_steps")}
 
     def train_rm(self, init: Weights, pairs: list[RankedPair], *, lr, epochs, beta2, apo_weight, seed):
         return self._fit("rm", init, pairs, self._settings("rm", lr, epochs, seed),

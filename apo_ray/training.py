@@ -62,9 +62,53 @@ def _autocast(precision: str, device: str):
     return contextlib.nullcontext()
 
 
-def _optimizer(model: nn.Module, lr: float, weight_decay: float, device: str):
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.startswith("cuda"))
+class _Stepper:
+    """Backward and optimiser step for one strategy. Plain/DDP: torch AdamW, and DDP's gradient
+    all-reduce only on the last micro-batch of a step (``no_sync`` before). DeepSpeed ZeRO: the
+    engine owns the optimiser and the (partitioned) gradient reduction."""
+
+    def __init__(self, model: nn.Module, settings: TrainSettings):
+        self.settings = settings
+        self.engine = None
+        params = [p for p in model.parameters() if p.requires_grad]
+        if settings.strategy == "deepspeed":
+            import deepspeed
+
+            config = {
+                "train_micro_batch_size_per_gpu": settings.micro_examples,
+                "gradient_accumulation_steps": 1,  # we mark step boundaries ourselves (ragged last steps)
+                "zero_optimization": {"stage": settings.zero_stage, "overlap_comm": True},
+                "bf16": {"enabled": settings.precision.startswith("bf16")},
+                "optimizer": {"type": "AdamW", "params": {"lr": settings.lr, "weight_decay": settings.weight_decay}},
+                "steps_per_print": 10**9,
+            }
+            self.engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=config)
+            self.model = self.engine
+        else:
+            self.model = model
+            self.opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay,
+                                         fused=settings.device.startswith("cuda"))
+
+    def zero_grad(self) -> None:
+        if self.engine is None:
+            self.opt.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        # Learners average gradients over ranks; our loss is already the global mean, so undo that.
+        loss = loss * self.settings.world_size
+        if self.engine is not None:
+            self.engine.set_gradient_accumulation_boundary(last)
+            self.engine.backward(loss)
+            return
+        sync = last or not hasattr(self.model, "no_sync")
+        with contextlib.nullcontext() if sync else self.model.no_sync():
+            loss.backward()
+
+    def step(self) -> None:
+        if self.engine is not None:
+            self.engine.step()
+        else:
+            self.opt.step()
 
 
 def _steps(n_items: int, per_step: int, seed: int, epochs: int) -> list[list[int]]:
@@ -78,7 +122,12 @@ def _steps(n_items: int, per_step: int, seed: int, epochs: int) -> list[list[int
 
 
 def _cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    inner = getattr(model, "module", model)  # unwrap DDP
+    if hasattr(model, "_zero3_consolidated_16bit_state_dict"):  # DeepSpeed engine
+        if model.zero_optimization_stage() == 3:
+            full = model._zero3_consolidated_16bit_state_dict()  # gathered on rank 0
+            prefix = "model." if isinstance(model.module, ScalarRewardModel) else ""
+            return {k[len(prefix):]: v.detach().cpu().contiguous() for k, v in (full or {}).items()}
+    inner = getattr(model, "module", model)  # unwrap DDP / DeepSpeed
     if isinstance(inner, ScalarRewardModel):
         inner = inner.model
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in inner.state_dict().items()}
@@ -100,45 +149,53 @@ class TrainSettings:
     rank: int = 0
     world_size: int = 1
     gradient_checkpointing: bool = False
-    log_every_steps: int = 10
+    strategy: str = "ddp"  # ddp (also plain, one process) | deepspeed
+    zero_stage: int = 2
+    log_every_steps: int = 0  # 0: about ten progress lines per run
 
 
 def _run_steps(model: nn.Module, settings: TrainSettings, n_items: int,
-               micro_loss: Callable[[list[int], dict[str, int]], tuple[torch.Tensor, int]],
+               micro_loss: Callable[[nn.Module, list[int], dict[str, int]], tuple[torch.Tensor, int]],
                step_counts: Callable[[list[int]], dict[str, int]], what: str) -> dict:
     """The shared optimiser loop: this rank's slice of each step, in micro-batches, one update.
 
-    ``micro_loss(indices, step_counts)`` returns (loss already divided by the step's counts, tokens).
+    ``micro_loss(model, indices, step_counts)`` returns (loss already divided by the step's counts,
+    tokens); ``model`` is what to call forward on (the DDP module or the DeepSpeed engine).
+    Returns (stats, the trained model/engine).
     """
-    opt = _optimizer(model, settings.lr, settings.weight_decay, settings.device)
+    stepper = _Stepper(model, settings)
     model.train()
     losses, tokens, start = [], 0, time.perf_counter()
     steps = _steps(n_items, settings.examples_per_step, settings.seed, settings.epochs)
+    log_every = settings.log_every_steps or max(1, len(steps) // 10)
     for step_no, step in enumerate(steps):
         counts = step_counts(step)
         mine = step[settings.rank::settings.world_size]
-        step_loss = 0.0
-        opt.zero_grad(set_to_none=True)
-        for lo in range(0, max(len(mine), 1), settings.micro_examples):
-            chunk = mine[lo:lo + settings.micro_examples]
-            if not chunk:
-                break
+        # A rank with nothing in a short last step still joins the gradient all-reduce, with weight 0.
+        chunks = [mine[lo:lo + settings.micro_examples] for lo in range(0, len(mine), settings.micro_examples)]
+        weight = 1.0 if chunks else 0.0
+        chunks = chunks or [step[:1]]
+        step_loss = torch.zeros(())
+        stepper.zero_grad()
+        for i, chunk in enumerate(chunks):
             with _autocast(settings.precision, settings.device):
-                loss, n_tokens = micro_loss(chunk, counts)
-            # DDP averages gradients over ranks; the loss is already a global mean, so undo that.
-            (loss * settings.world_size).backward()
-            step_loss += float(loss.detach())
+                loss, n_tokens = micro_loss(stepper.model, chunk, counts)
+            stepper.backward(loss * weight, last=i == len(chunks) - 1)
+            step_loss += float(loss.detach()) * weight
             tokens += n_tokens
+        if settings.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(step_loss)  # each rank holds its share of the step's mean
+        step_loss = float(step_loss)
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"{what}: non-finite loss at step {step_no}")
-        opt.step()
+        stepper.step()
         losses.append(step_loss)
-        if settings.rank == 0 and (step_no + 1) % settings.log_every_steps == 0:
+        if settings.rank == 0 and (step_no + 1) % log_every == 0:
             elapsed = time.perf_counter() - start
             log.info("%s step %d/%d loss %.4f (%.0f tokens/s on rank 0)", what, step_no + 1, len(steps),
                      step_loss, tokens / max(elapsed, 1e-9))
     elapsed = time.perf_counter() - start
-    return {"steps": len(steps), "loss_first": losses[0] if losses else float("nan"),
+    return stepper.model, {"steps": len(steps), "loss_first": losses[0] if losses else float("nan"),
             "loss_last": losses[-1] if losses else float("nan"),
             "loss_mean": sum(losses) / max(len(losses), 1), "seconds": elapsed,
             "tokens_per_s": tokens / max(elapsed, 1e-9), "losses": losses}
@@ -172,7 +229,7 @@ def train_reward_model(model_name: str, init_state: dict[str, torch.Tensor] | No
     def step_counts(step):
         return {"apo": sum(pairs[i].kind == "apo" for i in step), "pref": sum(pairs[i].kind == "pref" for i in step)}
 
-    def micro_loss(chunk, counts):
+    def micro_loss(model, chunk, counts):
         # One forward over [good_1..good_k, bad_1..bad_k]: [2k, T] -> rewards [2k].
         enc = [encode(pairs[i].prompt, pairs[i].good) for i in chunk] + \
               [encode(pairs[i].prompt, pairs[i].bad) for i in chunk]
@@ -186,7 +243,7 @@ def train_reward_model(model_name: str, init_state: dict[str, torch.Tensor] | No
                 loss = loss + weight * (-F.logsigmoid(margin[sel])).sum() / counts[kind]
         return loss, int(batch["attention_mask"].sum())
 
-    stats = _run_steps(model, settings, len(pairs), micro_loss, step_counts, "rm")
+    model, stats = _run_steps(model, settings, len(pairs), micro_loss, step_counts, "rm")
     stats.update(pairs=len(pairs), apo_pairs=sum(p.kind == "apo" for p in pairs))
     return _cpu_state_dict(model), stats
 
@@ -233,7 +290,7 @@ def train_policy(model_name: str, init_state: dict[str, torch.Tensor] | None,
 
         model = prepare_model(hf_model)
 
-        def micro_loss(chunk, counts):
+        def micro_loss(model, chunk, counts):
             batch = to_device(pad_batch([encode(i, 1) for i in chunk], tokenizer.pad_token_id))
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             # Sum of token NLL over this micro-batch / response tokens of the whole step.
@@ -258,7 +315,7 @@ def train_policy(model_name: str, init_state: dict[str, torch.Tensor] | None,
 
         model = prepare_model(hf_model)
 
-        def micro_loss(chunk, counts):
+        def micro_loss(model, chunk, counts):
             enc = [encode(i, 1) for i in chunk] + [encode(i, 2) for i in chunk]
             batch = to_device(pad_batch(enc, tokenizer.pad_token_id))
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -271,6 +328,6 @@ def train_policy(model_name: str, init_state: dict[str, torch.Tensor] | None,
     else:
         raise ValueError(f"policy.updater must be 'rjs' or 'dpo', got {updater!r}")
 
-    stats = _run_steps(model, settings, len(examples), micro_loss, step_counts, f"policy[{updater}]")
+    model, stats = _run_steps(model, settings, len(examples), micro_loss, step_counts, f"policy[{updater}]")
     stats.update(examples=len(examples))
     return _cpu_state_dict(model), stats

@@ -30,6 +30,7 @@ This is a plain module (pure functions and a dataclass): Ray only appears in ``p
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -161,12 +162,15 @@ def _device_to_host(src: torch.Tensor, dst: torch.Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-def pack_state_dict(state_dict: Mapping[str, torch.Tensor]) -> PackedWeights:
+def pack_state_dict(state_dict: Mapping[str, torch.Tensor], out: torch.Tensor | None = None) -> PackedWeights:
     """Copy every tensor of ``state_dict`` into one contiguous, 64-byte aligned uint8 buffer.
 
     Any dtype works (bf16 included: bytes are copied, numpy never sees the dtype), as do 0-dim and
     non-contiguous tensors (copied straight into a typed view of their slot, no intermediate copy).
     Tensors on one CUDA device are packed on the GPU and brought to the host in one transfer.
+    ``out``: a 1-D uint8 CPU tensor to pack into (at least as big as needed) instead of a fresh
+    allocation. Filling GBs of fresh memory costs page faults that can exceed the copy itself; a
+    sender that publishes repeatedly can reuse one buffer (``put_weights`` does).
     """
     meta: list[TensorMeta] = []
     offset = 0
@@ -178,7 +182,12 @@ def pack_state_dict(state_dict: Mapping[str, torch.Tensor]) -> PackedWeights:
         offset = _align(offset + nbytes)
     total = offset
     # torch's CPU allocator aligns to 64 bytes (numpy only guarantees 16); numpy shares the memory.
-    host = torch.empty(total, dtype=torch.uint8)
+    if out is None:
+        host = torch.empty(total, dtype=torch.uint8)
+    else:
+        if out.dtype != torch.uint8 or out.device.type != "cpu" or out.dim() != 1 or out.numel() < total:
+            raise ValueError(f"out must be a 1-D uint8 CPU tensor of at least {total} bytes")
+        host = out[:total]
     tensors = list(state_dict.values())
     devices = {t.device for t in tensors}
     with torch.no_grad():
@@ -279,6 +288,10 @@ def _adopt(owner_self: Any, packed: PackedWeights) -> list:
     return [ray.put(packed)]  # in a list: Ray returns the reference itself, not its value
 
 
+_scratch: torch.Tensor | None = None  # put_weights' reusable pack buffer (ray.put copies out of it)
+_scratch_lock = threading.Lock()
+
+
 def put_weights(state_dict: Mapping[str, torch.Tensor], owner: Any = None) -> Any:
     """Pack ``state_dict`` and put it in the object store; returns the ``ray.ObjectRef``.
 
@@ -293,14 +306,22 @@ def put_weights(state_dict: Mapping[str, torch.Tensor], owner: Any = None) -> An
     owner actor, or a threaded (``max_concurrency > 1``) or async driver actor. A plain
     single-threaded driver blocked in ``ray.get(trainer.fit ...)`` would deadlock.
     Leave ``owner`` None in a long-lived process (the driver itself, a pool actor).
+    Packs into a buffer kept for the next call (the process keeps one state dict's worth of host
+    memory): repeated publishes then skip the page faults of fresh memory.
     """
     import ray
 
-    packed = pack_state_dict(state_dict)
-    if owner is None:
-        return ray.put(packed)
-    [ref] = ray.get(owner.__ray_call__.remote(_adopt, packed))
-    return ref
+    global _scratch
+    total = sum(_align(t.numel() * t.element_size()) for t in state_dict.values())
+    with _scratch_lock:  # the buffer is reused: ray.put has copied it into the store when it returns
+        if _scratch is None or _scratch.numel() < total:
+            _scratch = None
+            _scratch = torch.empty(total, dtype=torch.uint8)
+        packed = pack_state_dict(state_dict, out=_scratch)
+        if owner is None:
+            return ray.put(packed)
+        [ref] = ray.get(owner.__ray_call__.remote(_adopt, packed))  # the argument is copied at .remote()
+        return ref
 
 
 def get_weights(ref: Any, device: str | torch.device = "cpu", copy: bool = False) -> dict[str, torch.Tensor]:

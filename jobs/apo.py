@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from apo_ray.config import ConfigError, from_omegaconf, register_configs  # noqa: E402
+from apo_ray.config import ConfigError, from_omegaconf, register_configs, validate  # noqa: E402
 from apo_ray.launch import run_in_process, run_on_ray  # noqa: E402
 
 register_configs()
@@ -31,6 +31,7 @@ def main(node: DictConfig) -> None:
         cfg.data.golden_path = to_absolute_path(cfg.data.golden_path)
     cfg.run.output_dir = to_absolute_path(cfg.run.output_dir)
     try:
+        validate(cfg)  # the cheap checks before any cluster is touched; pool sizes are checked on it
         records = run_in_process(cfg) if cfg.run.in_process else run_on_ray(cfg)
     except ConfigError as err:
         raise SystemExit(str(err)) from None

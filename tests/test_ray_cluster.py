@@ -1,0 +1,212 @@
+"""The cluster path for real: `ray start --head` on free ports, `ray job submit` / `ray job stop` from
+the real CLI, Hydra multirun, the sweep submitter, actor crash recovery and config validation.
+
+One cluster serves the module (4 logical CPUs on this 2-core machine: actors mostly wait on each
+other); it is stopped afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray(*args: str, env: dict | None = None, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["ray", *args], capture_output=True, text=True, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ray {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model, hh_data_path):
+    """A real head node; yields its GCS address and dashboard (job server) address."""
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    port, dash = _free_port(), _free_port()
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    _ray("start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+         "--num-cpus=4", "--num-gpus=0", f"--temp-dir={temp_dir}", "--include-dashboard=true",
+         f"--ray-client-server-port={_free_port()}", env=env)
+    info = {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "data": str(hh_data_path),
+            "env": dict(env, RAY_ADDRESS=f"http://127.0.0.1:{dash}")}
+    deadline = time.time() + 60
+    while _ray("job", "list", "--address", info["dashboard"], env=env, check=False).returncode != 0:
+        assert time.time() < deadline, "the job server did not come up"
+        time.sleep(1)
+    yield info
+    _ray("stop", "--force", env=env, check=False)
+
+
+def _entry(cluster, out: Path, *extra: str) -> list[str]:
+    return ["python", "jobs/apo.py", "experiment=smoke", "apo.rounds=1", f"data.path={cluster['data']}",
+            f"run.output_dir={out}", *extra]
+
+
+def _submit(cluster, out: Path, *extra: str, wait: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    args = ["job", "submit", "--address", cluster["dashboard"], "--working-dir", str(ROOT)]
+    if not wait:
+        args.append("--no-wait")
+    return _ray(*args, "--", *_entry(cluster, out, *extra), env=cluster["env"], timeout=timeout, check=False)
+
+
+def _summary(out: Path) -> list[dict]:
+    return json.loads((out / "summary.json").read_text())
+
+
+def _comparable(records: list[dict]) -> list[tuple]:
+    return [(r["round"], r["rm_mode"], r["rm"], r["policy"], round(r["rm_test_acc"], 6), round(r["rm_dev_acc"], 6),
+             round(r["rm_test_ece"], 6), round(r["policy_mean_reward"], 5)) for r in records]
+
+
+@pytest.fixture(scope="module")
+def reference_run(cluster, tmp_path_factory):
+    """One uninterrupted smoke round through `ray job submit`."""
+    out = tmp_path_factory.mktemp("ref")
+    proc = _submit(cluster, out)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return out, proc
+
+
+def test_job_submit_writes_the_results_contract(reference_run):
+    out, proc = reference_run
+    records = _summary(out)
+    assert [r["round"] for r in records] == [0, 1]
+    for r in records:
+        for key in ("round", "rm_mode", "rm_dev_acc", "rm_test_acc", "rm_test_ece", "rm_test_ace",
+                    "policy_mean_reward", "phase_seconds"):
+            assert key in r, key
+    assert records[1]["rm_mode"] == "apo" and records[1]["apo_pairs"] == 16 * 2
+    assert set(records[1]["phase_seconds"]) >= {"sample_gold", "train_rm", "sample_queries", "score_samples",
+                                                "train_policy"}
+    config = json.loads((out / "resolved_config.json").read_text())
+    assert config["apo"]["samples_per_query"] == 2 and config["run"]["output_dir"] == str(out)
+    # progress lines reach `ray job logs`
+    assert "apo_ray.progress" in proc.stdout + proc.stderr and "train_rm done" in proc.stdout + proc.stderr
+
+
+def test_stopped_job_resumes_to_the_same_rounds(cluster, reference_run, tmp_path):
+    """`ray job stop` mid-round, resubmit with run.resume=true: same records as the uninterrupted run,
+    and phases finished before the stop are not redone."""
+    ref_out, _ = reference_run
+    out = tmp_path / "run"
+    proc = _submit(cluster, out, wait=False)
+    assert proc.returncode == 0, proc.stderr
+    job_id = next(tok for tok in (proc.stdout + proc.stderr).split() if tok.startswith("raysubmit_"))
+    marker = out / "phases" / "rm__apo__r1.json"  # the round's RM is trained: stop before the policy step
+    deadline = time.time() + 300
+    while not marker.exists():
+        assert time.time() < deadline, _ray("job", "logs", job_id, "--address", cluster["dashboard"],
+                                            env=cluster["env"], check=False).stdout[-3000:]
+        time.sleep(0.5)
+    _ray("job", "stop", job_id, "--address", cluster["dashboard"], env=cluster["env"])
+    assert not (out / "summary.json").exists()
+    finished_before = {p.name: p.stat().st_mtime_ns for p in (out / "phases").glob("*.json")}
+    assert "policy__apo__r1.json" not in finished_before
+
+    proc = _submit(cluster, out, "run.resume=true")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert _comparable(_summary(out)) == _comparable(_summary(ref_out))
+    for name, mtime in finished_before.items():  # not recomputed
+        assert (out / "phases" / name).stat().st_mtime_ns == mtime, name
+
+
+def test_rerun_without_resume_refuses_to_overwrite(cluster, reference_run):
+    out, _ = reference_run
+    proc = _submit(cluster, out)
+    assert proc.returncode != 0
+    assert "run.resume=true" in proc.stdout + proc.stderr
+
+
+def test_hydra_multirun_runs_each_point_on_the_cluster(cluster, tmp_path):
+    env = dict(cluster["env"], RAY_ADDRESS=cluster["gcs"])
+    cmd = [sys.executable, "jobs/apo.py", "-m", "experiment=smoke", "apo.rounds=1", f"data.path={cluster['data']}",
+           "apo.beta2=1,10", f"hydra.sweep.dir={tmp_path}", "generation.max_new_tokens=4"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    configs = sorted(json.loads(p.read_text())["apo"]["beta2"] for p in tmp_path.glob("*/resolved_config.json"))
+    assert configs == [1.0, 10.0]
+    # actors of a point are torn down before the next: no APO actor is left alive on the cluster
+    listing = _ray("list", "actors", "--address", cluster["gcs"], "--filter", "state=ALIVE", "--format", "json",
+                   env=env, check=False)
+    assert "apo-generator" not in listing.stdout and "apo-driver" not in listing.stdout
+
+
+def test_sweep_submits_each_point_as_a_job(cluster, tmp_path):
+    cmd = [sys.executable, "jobs/sweep.py", "--address", cluster["dashboard"], "--output-root", str(tmp_path),
+           "--wait", "rm.lr=1e-4,1e-3", "--", "experiment=smoke", "apo.rounds=1", f"data.path={cluster['data']}",
+           "generation.max_new_tokens=4"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=cluster["env"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("SUCCEEDED") == 2
+    lrs = sorted(json.loads(p.read_text())["rm"]["lr"] for p in tmp_path.glob("*/resolved_config.json"))
+    assert lrs == [1e-4, 1e-3]
+
+
+def test_killed_generator_is_restarted_and_its_share_redone(cluster, tiny_model, hh_pairs):
+    """SIGKILL one of two generator actors mid-phase: the samples come back complete and equal to an
+    undisturbed call with the same seed."""
+    import ray
+
+    from apo_ray.config import Config
+    from apo_ray.game import Weights
+    from apo_ray.ray_system import RaySystem
+
+    cfg = Config()
+    cfg.model.policy = cfg.model.reward = "tiny-random-llama"
+    cfg.generation.max_new_tokens = 48
+    cfg.generation.prompts_per_batch = 1
+    cfg.cluster.num_generators, cfg.cluster.generator_cpus = 2, 0.5
+    cfg.cluster.scorer_cpus = 0.5
+    ray.init(address=cluster["gcs"])
+    try:
+        system = RaySystem(cfg, mailbox=None, namespace="fault-test")
+        prompts = [p.prompt for p in hh_pairs[:40]]
+        policy = Weights("policy/init")
+        expected = system.generate(policy, prompts, 2, seed=3)
+        pids = ray.get([a.generate.remote("policy/init", [None], prompts[:1], 1, 0) for a in system.generators.actors])
+        victim = pids[1]["pid"]
+
+        killed_at = []
+
+        def kill_soon():
+            time.sleep(0.5)
+            os.kill(victim, signal.SIGKILL)
+            killed_at.append(time.monotonic())
+
+        killer = threading.Thread(target=kill_soon)
+        killer.start()
+        got = system.generate(policy, prompts, 2, seed=3)
+        finished_at = time.monotonic()
+        killer.join()
+        assert finished_at > killed_at[0]  # the kill landed while the phase was running
+        assert got == expected
+        after = ray.get(system.generators.actors[1].generate.remote("policy/init", [None], prompts[:1], 1, 0))
+        assert after["pid"] != victim  # it was really killed and restarted
+        system.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def test_more_generators_than_the_cluster_can_place_is_refused(cluster, tmp_path):
+    proc = _submit(cluster, tmp_path / "x", "cluster.num_generators=64", timeout=300)
+    assert proc.returncode != 0
+    assert "cluster.num_generators=64" in proc.stdout + proc.stderr
