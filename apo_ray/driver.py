@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 
 import ray
 
-from apo_ray.config import Config, to_dict
-from apo_ray.game import APOGame, PhaseStore, build_game_data, write_summary
+from apo_ray.config import Config
+from apo_ray.game import APOGame, PhaseStore, build_game_data, finish_run
 
 DRIVER_NAME = "apo-driver"
 
@@ -62,6 +63,7 @@ class APODriver:
             metrics.on_phase(event, generation, system.last_sync)
             self._progress = {"state": "running", **{k: v for k, v in event.items() if k != "record"}}
 
+        start = time.perf_counter()
         self._progress = {"state": "loading data"}
         data = build_game_data(cfg)
         game = APOGame(cfg, system, data, PhaseStore(phases, system), on_phase=on_phase)
@@ -69,6 +71,6 @@ class APODriver:
             records = game.run()
         finally:
             system.shutdown()
-        write_summary(out, records, to_dict(cfg))
+        finish_run(cfg, game, records, wall_seconds=time.perf_counter() - start)
         self._progress = {"state": "finished", "records": len(records)}
         return records

@@ -314,6 +314,32 @@ class APOGame:
         return self.records
 
 
+def final_test_answers(game: APOGame, arm: str) -> tuple[list[str], list[str]]:
+    """The test prompts and the answers of ``arm``'s last policy (from the phase store)."""
+    policy = game.state[arm]["policy"]
+    prompts = list(dict.fromkeys(p.prompt for p in game.data.test_pairs))[: game.cfg.eval.test_queries]
+    answers = game.store.get(f"samples/{policy.id}/test")
+    return prompts, [a[0] for a in answers]
+
+
+def finish_run(cfg: Config, game: APOGame, records: list[dict], *, wall_seconds: float,
+               judge: dict | None = None) -> Path:
+    """Write ``summary.json``, ``resolved_config.json`` and ``report.md`` with its tables and plots."""
+    from apo_ray.config import to_dict
+    from apo_ray.report import write_report
+
+    out = Path(cfg.run.output_dir)
+    write_summary(out, records, to_dict(cfg))
+    d = game.data
+    notes = [f"Policy `{cfg.model.policy}`, RM backbone `{cfg.model.reward}`; {cfg.apo.rounds} rounds, "
+             f"S = {cfg.apo.samples_per_query}, beta2 = {cfg.apo.beta2}, APO weight = {cfg.apo.apo_weight}.",
+             f"Data `{cfg.data.path}`: {len(d.pref_pairs)} D_P pairs, {len(d.gold)} golden queries "
+             f"(gold: {d.gold_source}), {len(d.llm_queries)} LLM queries, {len(d.dev_pairs)} dev / "
+             f"{len(d.test_pairs)} test pairs, {len(d.eval_rm_pairs)} evaluation-RM pairs.",
+             f"Wall time {wall_seconds / 60:.1f} min."]
+    return write_report(out, records, judge=judge, notes=notes, title=f"APO run `{cfg.run.name}`")
+
+
 def write_summary(output_dir: Path, records: list[dict], resolved_config: dict) -> Path:
     """``summary.json``: one record per (round, arm); ``resolved_config.json`` beside it."""
     output_dir = Path(output_dir)

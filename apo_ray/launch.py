@@ -6,9 +6,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from pathlib import Path
 
-from apo_ray.config import Config, to_dict, validate
+from apo_ray.config import Config, validate
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def run_on_ray(cfg: Config) -> list[dict]:
 
 
 def run_in_process(cfg: Config) -> list[dict]:
-    from apo_ray.game import APOGame, PhaseStore, build_game_data, write_summary
+    from apo_ray.game import APOGame, PhaseStore, build_game_data, finish_run
     from apo_ray.local import LocalSystem
 
     validate(cfg)
@@ -71,7 +72,9 @@ def run_in_process(cfg: Config) -> list[dict]:
     if phases.exists() and any(phases.iterdir()) and not cfg.run.resume:
         raise RuntimeError(f"{phases} holds phases of an earlier run; pass run.resume=true to continue it "
                            f"or choose another run.output_dir")
+    start = time.perf_counter()
     system = LocalSystem(cfg)
-    records = APOGame(cfg, system, build_game_data(cfg), PhaseStore(phases, system)).run()
-    write_summary(out, records, to_dict(cfg))
+    game = APOGame(cfg, system, build_game_data(cfg), PhaseStore(phases, system))
+    records = game.run()
+    finish_run(cfg, game, records, wall_seconds=time.perf_counter() - start)
     return records

@@ -283,8 +283,8 @@ def _plot_reliability(path: Path, rms: Sequence[Mapping[str, Any]]) -> bool:
         for x0, w, o, b in zip(lo, width, obs, bins):
             count = int(b.get("count", 0) or 0)
             if count:
-                ax.text(x0 + w / 2, min((o or 0.0) + 0.02, 0.93), f"{count / total:.0%}", ha="center",
-                        va="bottom", fontsize=6.5, rotation=90)
+                ax.text(x0 + w / 2, 0.015, f"{count / total:.0%}", ha="center", va="bottom", fontsize=6.5,
+                        rotation=90)
         split = rm["bins_split"]
         ece, ace = rm.get(f"{split}_ece"), rm.get(f"{split}_ace")
         ax.set_title(f"{rm['name']} ({split})\nECE {_fmt(ece, 3)}  ACE {_fmt(ace, 3)}", fontsize=10)
@@ -475,7 +475,7 @@ def write_report(output_dir: str | Path, records: Sequence[Mapping[str, Any]], *
 
     if wall:
         md += ["## Wall time per phase (s, summed over arms)", "",
-               f"Set-up phases ({', '.join(SHARED_SETUP_PHASES)}) counted once; total excludes *_total.", "",
+               f"Set-up phases ({', '.join(SHARED_SETUP_PHASES)}) counted once; total excludes `*_total`.", "",
                format_markdown_table(["Round", *phases, "total"],
                                      [[w["round"], *[_fmt(w[p], 1) for p in phases], _fmt(w["total"], 1)]
                                       for w in wall]), ""]

@@ -195,7 +195,10 @@ def pack_state_dict(state_dict: Mapping[str, torch.Tensor], out: torch.Tensor | 
             staging = torch.empty(total, dtype=torch.uint8, device=next(iter(devices)))
             for m, t in zip(meta, tensors):
                 _typed_view(staging, m).copy_(t.detach())
-            _device_to_host(staging, host)
+            if host.is_pinned():
+                host.copy_(staging)  # one DMA straight into pinned memory
+            else:
+                _device_to_host(staging, host)
         else:
             for m, t in zip(meta, tensors):
                 _typed_view(host, m).copy_(t.detach())  # D2H per tensor if devices are mixed
@@ -314,9 +317,12 @@ def put_weights(state_dict: Mapping[str, torch.Tensor], owner: Any = None) -> An
     global _scratch
     total = sum(_align(t.numel() * t.element_size()) for t in state_dict.values())
     with _scratch_lock:  # the buffer is reused: ray.put has copied it into the store when it returns
-        if _scratch is None or _scratch.numel() < total:
+        # From CUDA weights, a pinned scratch takes the device-to-host DMA directly (pinning costs
+        # once; the buffer is kept); from CPU weights, plain memory.
+        pin = torch.cuda.is_available() and any(t.is_cuda for t in state_dict.values())
+        if _scratch is None or _scratch.numel() < total or (pin and not _scratch.is_pinned()):
             _scratch = None
-            _scratch = torch.empty(total, dtype=torch.uint8)
+            _scratch = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
         packed = pack_state_dict(state_dict, out=_scratch)
         if owner is None:
             return ray.put(packed)

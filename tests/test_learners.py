@@ -21,8 +21,8 @@ STAT_FIELDS = {"steps", "loss_first", "loss_last", "loss_mean", "seconds", "toke
 
 
 def settings(**kw) -> TrainSettings:
-    base = dict(lr=1e-3, examples_per_step=4, micro_examples=4, max_length=96, epochs=1, precision="fp32",
-                seed=0)
+    base = {"lr": 1e-3, "examples_per_step": 4, "micro_examples": 4, "max_length": 96, "epochs": 1,
+            "precision": "fp32", "seed": 0}
     return TrainSettings(**(base | kw))
 
 
@@ -67,7 +67,8 @@ def accuracy(scorer, state, pairs) -> float:
 def test_steps_are_seeded_shuffles_cut_into_steps():
     steps = _steps(10, 4, seed=3, epochs=2)
     assert [len(s) for s in steps] == [4, 4, 2, 4, 4, 2]
-    epoch1, epoch2 = sum(steps[:3], []), sum(steps[3:], [])
+    epoch1 = [i for step in steps[:3] for i in step]
+    epoch2 = [i for step in steps[3:] for i in step]
     assert sorted(epoch1) == sorted(epoch2) == list(range(10))  # every item once per epoch
     assert epoch1 != epoch2  # a fresh shuffle each epoch
     assert _steps(10, 4, seed=3, epochs=2) == steps  # deterministic
@@ -87,7 +88,7 @@ def test_rank_losses_sum_to_the_single_process_loss(tiny_model, rm_init, pref_pa
     """Each rank divides by the counts of the *whole* step, so (with DDP summing the ranks' gradients)
     the ranks' partial losses add up to the one-process step loss."""
     pairs = pref_pairs[:4] + apo_pairs[:3]
-    kw = dict(examples_per_step=len(pairs), micro_examples=2, epochs=1)
+    kw = {"examples_per_step": len(pairs), "micro_examples": 2, "epochs": 1}
     _, full = train_reward_model(TINY, rm_init, pairs, settings(**kw), beta2=3.0, apo_weight=0.5)
     parts = [train_reward_model(TINY, rm_init, pairs, settings(**kw, rank=r, world_size=2), beta2=3.0,
                                 apo_weight=0.5)[1] for r in range(2)]

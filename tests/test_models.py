@@ -269,8 +269,8 @@ def test_real_smollm2_greedy_generation_is_english_and_in_prompt_order(smollm2_m
     gen = HFGenerator("smollm2-135m-instruct", max_new_tokens=8, max_prompt_tokens=128, temperature=0.0,
                       prompts_per_batch=2, dtype="float32", device="cpu")
     questions = [
-        "\n\nHuman: Hi!\n\nAssistant: Hello! How can I help you today?"
-        "\n\nHuman: What is the capital city of France?\n\nAssistant:",
+        ("\n\nHuman: Hi!\n\nAssistant: Hello! How can I help you today?"
+         "\n\nHuman: What is the capital city of France?\n\nAssistant:"),
         "\n\nHuman: Say hello.\n\nAssistant:",
         "\n\nHuman: What is the capital of Japan?\n\nAssistant:",
     ]

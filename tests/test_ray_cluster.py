@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -42,18 +43,29 @@ def cluster(tiny_model, hh_data_path):
     """A real head node; yields its GCS address and dashboard (job server) address."""
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
     port, dash = _free_port(), _free_port()
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
-    _ray("start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+    # Ray >= 2.59 turns on token auth for local clusters; give the cluster and its clients one token.
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
+    proc = _ray("start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
          "--num-cpus=4", "--num-gpus=0", f"--temp-dir={temp_dir}", "--include-dashboard=true",
-         f"--ray-client-server-port={_free_port()}", env=env)
+         # Every port our own: another Ray on this machine (a developer's, a parallel test) keeps the defaults.
+         *(f"--{flag}={_free_port()}" for flag in (
+             "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+             "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port")),
+         env=env, check=False)
+    if proc.returncode != 0:
+        subprocess.run(["pkill", "-9", "-f", temp_dir], check=False)
+        raise AssertionError(f"ray start failed:\n{proc.stdout}\n{proc.stderr}")
     info = {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "data": str(hh_data_path),
             "env": dict(env, RAY_ADDRESS=f"http://127.0.0.1:{dash}")}
-    deadline = time.time() + 60
-    while _ray("job", "list", "--address", info["dashboard"], env=env, check=False).returncode != 0:
+    deadline = time.time() + 120
+    while _ray("job", "list", "--address", info["dashboard"], env=env, check=False, timeout=60).returncode != 0:
         assert time.time() < deadline, "the job server did not come up"
         time.sleep(1)
-    yield info
-    _ray("stop", "--force", env=env, check=False)
+    try:
+        yield info
+    finally:
+        # Only this cluster's processes (`ray stop` would stop every Ray instance on the machine).
+        subprocess.run(["pkill", "-9", "-f", temp_dir], check=False)
 
 
 def _entry(cluster, out: Path, *extra: str) -> list[str]:
@@ -65,7 +77,13 @@ def _submit(cluster, out: Path, *extra: str, wait: bool = True, timeout: float =
     args = ["job", "submit", "--address", cluster["dashboard"], "--working-dir", str(ROOT)]
     if not wait:
         args.append("--no-wait")
-    return _ray(*args, "--", *_entry(cluster, out, *extra), env=cluster["env"], timeout=timeout, check=False)
+    deadline = time.time() + 120
+    while True:
+        proc = _ray(*args, "--", *_entry(cluster, out, *extra), env=cluster["env"], timeout=timeout, check=False)
+        # Right after `ray start` the job agent may not be registered yet; the CLI says so and exits.
+        if "No available agent" not in proc.stdout + proc.stderr or time.time() > deadline:
+            return proc
+        time.sleep(2)
 
 
 def _summary(out: Path) -> list[dict]:
@@ -161,7 +179,7 @@ def test_sweep_submits_each_point_as_a_job(cluster, tmp_path):
     assert lrs == [1e-4, 1e-3]
 
 
-def test_killed_generator_is_restarted_and_its_share_redone(cluster, tiny_model, hh_pairs):
+def test_killed_generator_is_restarted_and_its_share_redone(cluster, tiny_model, hh_pairs, monkeypatch):
     """SIGKILL one of two generator actors mid-phase: the samples come back complete and equal to an
     undisturbed call with the same seed."""
     import ray
@@ -176,6 +194,8 @@ def test_killed_generator_is_restarted_and_its_share_redone(cluster, tiny_model,
     cfg.generation.prompts_per_batch = 1
     cfg.cluster.num_generators, cfg.cluster.generator_cpus = 2, 0.5
     cfg.cluster.scorer_cpus = 0.5
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+        monkeypatch.setenv(key, cluster["env"][key])
     ray.init(address=cluster["gcs"])
     try:
         system = RaySystem(cfg, mailbox=None, namespace="fault-test")

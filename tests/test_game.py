@@ -1,0 +1,302 @@
+"""End-to-end tests of Algorithm 1 (apo_ray.game.APOGame) in one process (apo_ray.local.LocalSystem).
+
+Two rounds of every RM mode (apo, apo_seq, fixed, ablation) on the tiny random Llama on CPU, checking
+that each mode does what it must: ``fixed`` never trains an RM, ``apo`` retrains from RM_Base on
+|gold| * S APO pairs plus D_P each round, ``apo_seq`` continues from its previous RM, ``ablation``
+trains without APO pairs, every policy changes every round, every loss is finite. Then: a run that
+crashes mid-round resumes from its phase store without recomputing finished phases and ends with the
+same records as the uninterrupted run; and the DPO policy updater plays a round.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from apo_ray.game import APOGame, PhaseStore, Weights, build_game_data, write_summary
+from apo_ray.local import LocalSystem
+from apo_ray.models import load_policy
+
+ARMS = ["apo", "apo_seq", "fixed", "ablation"]
+ROUNDS = 2
+SUMMARY_FIELDS = ("round", "rm_mode", "rm_dev_acc", "rm_test_acc", "rm_test_ece", "rm_test_ace",
+                  "policy_mean_reward", "phase_seconds")
+COMPARED = ("rm", "policy", "rm_dev_acc", "rm_test_acc", "rm_test_ece", "rm_test_ace", "policy_mean_reward")
+
+
+class Crash(RuntimeError):
+    pass
+
+
+@dataclass
+class RecordingSystem:
+    """Wraps a GameSystem: records every call (with the weight ids it was given) and can raise once
+    in ``train_policy`` for a chosen initial policy, to simulate a crash mid-round."""
+
+    inner: Any
+    crash_policy_from: str | None = None
+    calls: list[tuple] = field(default_factory=list)
+
+    def generate(self, policy: Weights, prompts, n, seed):
+        self.calls.append(("generate", policy.id, n, seed, tuple(prompts)))
+        return self.inner.generate(policy, prompts, n, seed)
+
+    def score(self, rm: Weights, prompts, responses):
+        self.calls.append(("score", rm.id, len(prompts)))
+        return self.inner.score(rm, prompts, responses)
+
+    def train_rm(self, init: Weights, pairs, **kw):
+        n_apo = sum(p.kind == "apo" for p in pairs)
+        self.calls.append(("train_rm", init.id, n_apo, len(pairs) - n_apo, kw["lr"], kw["beta2"]))
+        return self.inner.train_rm(init, pairs, **kw)
+
+    def train_policy(self, init: Weights, examples, **kw):
+        self.calls.append(("train_policy", init.id, len(examples), kw["lr"]))
+        if self.crash_policy_from == init.id:
+            self.crash_policy_from = None
+            raise Crash(f"simulated crash in train_policy from {init.id}")
+        return self.inner.train_policy(init, examples, **kw)
+
+    def save_weights(self, handle, path: Path) -> None:
+        self.inner.save_weights(handle, path)
+
+    def load_weights(self, path: Path):
+        return self.inner.load_weights(path)
+
+    def of(self, kind: str) -> list[tuple]:
+        return [c[1:] for c in self.calls if c[0] == kind]
+
+
+@dataclass
+class GameRun:
+    cfg: Any
+    data: Any
+    store: PhaseStore
+    system: RecordingSystem
+    records: list[dict]
+    events: list[dict]
+
+    def record(self, arm: str, r: int) -> dict:
+        (rec,) = [x for x in self.records if x["rm_mode"] == arm and x["round"] == r]
+        return rec
+
+    def weights(self, key: str) -> dict:
+        return torch.load(self.store._path(key, ".pt"), map_location="cpu", weights_only=True)
+
+
+def play(cfg, root: Path, system=None) -> GameRun:
+    data = build_game_data(cfg)
+    system = system or RecordingSystem(LocalSystem(cfg))
+    store = PhaseStore(root, system)
+    events: list[dict] = []
+    game = APOGame(cfg, system, data, store, on_phase=events.append)
+    records = game.run()
+    return GameRun(cfg, data, store, system, records, events)
+
+
+def lineage(arm: str, r: int) -> str:
+    return "apo" if arm == "apo_seq" and r == 1 else arm
+
+
+@pytest.fixture(scope="module")
+def game(tiny_cfg_factory, tmp_path_factory) -> GameRun:
+    cfg = tiny_cfg_factory(apo__arms=list(ARMS), apo__rounds=ROUNDS)
+    return play(cfg, tmp_path_factory.mktemp("game") / "phases")
+
+
+@pytest.fixture(scope="module")
+def pretrained_policy(tiny_model) -> dict:
+    return load_policy("tiny-random-llama").state_dict()
+
+
+def finite(xs) -> bool:
+    return all(isinstance(x, (int, float)) and math.isfinite(x) for x in xs)
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+# ------------------------------------------------------------------------------ all arms
+
+
+def test_records_per_round_and_arm_with_summary_fields(game, tmp_path):
+    assert len(game.records) == len(ARMS) * (ROUNDS + 1)
+    for arm in ARMS:
+        for r in range(ROUNDS + 1):
+            rec = game.record(arm, r)
+            missing = [f for f in SUMMARY_FIELDS if f not in rec]
+            assert not missing, (arm, r, missing)
+            assert 0.0 <= rec["rm_test_acc"] <= 1.0 and 0.0 <= rec["rm_dev_acc"] <= 1.0
+            assert rec["rm_test_ece"] >= 0 and rec["rm_test_ace"] >= 0
+            assert math.isfinite(rec["policy_mean_reward"])
+            assert rec["test_queries"] == len(dict.fromkeys(p.prompt for p in game.data.test_pairs))
+            assert isinstance(rec["phase_seconds"], dict)
+            if r > 0:
+                assert {"sample_gold", "sample_queries", "score_samples", "train_policy"} <= \
+                    rec["phase_seconds"].keys()
+    # round 0 is the common starting point: pretrained policy, RM_Base
+    assert all(game.record(arm, 0)["policy"] == "policy/init" and game.record(arm, 0)["rm"] == "rm/base"
+               for arm in ARMS)
+    assert sum(e["phase"] == "round_done" for e in game.events) == len(game.records)
+    # the summary is plain JSON
+    path = write_summary(tmp_path, game.records, {"arms": ARMS})
+    assert json.loads(path.read_text()) == json.loads(json.dumps(game.records))
+
+
+def test_all_training_losses_are_finite(game):
+    for arm in ARMS:
+        for r in range(1, ROUNDS + 1):
+            rec = game.record(arm, r)
+            for train in ("rm_train", "policy_train"):
+                stats = rec[train]
+                if train == "rm_train" and arm == "fixed":
+                    assert stats == {}
+                    continue
+                assert stats["steps"] >= 1
+                assert finite([stats["loss_first"], stats["loss_last"], stats["loss_mean"]]), (arm, r, train)
+    for key_file in game.store.root.glob("*.pt"):
+        stats = json.loads(key_file.with_suffix(".json").read_text())
+        assert stats["losses"] and finite(stats["losses"]), key_file.name
+
+
+def test_rm_training_calls_follow_each_mode(game):
+    """The exact RM trainings of the run, in order, with their initial RM and data."""
+    S, G, P = game.cfg.apo.samples_per_query, len(game.data.gold), len(game.data.pref_pairs)
+    rm_lr, base_lr, beta2 = game.cfg.rm.lr, game.cfg.rm.base_lr, game.cfg.apo.beta2
+    assert G * S > 0 and P > 0
+    expected = [
+        ("rm/pretrained", 0, P, base_lr, 1.0),  # RM_Base, before round 1
+        ("rm/base", G * S, P, rm_lr, beta2),  # r1 apo (apo_seq r1 is the same RM: not trained again)
+        ("rm/base", 0, P, rm_lr, beta2),  # r1 ablation; fixed: nothing
+        ("rm/base", G * S, P, rm_lr, beta2),  # r2 apo: from RM_Base again
+        ("rm/apo/r1", G * S, P, rm_lr, beta2),  # r2 apo_seq: from its round-1 RM
+        ("rm/base", 0, P, rm_lr, beta2),  # r2 ablation
+    ]
+    assert game.system.of("train_rm") == expected
+
+
+def test_fixed_arm_never_changes_the_rm(game):
+    for r in range(ROUNDS + 1):
+        rec = game.record("fixed", r)
+        assert rec["rm"] == "rm/base"
+        assert rec["rm_test_acc"] == game.record("fixed", 0)["rm_test_acc"]
+        assert rec["rm_test_ece"] == game.record("fixed", 0)["rm_test_ece"]
+    assert not list(game.store.root.glob("rm__fixed*"))
+    rm_keys = {p.stem for p in game.store.root.glob("rm__*.pt")}
+    assert rm_keys == {"rm__base", "rm__apo__r1", "rm__apo__r2", "rm__apo_seq__r2", "rm__ablation__r1",
+                       "rm__ablation__r2"}
+
+
+def test_apo_arm_builds_gold_times_s_pairs_and_retrains_from_base(game):
+    S, G, P = game.cfg.apo.samples_per_query, len(game.data.gold), len(game.data.pref_pairs)
+    for r in range(1, ROUNDS + 1):
+        rec = game.record("apo", r)
+        assert rec["rm"] == f"rm/apo/r{r}"
+        assert rec["apo_pairs"] == G * S
+        assert rec["rm_train"]["apo_pairs"] == G * S
+        assert rec["rm_train"]["pairs"] == G * S + P
+    base, r1, r2 = (game.weights(k) for k in ("rm/base", "rm/apo/r1", "rm/apo/r2"))
+    assert max_abs_diff(r1, base) > 0 and max_abs_diff(r2, base) > 0 and max_abs_diff(r2, r1) > 0
+
+
+def test_apo_seq_shares_round_one_and_continues_its_own_rm(game):
+    # Round 1: apo_seq *is* apo (same RM, same policy, computed once).
+    one_seq, one_apo = game.record("apo_seq", 1), game.record("apo", 1)
+    assert one_seq["rm"] == one_apo["rm"] == "rm/apo/r1"
+    assert one_seq["policy"] == one_apo["policy"] == "policy/apo/r1"
+    for k in ("rm_test_acc", "rm_dev_acc", "policy_mean_reward"):
+        assert one_seq[k] == one_apo[k]
+    # Round 2: its own RM, trained from rm/apo/r1 (see test_rm_training_calls_follow_each_mode),
+    # which differs from apo's round-2 RM (trained from RM_Base).
+    two = game.record("apo_seq", 2)
+    assert two["rm"] == "rm/apo_seq/r2" and two["policy"] == "policy/apo_seq/r2"
+    assert two["rm_train"]["apo_pairs"] == len(game.data.gold) * game.cfg.apo.samples_per_query
+    assert max_abs_diff(game.weights("rm/apo_seq/r2"), game.weights("rm/apo/r2")) > 1e-6
+
+
+def test_ablation_trains_without_apo_pairs(game):
+    for r in range(1, ROUNDS + 1):
+        rec = game.record("ablation", r)
+        assert rec["rm"] == f"rm/ablation/r{r}"
+        assert rec["rm_train"]["apo_pairs"] == 0
+        assert rec["rm_train"]["pairs"] == len(game.data.pref_pairs)
+    assert max_abs_diff(game.weights("rm/ablation/r1"), game.weights("rm/base")) > 0
+
+
+def test_policy_changes_every_round_and_continues_its_lineage(game, pretrained_policy):
+    for arm in ARMS:
+        states = [pretrained_policy] + [game.weights(f"policy/{lineage(arm, r)}/r{r}") for r in (1, 2)]
+        for r in (1, 2):
+            assert game.record(arm, r)["policy"] == f"policy/{lineage(arm, r)}/r{r}"
+            assert max_abs_diff(states[r], states[r - 1]) > 0, (arm, r)
+        assert max_abs_diff(states[2], states[0]) > 0
+    trainings = game.system.of("train_policy")
+    inits = [c[0] for c in trainings]
+    n_queries = len(game.data.llm_queries)
+    assert inits == ["policy/init"] * 3 + ["policy/apo/r1", "policy/apo/r1", "policy/fixed/r1", "policy/ablation/r1"]
+    assert all(n == n_queries for _, n, _ in trainings)  # rjs: one best-of-S example per query
+
+
+def test_samples_are_shared_not_recomputed(game):
+    gens = game.system.of("generate")
+    assert len(gens) == len(set(gens))  # nothing asked twice
+    init_calls = [g for g in gens if g[0] == "policy/init"]
+    assert len(init_calls) == 3  # test answers, gold samples, query samples: shared by the 4 arms
+    S = game.cfg.apo.samples_per_query
+    assert {g[1] for g in gens if g[3] == tuple(x.prompt for x in game.data.gold)} == {S}
+
+
+# ------------------------------------------------------------------------------ resume
+
+
+def test_crashed_run_resumes_without_recomputing_and_matches(game, tiny_cfg_factory, tmp_path):
+    cfg = tiny_cfg_factory(apo__arms=["apo_seq"], apo__rounds=ROUNDS)
+    root = tmp_path / "phases"
+    crashing = RecordingSystem(LocalSystem(cfg), crash_policy_from="policy/apo/r1")  # round 2's update
+    with pytest.raises(Crash):
+        play(cfg, root, crashing)
+    assert crashing.of("train_policy")[-1][0] == "policy/apo/r1"
+    assert (root / "rm__apo_seq__r2.pt").exists()  # round 2's RM was finished before the crash
+    assert not (root / "policy__apo_seq__r2.json").exists()
+
+    resumed = play(cfg, root)
+    calls = resumed.system.calls
+    assert resumed.system.of("train_rm") == []  # RM_Base, rm/apo/r1 and rm/apo_seq/r2 are reused
+    assert [c[0] for c in resumed.system.of("train_policy")] == ["policy/apo/r1"]
+    # only what comes after the crash point: round 2's policy update and its evaluation
+    assert {c[1] for c in calls if c[0] == "generate"} == {"policy/apo_seq/r2"}
+    assert len([c for c in calls if c[0] == "generate"]) == 1  # its test answers
+    assert {c[1] for c in calls if c[0] == "score"} == {"rm/apo_seq/r2", "rm/base"}
+    assert len([c for c in calls if c[0] == "score"]) == 5  # dev/test chosen/rejected + policy answers
+
+    assert len(resumed.records) == ROUNDS + 1
+    for rec in resumed.records:
+        reference = game.record("apo_seq", rec["round"])
+        for k in COMPARED:
+            assert rec[k] == pytest.approx(reference[k], abs=1e-6), (rec["round"], k)
+    assert max_abs_diff(resumed.weights("policy/apo_seq/r2"), game.weights("policy/apo_seq/r2")) < 1e-6
+
+
+# ------------------------------------------------------------------------------ DPO
+
+
+def test_dpo_updater_plays_a_round(tiny_cfg_factory, tmp_path, pretrained_policy):
+    cfg = tiny_cfg_factory(apo__arms=["fixed"], apo__rounds=1, policy__updater="dpo")
+    run = play(cfg, tmp_path / "phases")
+    rec = run.record("fixed", 1)
+    stats = rec["policy_train"]
+    assert 1 <= stats["examples"] <= len(run.data.llm_queries)  # best != worst only
+    assert finite([stats["loss_first"], stats["loss_last"]])
+    assert stats["loss_first"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at step 1
+    assert max_abs_diff(run.weights("policy/fixed/r1"), pretrained_policy) > 0
+    assert math.isfinite(rec["policy_mean_reward"])
+    ((init, n_examples, _),) = run.system.of("train_policy")
+    assert init == "policy/init" and n_examples == stats["examples"]
