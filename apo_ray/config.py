@@ -122,11 +122,14 @@ class EvalConfig:
     n_bins: int = 10
     eval_rm: bool = False  # train an evaluation RM on data.eval_rm_pairs and score policies with it
     test_queries: int | None = None  # cap on test prompts the policy answers per round
-    judge: bool = False
-    judge_pairs: int = 20
-    judge_model: str = "${oc.env:APO_JUDGE_MODEL,gpt-4o}"
+    judge: bool = False  # LLM judge: each arm's last policy vs the fixed arm's (RJS), positions swapped
+    judge_pairs: int = 20  # test prompts judged per arm
+    # Any OpenAI-compatible endpoint; the key comes from $OPENAI_API_KEY only. No base_url: our own
+    # Ray Serve server with judge_model loaded locally (offline; a 135M judge mostly gives invalid verdicts).
     judge_base_url: str | None = "${oc.env:OPENAI_BASE_URL,null}"
+    judge_model: str = "${oc.env:APO_JUDGE_MODEL,smollm2-135m-instruct}"
     judge_concurrency: int = 4
+    judge_max_tokens: int = 256
 
 
 @dataclass

@@ -54,9 +54,12 @@ def run_on_ray(cfg: Config) -> list[dict]:
         ).remote(cfg, namespace)
         log.info("driver actor %s in namespace %s; output in %s", DRIVER_NAME, namespace, cfg.run.output_dir)
         try:
-            return ray.get(driver.run.remote())
+            records = ray.get(driver.run.remote())
         finally:
             ray.kill(driver)
+        if cfg.eval.judge:
+            judge_final_policies(cfg, records)
+        return records
     finally:
         if started:
             ray.shutdown()
@@ -77,4 +80,68 @@ def run_in_process(cfg: Config) -> list[dict]:
     game = APOGame(cfg, system, build_game_data(cfg), PhaseStore(phases, system))
     records = game.run()
     finish_run(cfg, game, records, wall_seconds=time.perf_counter() - start)
+    if cfg.eval.judge:
+        judge_final_policies(cfg, records)
     return records
+
+
+def judge_final_policies(cfg: Config, records: list[dict]) -> dict:
+    """The paper's GPT-4 comparison: each arm's last policy against the fixed arm's (RJS) on the same
+    test prompts, asked twice with positions swapped. Writes ``judge/<arm>.jsonl`` and
+    ``judge_summary.json`` and adds the judge table and figure to the report."""
+    import json
+
+    from apo_ray.game import PhaseStore, build_game_data
+    from apo_ray.judge import JudgeClient, summarize_records
+    from apo_ray.report import write_report
+
+    out = Path(cfg.run.output_dir)
+    last = {r["rm_mode"]: r for r in records if r["round"] == cfg.apo.rounds}
+    if "fixed" not in last or len(last) < 2:
+        log.warning("eval.judge needs the fixed arm and another arm; skipped")
+        return {}
+    store = PhaseStore(out / "phases", system=None)
+
+    def answers(policy_id: str) -> list[str]:
+        return [a[0] for a in store.get(f"samples/{policy_id}/test")]
+
+    data = build_game_data(cfg)
+    prompts = list(dict.fromkeys(p.prompt for p in data.test_pairs))[: cfg.eval.test_queries][: cfg.eval.judge_pairs]
+    base_url, started = cfg.eval.judge_base_url, False
+    if not base_url:
+        from apo_ray.serve import start_server
+
+        base_url, started = start_server(cfg.eval.judge_model, port=_free_port()), True
+    judge = JudgeClient(base_url, cfg.eval.judge_model, concurrency=cfg.eval.judge_concurrency,
+                        max_tokens=cfg.eval.judge_max_tokens, cache_path=out / "judge" / "cache.jsonl")
+    theirs = answers(last["fixed"]["policy"])[: len(prompts)]
+    summaries = {}
+    try:
+        for arm, record in last.items():
+            if arm == "fixed":
+                continue
+            judged = judge.judge_pairs(prompts, answers(record["policy"])[: len(prompts)], theirs)
+            (out / "judge").mkdir(exist_ok=True)
+            (out / "judge" / f"{arm}.jsonl").write_text("".join(json.dumps(j) + "\n" for j in judged))
+            summaries[arm] = summarize_records(judged)
+    finally:
+        if started:
+            from apo_ray.serve import stop_server
+
+            stop_server()
+    (out / "judge_summary.json").write_text(json.dumps(summaries, indent=2))
+    where = "a local Ray Serve server" if started else base_url
+    previous = out / "report.json"
+    notes = json.loads(previous.read_text()).get("notes", []) if previous.exists() else []
+    notes.append(f"Judge: `{cfg.eval.judge_model}` at {where}, {len(prompts)} test prompts per arm, each asked "
+                 f"twice with positions swapped.")
+    write_report(out, records, judge=summaries, title=f"APO run `{cfg.run.name}`", notes=notes)
+    return summaries
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -442,7 +442,8 @@ def write_report(output_dir: str | Path, records: Sequence[Mapping[str, Any]], *
     if tq:
         auto_notes.append(f"test queries per evaluation: {', '.join(map(str, tq))}")
     auto_notes.append(f"arms: {', '.join(arms) or MISSING}; rounds: {', '.join(map(str, rounds)) or MISSING}")
-    md += [f"- {n}" for n in [*(notes or []), *auto_notes]] + [""]
+    all_notes = list(dict.fromkeys([*(notes or []), *auto_notes]))  # a re-written report keeps one copy
+    md += [f"- {n}" for n in all_notes] + [""]
 
     md += ["## Table 2 — Reward models: test accuracy / ECE", "",
            ("One row per distinct RM. ECE: weighted (authors' code), ACE: the paper's formula "
@@ -496,7 +497,7 @@ def write_report(output_dir: str | Path, records: Sequence[Mapping[str, Any]], *
 
     _write_csv(out / "rm_table.csv", _RM_CSV, rms)
     _write_csv(out / "policy_table.csv", _POLICY_CSV, policies)
-    data = {"title": title, "notes": [*(notes or []), *auto_notes],
+    data = {"title": title, "notes": all_notes,
             "rm_table": [{k: v for k, v in r.items()} for r in rms], "policy_table": policies,
             "wall_time": {"phases": phases, "rows": wall}, "judge": judge_rows,
             "figures": sorted(figures)}
