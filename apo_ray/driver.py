@@ -10,12 +10,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from pathlib import Path
 
 import ray
 
 from apo_ray.config import Config
-from apo_ray.game import APOGame, PhaseStore, build_game_data, finish_run
+from apo_ray.game import APOGame, build_game_data, finish_run, open_store
 
 DRIVER_NAME = "apo-driver"
 
@@ -48,11 +47,6 @@ class APODriver:
         from apo_ray.telemetry import APOMetrics
 
         cfg = self.cfg
-        out = Path(cfg.run.output_dir)
-        phases = out / "phases"
-        if phases.exists() and any(phases.iterdir()) and not cfg.run.resume:
-            raise RuntimeError(f"{phases} holds phases of an earlier run; pass run.resume=true to continue it "
-                               f"or choose another run.output_dir")
         metrics = APOMetrics(cfg.run.name)
         me = ray.get_runtime_context().current_actor
         self.system = RaySystem(cfg, me, namespace=self.namespace)
@@ -66,7 +60,7 @@ class APODriver:
         start = time.perf_counter()
         self._progress = {"state": "loading data"}
         data = build_game_data(cfg)
-        game = APOGame(cfg, system, data, PhaseStore(phases, system), on_phase=on_phase)
+        game = APOGame(cfg, system, data, open_store(cfg, system), on_phase=on_phase)
         try:
             records = game.run()
         finally:

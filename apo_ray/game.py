@@ -142,6 +142,49 @@ class PhaseStore:
         return self.get(key) or {}
 
 
+def run_fingerprint(cfg: Config) -> dict:
+    """The settings every stored phase depends on; a resumed run must share them (more rounds or
+    other arms are fine: they only add phases)."""
+    from apo_ray.config import to_dict
+
+    d = to_dict(cfg)
+    apo = {k: v for k, v in d["apo"].items() if k not in ("rounds", "arms", "rm_mode")}
+    return {"model": d["model"], "data": d["data"], "generation": d["generation"], "rm": d["rm"],
+            "policy": d["policy"], "apo": apo, "seed": d["run"]["seed"], "test_queries": d["eval"]["test_queries"],
+            "eval_rm": d["eval"]["eval_rm"]}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def open_store(cfg: Config, system: GameSystem) -> PhaseStore:
+    """The run's phase store under ``run.output_dir``. Refuses to mix runs: existing phases need
+    ``run.resume=true`` and the same settings as the run that wrote them."""
+    phases = Path(cfg.run.output_dir) / "phases"
+    marker = phases / "fingerprint.json"
+    fingerprint = json.loads(json.dumps(run_fingerprint(cfg), default=str))
+    if phases.exists() and any(phases.iterdir()):
+        if not cfg.run.resume:
+            raise RuntimeError(f"{phases} holds phases of an earlier run; pass run.resume=true to continue it "
+                               f"or choose another run.output_dir")
+        if marker.exists():
+            old, new = _flatten(json.loads(marker.read_text())), _flatten(fingerprint)
+            changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+            if changed:
+                raise RuntimeError(f"run.resume=true but these settings differ from the run in {phases}: "
+                                   f"{', '.join(changed)}; its stored phases would not match them")
+    store = PhaseStore(phases, system)
+    marker.write_text(json.dumps(fingerprint, indent=1))
+    return store
+
+
 class APOGame:
     """Runs the arms of one experiment for ``cfg.apo.rounds`` rounds. ``on_phase(event)`` is called
     after every phase (the Ray layer exports metrics and progress from it)."""

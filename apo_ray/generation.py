@@ -80,7 +80,8 @@ class HFGenerator:
             sampled = self.model.generate(
                 input_ids=input_ids, attention_mask=attention, max_new_tokens=self.max_new_tokens,
                 do_sample=self.temperature > 0, temperature=self.temperature or None,
-                top_p=self.top_p, num_return_sequences=n, pad_token_id=pad,
+                top_p=self.top_p, top_k=0,  # only the configured warpers (HF adds top-k 50 otherwise)
+                num_return_sequences=n, pad_token_id=pad,
                 eos_token_id=self.tokenizer.eos_token_id,
             )  # [len(chunk) * n, width + new], samples of one prompt adjacent
             new = sampled[:, width:]

@@ -66,18 +66,13 @@ def run_on_ray(cfg: Config) -> list[dict]:
 
 
 def run_in_process(cfg: Config) -> list[dict]:
-    from apo_ray.game import APOGame, PhaseStore, build_game_data, finish_run
+    from apo_ray.game import APOGame, build_game_data, finish_run, open_store
     from apo_ray.local import LocalSystem
 
     validate(cfg)
-    out = Path(cfg.run.output_dir)
-    phases = out / "phases"
-    if phases.exists() and any(phases.iterdir()) and not cfg.run.resume:
-        raise RuntimeError(f"{phases} holds phases of an earlier run; pass run.resume=true to continue it "
-                           f"or choose another run.output_dir")
     start = time.perf_counter()
     system = LocalSystem(cfg)
-    game = APOGame(cfg, system, build_game_data(cfg), PhaseStore(phases, system))
+    game = APOGame(cfg, system, build_game_data(cfg), open_store(cfg, system))
     records = game.run()
     finish_run(cfg, game, records, wall_seconds=time.perf_counter() - start)
     if cfg.eval.judge:

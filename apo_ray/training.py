@@ -171,13 +171,15 @@ def _run_steps(model: nn.Module, settings: TrainSettings, n_items: int,
     for step_no, step in enumerate(steps):
         counts = step_counts(step)
         mine = step[settings.rank::settings.world_size]
-        # A rank with nothing in a short last step still joins the gradient all-reduce, with weight 0.
-        chunks = [mine[lo:lo + settings.micro_examples] for lo in range(0, len(mine), settings.micro_examples)]
-        weight = 1.0 if chunks else 0.0
-        chunks = chunks or [step[:1]]
+        # Every rank runs the same number of micro-batches (DDP all-reduces on the last one of each
+        # rank, and they must line up); a rank short of examples pads with zero-weight repeats.
+        largest = -(-len(step) // settings.world_size)
+        n_micro = -(-largest // settings.micro_examples)
+        chunks = [(mine[lo:lo + settings.micro_examples], 1.0) for lo in range(0, len(mine), settings.micro_examples)]
+        chunks += [(step[:1], 0.0)] * (n_micro - len(chunks))
         step_loss = torch.zeros(())
         stepper.zero_grad()
-        for i, chunk in enumerate(chunks):
+        for i, (chunk, weight) in enumerate(chunks):
             with _autocast(settings.precision, settings.device):
                 loss, n_tokens = micro_loss(stepper.model, chunk, counts)
             stepper.backward(loss * weight, last=i == len(chunks) - 1)

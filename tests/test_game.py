@@ -300,3 +300,22 @@ def test_dpo_updater_plays_a_round(tiny_cfg_factory, tmp_path, pretrained_policy
     assert math.isfinite(rec["policy_mean_reward"])
     ((init, n_examples, _),) = run.system.of("train_policy")
     assert init == "policy/init" and n_examples == stats["examples"]
+
+
+def test_resume_refuses_changed_settings_and_fresh_runs_refuse_old_phases(tmp_path):
+    from apo_ray.config import Config
+    from apo_ray.game import open_store
+
+    cfg = Config()
+    cfg.run.output_dir = str(tmp_path)
+    store = open_store(cfg, system=None)
+    store.put("samples/policy/init/gold", [["a"]])
+    with pytest.raises(RuntimeError, match="run.resume=true"):
+        open_store(cfg, system=None)  # phases exist, resume not asked
+    cfg.run.resume = True
+    cfg.apo.rounds += 1  # more rounds: fine
+    assert open_store(cfg, system=None).get("samples/policy/init/gold") == [["a"]]
+    cfg.rm.lr *= 10
+    cfg.apo.beta2 = 1.0
+    with pytest.raises(RuntimeError, match=r"apo\.beta2, rm\.lr"):
+        open_store(cfg, system=None)

@@ -234,11 +234,6 @@ def test_generator_seeding(tiny_generator, prompts):
     assert any(len(set(samples)) > 1 for samples in a)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG generation.py HFGenerator.generate: model.generate() is called without top_k, so transformers "
-    "applies its default top_k=50 on top of the configured temperature/top_p; the vLLM backend applies no "
-    "top-k, so the two backends sample from different distributions. Pass top_k=0 (or expose "
-    "generation.top_k and pass it to both backends)."))
 def test_generator_samples_with_only_the_configured_warpers(tiny_generator, prompts, monkeypatch):
     import transformers.generation.logits_process as lp
 
