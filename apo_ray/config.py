@@ -109,6 +109,7 @@ class ClusterConfig:
     learner_workers: int = 1
     learner_cpus: float = 1.0
     learner_use_gpu: bool = False
+    learner_gpus: float = 1.0  # per learner worker; < 1 shares a GPU with the pools
     learner_strategy: str = "ddp"  # ddp | deepspeed | fsdp
     deepspeed_stage: int = 2
     gradient_checkpointing: bool = False

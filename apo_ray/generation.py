@@ -39,8 +39,12 @@ class HFGenerator:
 
     def __init__(self, model: str, *, max_new_tokens: int = 64, max_prompt_tokens: int = 256,
                  temperature: float = 1.0, top_p: float = 1.0, prompts_per_batch: int = 16,
-                 seed: int = 0, dtype: str = "float32", device: str | None = None, **_ignored):
+                 seed: int = 0, dtype: str = "float32", device: str | None = None, fast: bool = False,
+                 **_ignored):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # fast: on CUDA, sample with apo_ray.fastgen.FastSampler (static KV cache + CUDA graphs).
+        self.fast = fast and self.device.startswith("cuda")
+        self._sampler = None
         self.tokenizer = load_tokenizer(model, padding_side="left")
         self.model = load_policy(model, dtype=dtype, device=self.device).eval()
         self.max_new_tokens = max_new_tokens
@@ -77,14 +81,17 @@ class HFGenerator:
             attention = torch.tensor([[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in chunk],
                                      device=self.device)
             torch.manual_seed(seed * 1_000_003 + batch_no)
-            sampled = self.model.generate(
-                input_ids=input_ids, attention_mask=attention, max_new_tokens=self.max_new_tokens,
-                do_sample=self.temperature > 0, temperature=self.temperature or None,
-                top_p=self.top_p, top_k=0,  # only the configured warpers (HF adds top-k 50 otherwise)
-                num_return_sequences=n, pad_token_id=pad,
-                eos_token_id=self.tokenizer.eos_token_id,
-            )  # [len(chunk) * n, width + new], samples of one prompt adjacent
-            new = sampled[:, width:]
+            if self.fast:
+                new = self._fast_generate(input_ids.repeat_interleave(n, 0), attention.repeat_interleave(n, 0))
+            else:
+                sampled = self.model.generate(
+                    input_ids=input_ids, attention_mask=attention, max_new_tokens=self.max_new_tokens,
+                    do_sample=self.temperature > 0, temperature=self.temperature or None,
+                    top_p=self.top_p, top_k=0,  # only the configured warpers (HF adds top-k 50 otherwise)
+                    num_return_sequences=n, pad_token_id=pad,
+                    eos_token_id=self.tokenizer.eos_token_id,
+                )  # [len(chunk) * n, width + new], samples of one prompt adjacent
+                new = sampled[:, width:]
             stats.new_tokens += int((new != pad).sum())
             texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
             for j, i in enumerate(chunk):
@@ -93,6 +100,18 @@ class HFGenerator:
         stats.seconds = time.perf_counter() - start
         self.last_stats = stats
         return out
+
+    def _fast_generate(self, input_ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        from apo_ray.fastgen import FastSampler
+
+        rows = input_ids.shape[0]
+        if self._sampler is None or self._sampler.max_batch < rows:
+            self._sampler = FastSampler(self.model, max_batch=rows,
+                                        max_len=self.max_prompt_tokens + self.max_new_tokens)
+        return self._sampler.generate(  # the same warpers as the generate call above (no top-k)
+            input_ids, attention, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+            top_p=self.top_p, top_k=0,
+            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
 
 
 def _load_weights_on_vllm_worker(worker, weights):

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 SMOLLM2_ALIASES = {"smollm2-135m-instruct", "smollm2", "offline:smollm2-135m-instruct"}
 TINY_ALIASES = {"tiny-random-llama", "tiny"}
+# SmolLM2-135M's shape with random weights and its real tokenizer: speed and plumbing on machines
+# that cannot get the real weights (the GPU machine). Needs only the tiny model's tokenizer.
+SMOLLM2_SHAPE_ALIASES = {"smollm2-135m-random"}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -103,6 +106,21 @@ def _build_tiny(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def _build_smollm2_shape(out: Path) -> None:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("tiny-random-llama"))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5,
+        rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
 def resolve_model(name: str) -> str:
     """Map a model name to what ``from_pretrained`` takes (a local folder or a hub id)."""
     key = name.strip().lower()
@@ -110,6 +128,8 @@ def resolve_model(name: str) -> str:
         return str(_build_once(cache_dir() / "smollm2-135m-instruct", _convert_smollm2))
     if key in TINY_ALIASES:
         return str(_build_once(cache_dir() / "tiny-random-llama", _build_tiny))
+    if key in SMOLLM2_SHAPE_ALIASES:
+        return str(_build_once(cache_dir() / "smollm2-135m-random", _build_smollm2_shape))
     return name
 
 
@@ -148,13 +168,22 @@ def load_reward_model(name: str, dtype: str = "float32", device: str = "cpu"):
     return model.to(device)
 
 
+def model_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """What to pass the model as its attention mask. Right-padded rows need none: under causal
+    attention no real token sees the pads after it. Passing none also avoids fully masked pad rows,
+    whose NaN outputs (fused GPU attention kernels) poison the weight gradients through 0 * NaN."""
+    right_padded = bool((attention_mask[:, :-1] >= attention_mask[:, 1:]).all())
+    return None if right_padded else attention_mask
+
+
 def reward_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Scalar reward per sequence, read at the last attended token.
 
     input_ids, attention_mask: [B, T], padded on either side. Returns [B] float32.
     """
     backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
+    hidden = backbone(input_ids=input_ids, attention_mask=model_attention_mask(attention_mask)).last_hidden_state
+    # hidden: [B, T, H]
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)
     last = (positions * attention_mask).argmax(dim=-1)  # [B]: rightmost position with mask 1
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # [B, H]

@@ -141,7 +141,7 @@ class RaySystem:
         c = self.cfg.cluster
         token = f"{kind}-{uuid.uuid4().hex[:8]}"
         model = self.cfg.model.reward if kind == "rm" else self.cfg.model.policy
-        resources = {"CPU": c.learner_cpus} | ({"GPU": 1} if c.learner_use_gpu else {})
+        resources = {"CPU": c.learner_cpus} | ({"GPU": c.learner_gpus} if c.learner_use_gpu else {})
         trainer = TorchTrainer(
             _learner_loop,
             train_loop_config={"kind": kind, "model": model, "init": [init.handle], "data": [ray.put(data)],

@@ -9,11 +9,12 @@ from pathlib import Path
 import hydra
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from apo_ray.config import ConfigError, from_omegaconf, register_configs, validate  # noqa: E402
-from apo_ray.launch import run_in_process, run_on_ray  # noqa: E402
+from apo_ray.config import ConfigError, from_omegaconf, register_configs, validate
+from apo_ray.launch import run_in_process, run_on_ray
 
 register_configs()
 
@@ -22,7 +23,7 @@ register_configs()
 def main(node: DictConfig) -> None:
     try:
         cfg = from_omegaconf(node)
-    except Exception as err:  # OmegaConf names the bad key; say it plainly and stop
+    except (OmegaConfBaseException, ValueError) as err:  # names the bad key; say it plainly and stop
         raise SystemExit(f"config error: {err}") from None
     logging.basicConfig(level=cfg.run.log_level, format="%(asctime)s %(name)s: %(message)s", force=True)
     if not cfg.data.path.startswith("hf://"):

@@ -29,7 +29,8 @@ def grid(swept: list[str]) -> list[list[str]]:
 
 
 def slug(point: list[str]) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", ",".join(point)) or "default"
+    # No "=" in the folder name: it goes back into a Hydra override (run.output_dir=...).
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", ",".join(point)) or "default"
 
 
 def main(argv: list[str] | None = None) -> int:
