@@ -33,8 +33,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from apo_ray.config import Config
-from apo_ray.data import GoldenAnswer, PreferencePair, golden_by_key, golden_from_chosen, load_golden_answers, \
-    load_preference_pairs, query_key, split_for_apo
+from apo_ray.data import (
+    GoldenAnswer,
+    PreferencePair,
+    golden_by_key,
+    golden_from_chosen,
+    load_golden_answers,
+    load_preference_pairs,
+    query_key,
+    split_for_apo,
+)
 from apo_ray.metrics import calibration_errors, mean_and_stderr, preference_accuracy
 from apo_ray.training import RankedPair
 

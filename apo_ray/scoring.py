@@ -6,8 +6,14 @@ import time
 
 import torch
 
-from apo_ray.models import encode_prompt_response, format_prompt, load_reward_model, load_tokenizer, pad_batch, \
-    reward_forward
+from apo_ray.models import (
+    encode_prompt_response,
+    format_prompt,
+    load_reward_model,
+    load_tokenizer,
+    pad_batch,
+    reward_forward,
+)
 
 
 class RewardScorer:

@@ -28,8 +28,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from apo_ray.losses import dpo_loss, sequence_logprobs
-from apo_ray.models import (Encoded, encode_prompt_response, format_prompt, load_policy, load_reward_model,
-                            load_tokenizer, model_attention_mask, pad_batch, reward_forward)
+from apo_ray.models import (
+    Encoded,
+    encode_prompt_response,
+    format_prompt,
+    load_policy,
+    load_reward_model,
+    load_tokenizer,
+    model_attention_mask,
+    pad_batch,
+    reward_forward,
+)
 
 log = logging.getLogger(__name__)
 
@@ -254,8 +263,8 @@ def train_reward_model(model_name: str, init_state: dict[str, torch.Tensor] | No
 def _reference_logprobs(model, batches) -> torch.Tensor:
     out = []
     for batch in batches:
-        logits = model(input_ids=batch["input_ids"], attention_mask=model_attention_mask(batch["attention_mask"]))
-            logits = logits.logits
+        mask = model_attention_mask(batch["attention_mask"])
+        logits = model(input_ids=batch["input_ids"], attention_mask=mask).logits
         out.append(sequence_logprobs(logits, batch["input_ids"], batch["loss_mask"]).float())
     return torch.cat(out)
 
@@ -295,8 +304,8 @@ def train_policy(model_name: str, init_state: dict[str, torch.Tensor] | None,
 
         def micro_loss(model, chunk, counts):
             batch = to_device(pad_batch([encode(i, 1) for i in chunk], tokenizer.pad_token_id))
-            logits = model(input_ids=batch["input_ids"], attention_mask=model_attention_mask(batch["attention_mask"]))
-            logits = logits.logits
+            mask = model_attention_mask(batch["attention_mask"])
+            logits = model(input_ids=batch["input_ids"], attention_mask=mask).logits
             # Sum of token NLL over this micro-batch / response tokens of the whole step.
             token_logps = sequence_logprobs(logits, batch["input_ids"], batch["loss_mask"])
             return -token_logps.sum() / counts["tokens"], int(batch["attention_mask"].sum())
@@ -322,8 +331,8 @@ def train_policy(model_name: str, init_state: dict[str, torch.Tensor] | None,
         def micro_loss(model, chunk, counts):
             enc = [encode(i, 1) for i in chunk] + [encode(i, 2) for i in chunk]
             batch = to_device(pad_batch(enc, tokenizer.pad_token_id))
-            logits = model(input_ids=batch["input_ids"], attention_mask=model_attention_mask(batch["attention_mask"]))
-            logits = logits.logits
+            mask = model_attention_mask(batch["attention_mask"])
+            logits = model(input_ids=batch["input_ids"], attention_mask=mask).logits
             logps = sequence_logprobs(logits, batch["input_ids"], batch["loss_mask"])  # [2k]
             k = len(chunk)
             ref_c = torch.stack([ref[i][0] for i in chunk]).to(logps.device)
