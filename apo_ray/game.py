@@ -189,7 +189,8 @@ def open_store(cfg: Config, system: GameSystem) -> PhaseStore:
                 raise RuntimeError(f"run.resume=true but these settings differ from the run in {phases}: "
                                    f"{', '.join(changed)}; its stored phases would not match them")
     store = PhaseStore(phases, system)
-    marker.write_text(json.dumps(fingerprint, indent=1))
+    if not marker.exists():
+        marker.write_text(json.dumps(fingerprint, indent=1))
     return store
 
 

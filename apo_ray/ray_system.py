@@ -169,7 +169,7 @@ class RaySystem:
         s.zero_stage = self.cfg.cluster.deepspeed_stage
         return {k: getattr(s, k) for k in ("lr", "examples_per_step", "micro_examples", "max_length", "epochs",
                                            "weight_decay", "precision", "seed", "gradient_checkpointing",
-                                           "strategy", "zero_stage", "log_every_steps")}
+                                           "max_grad_norm", "strategy", "zero_stage", "log_every_steps")}
 
     def train_rm(self, init: Weights, pairs: list[RankedPair], *, lr, epochs, beta2, apo_weight, seed):
         return self._fit("rm", init, pairs, self._settings("rm", lr, epochs, seed),

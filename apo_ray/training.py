@@ -79,7 +79,9 @@ class _Stepper:
     def __init__(self, model: nn.Module, settings: TrainSettings):
         self.settings = settings
         self.engine = None
+        self.skipped_steps = 0
         params = [p for p in model.parameters() if p.requires_grad]
+        self.params = params
         if settings.strategy == "deepspeed":
             import deepspeed
 
@@ -89,6 +91,7 @@ class _Stepper:
                 "zero_optimization": {"stage": settings.zero_stage, "overlap_comm": True},
                 "bf16": {"enabled": settings.precision.startswith("bf16")},
                 "optimizer": {"type": "AdamW", "params": {"lr": settings.lr, "weight_decay": settings.weight_decay}},
+                "gradient_clipping": settings.max_grad_norm or 0.0,
                 "steps_per_print": 10**9,
             }
             self.engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=config)
@@ -116,8 +119,16 @@ class _Stepper:
     def step(self) -> None:
         if self.engine is not None:
             self.engine.step()
-        else:
-            self.opt.step()
+            return
+        # Clip, and skip a step whose gradients are not finite (as AMP's loss scaler does) rather
+        # than let one bad batch turn every weight into NaN.
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm or float("inf"))
+        if not torch.isfinite(norm):
+            self.skipped_steps += 1
+            log.warning("skipping an optimiser step: gradient norm is %s", float(norm))
+            self.opt.zero_grad(set_to_none=True)
+            return
+        self.opt.step()
 
 
 def _steps(n_items: int, per_step: int, seed: int, epochs: int) -> list[list[int]]:
@@ -158,6 +169,7 @@ class TrainSettings:
     rank: int = 0
     world_size: int = 1
     gradient_checkpointing: bool = False
+    max_grad_norm: float | None = 1.0  # clip to this global norm; None: no clipping
     strategy: str = "ddp"  # ddp (also plain, one process) | deepspeed
     zero_stage: int = 2
     log_every_steps: int = 0  # 0: about ten progress lines per run
@@ -209,7 +221,8 @@ def _run_steps(model: nn.Module, settings: TrainSettings, n_items: int,
     return stepper.model, {"steps": len(steps), "loss_first": losses[0] if losses else float("nan"),
             "loss_last": losses[-1] if losses else float("nan"),
             "loss_mean": sum(losses) / max(len(losses), 1), "seconds": elapsed,
-            "tokens_per_s": tokens / max(elapsed, 1e-9), "losses": losses}
+            "tokens_per_s": tokens / max(elapsed, 1e-9), "skipped_steps": stepper.skipped_steps,
+            "losses": losses}
 
 
 def train_reward_model(model_name: str, init_state: dict[str, torch.Tensor] | None,

@@ -93,8 +93,9 @@ def main() -> None:
                     help="comma list of baseline, fast, fast-eager, fast-compile")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/generate_<shape>.json)")
     args = ap.parse_args()
-    from apo_ray.fastgen import FastSampler
     import transformers
+
+    from apo_ray.fastgen import FastSampler
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = build_model(args.shape, dtype, args.device)

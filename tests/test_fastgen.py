@@ -153,3 +153,23 @@ def test_hf_generator_fast_path_gives_the_same_samples(tiny_model):
     ref = gen.generate(prompts, n=2, seed=0)
     gen.fast = True  # ...but the routed path itself runs on CPU
     assert gen.generate(prompts, n=2, seed=0) == ref
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_greedy_equals_hf_generate_on_other_families(family):
+    import transformers
+
+    config_cls = {"qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}[family]
+    if not hasattr(transformers, config_cls):
+        pytest.skip(f"transformers has no {config_cls}")
+    config = getattr(transformers, config_cls)(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=1000, tie_word_embeddings=True, rope_theta=1e6, head_dim=16)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    for p in model.parameters():  # biases start at zero: make them count
+        torch.nn.init.normal_(p, std=0.5 if p.ndim == 1 else 0.1)
+    ids, mask = _left_padded(pad=0)
+    ref = _hf(model, ids, mask, 10, do_sample=False, eos_token_id=None)
+    got = FastSampler(model, max_batch=4, max_len=32).generate(ids, mask, max_new_tokens=10, temperature=0)
+    assert torch.equal(got, ref)
