@@ -57,6 +57,7 @@ class GenerationConfig:
     top_p: float = 1.0
     prompts_per_batch: int = 16  # prompts per generate call (each yields samples_per_query sequences)
     seed: int = 0
+    fast_sampler: bool = True  # on CUDA: static KV cache + CUDA-graph decode (apo_ray/fastgen.py)
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # passed untouched to vllm.LLM
 
 
@@ -113,6 +114,7 @@ class ClusterConfig:
     learner_strategy: str = "ddp"  # ddp | deepspeed | fsdp
     deepspeed_stage: int = 2
     gradient_checkpointing: bool = False
+    learner_compile: bool = False  # torch.compile the learner's model (41% vs 25% MFU on the H100, 0.5B)
     max_actor_restarts: int = 3
     driver_cpus: float = 0.0
     local_num_cpus: int | None = None  # only for a new local instance

@@ -23,6 +23,7 @@ def generator_kwargs(cfg: Config) -> dict:
     g = cfg.generation
     return dict(max_new_tokens=g.max_new_tokens, max_prompt_tokens=g.max_prompt_tokens, temperature=g.temperature,
                 top_p=g.top_p, prompts_per_batch=g.prompts_per_batch, seed=g.seed, dtype=cfg.model.dtype,
+                fast=g.fast_sampler,
                 engine_kwargs=dict(g.engine_kwargs))
 
 
@@ -35,7 +36,8 @@ def rm_settings(cfg: Config, *, lr: float, epochs: int, seed: int, device: str =
     return TrainSettings(lr=lr, examples_per_step=cfg.rm.pairs_per_batch, micro_examples=cfg.rm.micro_pairs,
                          max_length=cfg.rm.max_length, epochs=epochs, weight_decay=cfg.rm.weight_decay,
                          precision=cfg.model.train_precision, seed=seed, device=device, rank=rank,
-                         world_size=world_size, gradient_checkpointing=cfg.cluster.gradient_checkpointing)
+                         world_size=world_size, gradient_checkpointing=cfg.cluster.gradient_checkpointing,
+                         compile=cfg.cluster.learner_compile)
 
 
 def policy_settings(cfg: Config, *, lr: float, seed: int, device: str = "cpu", rank: int = 0,
@@ -44,7 +46,8 @@ def policy_settings(cfg: Config, *, lr: float, seed: int, device: str = "cpu", r
     return TrainSettings(lr=lr, examples_per_step=p.sequences_per_batch, micro_examples=p.micro_sequences,
                          max_length=p.max_length, epochs=p.epochs, weight_decay=p.weight_decay,
                          precision=cfg.model.train_precision, seed=seed, device=device, rank=rank,
-                         world_size=world_size, gradient_checkpointing=cfg.cluster.gradient_checkpointing)
+                         world_size=world_size, gradient_checkpointing=cfg.cluster.gradient_checkpointing,
+                         compile=cfg.cluster.learner_compile)
 
 
 class _Reloading:
@@ -68,6 +71,7 @@ class _Reloading:
 class LocalSystem:
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self._generator = _Reloading(lambda: make_generator(cfg.generation.backend, cfg.model.policy,
                                                             **generator_kwargs(cfg)), "policy/init")
         self._scorer = _Reloading(lambda: RewardScorer(cfg.model.reward, **scorer_kwargs(cfg)), "rm/pretrained")
@@ -79,12 +83,12 @@ class LocalSystem:
         return self._scorer.get(rm).score(prompts, responses)
 
     def train_rm(self, init: Weights, pairs: list[RankedPair], *, lr, epochs, beta2, apo_weight, seed):
-        settings = rm_settings(self.cfg, lr=lr, epochs=epochs, seed=seed)
+        settings = rm_settings(self.cfg, lr=lr, epochs=epochs, seed=seed, device=self.device)
         return train_reward_model(self.cfg.model.reward, init.handle, pairs, settings, beta2=beta2,
                                   apo_weight=apo_weight)
 
     def train_policy(self, init: Weights, examples: list[tuple], *, lr, seed):
-        settings = policy_settings(self.cfg, lr=lr, seed=seed)
+        settings = policy_settings(self.cfg, lr=lr, seed=seed, device=self.device)
         return train_policy(self.cfg.model.policy, init.handle, examples, settings,
                             updater=self.cfg.policy.updater, dpo_beta=self.cfg.policy.dpo_beta)
 

@@ -71,10 +71,10 @@ def _learner_loop(config: dict) -> None:
 
     from apo_ray.training import TrainSettings, train_policy, train_reward_model
     from apo_ray.weights import pack_state_dict, unpack_state_dict
-    from apo_ray.workers import limit_torch_threads
+    from apo_ray.workers import setup_process
 
     ctx = ray.train.get_context()
-    limit_torch_threads(config["cpus_per_worker"])
+    setup_process(config["cpus_per_worker"])
     device = str(ray.train.torch.get_device())
     init_ref = config["init"][0]
     init_state = unpack_state_dict(ray.get(init_ref), copy=True) if init_ref is not None else None
@@ -168,7 +168,7 @@ class RaySystem:
         s.strategy = "deepspeed" if self.cfg.cluster.learner_strategy == "deepspeed" else "ddp"
         s.zero_stage = self.cfg.cluster.deepspeed_stage
         return {k: getattr(s, k) for k in ("lr", "examples_per_step", "micro_examples", "max_length", "epochs",
-                                           "weight_decay", "precision", "seed", "gradient_checkpointing",
+                                           "weight_decay", "precision", "seed", "gradient_checkpointing", "compile",
                                            "max_grad_norm", "strategy", "zero_stage", "log_every_steps")}
 
     def train_rm(self, init: Weights, pairs: list[RankedPair], *, lr, epochs, beta2, apo_weight, seed):

@@ -142,11 +142,12 @@ def _steps(n_items: int, per_step: int, seed: int, epochs: int) -> list[list[int
 
 
 def _cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    if hasattr(model, "_zero3_consolidated_16bit_state_dict"):  # DeepSpeed engine
-        if model.zero_optimization_stage() == 3:
-            full = model._zero3_consolidated_16bit_state_dict()  # gathered on rank 0
-            prefix = "model." if isinstance(model.module, ScalarRewardModel) else ""
-            return {k[len(prefix):]: v.detach().cpu().contiguous() for k, v in (full or {}).items()}
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    if hasattr(model, "_zero3_consolidated_16bit_state_dict") and model.zero_optimization_stage() == 3:
+        # DeepSpeed ZeRO-3 partitions the parameters: gather them (on rank 0).
+        full = model._zero3_consolidated_16bit_state_dict()
+        prefix = "model." if isinstance(model.module, ScalarRewardModel) else ""
+        return {k[len(prefix):]: v.detach().cpu().contiguous() for k, v in (full or {}).items()}
     inner = getattr(model, "module", model)  # unwrap DDP / DeepSpeed
     if isinstance(inner, ScalarRewardModel):
         inner = inner.model
@@ -169,6 +170,7 @@ class TrainSettings:
     rank: int = 0
     world_size: int = 1
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the model before the loop
     max_grad_norm: float | None = 1.0  # clip to this global norm; None: no clipping
     strategy: str = "ddp"  # ddp (also plain, one process) | deepspeed
     zero_stage: int = 2
@@ -184,6 +186,8 @@ def _run_steps(model: nn.Module, settings: TrainSettings, n_items: int,
     tokens); ``model`` is what to call forward on (the DDP module or the DeepSpeed engine).
     Returns (stats, the trained model/engine).
     """
+    if settings.compile:
+        model = torch.compile(model)
     stepper = _Stepper(model, settings)
     model.train()
     losses, tokens, start = [], 0, time.perf_counter()
@@ -225,6 +229,19 @@ def _run_steps(model: nn.Module, settings: TrainSettings, n_items: int,
             "losses": losses}
 
 
+def _load_for_training(load, model_name: str, init_state: dict | None, settings: TrainSettings):
+    """Seeded load of a model (``load``: load_policy or load_reward_model) and its right-padding
+    tokenizer, with the given initial weights and the settings' memory options."""
+    torch.manual_seed(settings.seed)
+    tokenizer = load_tokenizer(model_name, padding_side="right")
+    model = load(model_name, dtype="bfloat16" if settings.precision == "bf16" else "float32")
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return tokenizer, model
+
+
 def train_reward_model(model_name: str, init_state: dict[str, torch.Tensor] | None,
                        pairs: Sequence[RankedPair], settings: TrainSettings, *, beta2: float = 1.0,
                        apo_weight: float = 1.0,
@@ -234,15 +251,9 @@ def train_reward_model(model_name: str, init_state: dict[str, torch.Tensor] | No
     With only "pref" pairs and beta2=1 this is plain Bradley-Terry (RM_Base, evaluation RMs)."""
     if not pairs:
         raise ValueError("train_reward_model: no pairs to train on")
-    torch.manual_seed(settings.seed)
-    tokenizer = load_tokenizer(model_name, padding_side="right")
-    hf_model = load_reward_model(model_name, dtype="bfloat16" if settings.precision == "bf16" else "float32")
-    if init_state is not None:
-        hf_model.load_state_dict(init_state)
+    tokenizer, hf_model = _load_for_training(load_reward_model, model_name, init_state, settings)
     if hf_model.config.pad_token_id is None:
         hf_model.config.pad_token_id = tokenizer.pad_token_id
-    if settings.gradient_checkpointing:
-        hf_model.gradient_checkpointing_enable()
     model = prepare_model(ScalarRewardModel(hf_model).to(settings.device))
     prompts = {p.prompt: format_prompt(tokenizer, p.prompt) for p in pairs}
     weights = {"apo": apo_weight, "pref": beta2}
@@ -291,14 +302,8 @@ def train_policy(model_name: str, init_state: dict[str, torch.Tensor] | None,
     ``(prompt, best, worst)``): the reference is the round's starting policy."""
     if not examples:
         raise ValueError("train_policy: no examples to train on")
-    torch.manual_seed(settings.seed)
-    tokenizer = load_tokenizer(model_name, padding_side="right")
-    hf_model = load_policy(model_name, dtype="bfloat16" if settings.precision == "bf16" else "float32")
-    if init_state is not None:
-        hf_model.load_state_dict(init_state)
+    tokenizer, hf_model = _load_for_training(load_policy, model_name, init_state, settings)
     hf_model.to(settings.device)
-    if settings.gradient_checkpointing:
-        hf_model.gradient_checkpointing_enable()
     prompts = {ex[0]: format_prompt(tokenizer, ex[0]) for ex in examples}
 
     def encode(i: int, which: int) -> Encoded:

@@ -8,6 +8,7 @@ the object store, so Ray may simply retry the call.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any
@@ -20,8 +21,10 @@ from apo_ray.local import generator_kwargs, scorer_kwargs
 from apo_ray.scoring import RewardScorer
 
 
-def limit_torch_threads(cpus: float) -> None:
-    """Several actors share a node's cores: keep torch from starting one thread per core in each."""
+def setup_process(cpus: float) -> None:
+    """In every actor and learner process: progress lines at INFO (they reach `ray job logs`), and
+    torch limited to the cores Ray gave this process (several actors share a node's cores)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     n = max(1, int(cpus))
     torch.set_num_threads(n)
     os.environ.setdefault("OMP_NUM_THREADS", str(n))
@@ -65,7 +68,7 @@ class VersionedModel:
 
 class GeneratorWorker:
     def __init__(self, cfg: Config, cpus: float = 1.0):
-        limit_torch_threads(cpus)
+        setup_process(cpus)
         self.model = VersionedModel(
             lambda: make_generator(cfg.generation.backend, cfg.model.policy, **generator_kwargs(cfg)), "policy/init")
 
@@ -80,7 +83,7 @@ class GeneratorWorker:
 
 class ScorerWorker:
     def __init__(self, cfg: Config, cpus: float = 1.0):
-        limit_torch_threads(cpus)
+        setup_process(cpus)
         self.model = VersionedModel(lambda: RewardScorer(cfg.model.reward, **scorer_kwargs(cfg)), "rm/pretrained")
 
     def score(self, weights_id: str, ref_box: list, prompts: list[str], responses: list[str]) -> dict[str, Any]:
