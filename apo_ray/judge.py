@@ -267,6 +267,17 @@ def summarize_records(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def add_endpoint_arguments(parser) -> None:
+    """The command-line options of an OpenAI-compatible endpoint, shared by jobs/golden.py and jobs/judge.py.
+    The key itself is never an option: only the name of the variable that holds it."""
+    parser.add_argument("--base-url", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--api-key-env", default="OPENAI_API_KEY", help="name of the variable holding the key")
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--max-retries", type=int, default=5)
+    parser.add_argument("--max-tokens", type=int, default=None)
+
+
 class JudgeClient:
     """Pairwise judge: every comparison asked twice (ours as [A], then ours as [B]).
 

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python jobs/gol
 
 from apo_ray.data import load_preference_pairs
 from apo_ray.golden import collect_golden_answers
-from apo_ray.judge import ChatAPI
+from apo_ray.judge import ChatAPI, add_endpoint_arguments
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -27,12 +27,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", required=True, help="preference pairs: .jsonl(.gz), folder or hf:// spec")
     parser.add_argument("--out", required=True, help="golden answers .jsonl (appended to; resumes)")
     parser.add_argument("--limit", type=int, default=None, help="first N distinct queries")
-    parser.add_argument("--base-url", required=True)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--api-key-env", default="OPENAI_API_KEY", help="name of the variable holding the key")
-    parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--max-retries", type=int, default=5)
-    parser.add_argument("--max-tokens", type=int, default=None)
+    add_endpoint_arguments(parser)
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0, help="picks the canned refusal per query")
     parser.add_argument("--cache", default=None, help="optional JSONL answer cache")

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python jobs/judge.py` from anywhere
 
 from apo_ray.data import query_key
-from apo_ray.judge import JudgeClient, summarize_records
+from apo_ray.judge import JudgeClient, add_endpoint_arguments, summarize_records
 
 
 def read_responses(path: str) -> dict[str, tuple[str, str]]:
@@ -41,12 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ours", required=True)
     parser.add_argument("--theirs", required=True)
     parser.add_argument("--out-dir", required=True)
-    parser.add_argument("--base-url", required=True)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--api-key-env", default="OPENAI_API_KEY", help="name of the variable holding the key")
-    parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--max-retries", type=int, default=5)
-    parser.add_argument("--max-tokens", type=int, default=None)
+    add_endpoint_arguments(parser)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--cache", default=None, help="JSONL answer cache (default: OUT_DIR/judge_cache.jsonl)")
     args = parser.parse_args(argv)
