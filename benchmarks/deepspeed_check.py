@@ -2,11 +2,15 @@
 RM and policy. Run: bash .gpu-bundle/install.sh && PYTHONPATH=/tmp/site:$PWD TORCH_CUDA_ARCH_LIST=9.0
 APO_RAY_CACHE=$PWD/.gpu-cache python benchmarks/deepspeed_check.py (2026-11-22, H100: both stages ran,
 finite losses, full 273-tensor state dicts gathered)."""
-import os, torch, torch.distributed as dist
+import os
+
+import torch.distributed as dist
+
 os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29511")
 dist.init_process_group("nccl")
 from apo_ray.data import load_preference_pairs
-from apo_ray.training import RankedPair, TrainSettings, train_reward_model, train_policy
+from apo_ray.training import RankedPair, TrainSettings, train_policy, train_reward_model
+
 pairs = [RankedPair(p.prompt, p.chosen, p.rejected, "pref") for p in load_preference_pairs(".gpu-cache/hh-rlhf", limit=16)]
 for stage in (2, 3):
     s = TrainSettings(lr=1e-5, examples_per_step=8, micro_examples=4, max_length=128, precision="bf16",
