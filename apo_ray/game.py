@@ -339,15 +339,15 @@ class APOGame:
             metrics.update({f"rm_{split}_acc": preference_accuracy(good, bad), f"rm_{split}_ece": cal["ece"],
                             f"rm_{split}_ace": cal["ace"], f"rm_{split}_mce": cal["mce"],
                             f"rm_{split}_bins": cal["bins"]})
-        test_queries = list(dict.fromkeys(p.prompt for p in self.data.test_pairs))[: self.cfg.eval.test_queries]
-        answers = [a[0] for a in self._samples(policy, test_queries, "test", seed=7, timing=timing,
+        queries = eval_prompts(self.cfg, self.data)
+        answers = [a[0] for a in self._samples(policy, queries, "test", seed=7, timing=timing,
                                                name="evaluate", n=1, **event)]
-        rewards = self._scores(self.eval_rm, test_queries, answers, f"{policy.id}/test", timing, "evaluate", **event)
+        rewards = self._scores(self.eval_rm, queries, answers, f"{policy.id}/test", timing, "evaluate", **event)
         mean, stderr = mean_and_stderr(rewards)
         timing["evaluate_total"] = time.perf_counter() - start
         record = {"round": r, "rm_mode": arm, "rm": rm.id, "policy": policy.id, "eval_rm": self.eval_rm.id,
                   "gold_source": self.data.gold_source, **metrics, "policy_mean_reward": mean,
-                  "policy_reward_stderr": stderr, "test_queries": len(test_queries),
+                  "policy_reward_stderr": stderr, "test_queries": len(queries),
                   "phase_seconds": {k: round(v, 3) for k, v in timing.items()}}
         self.on_phase({"phase": "round_done", **event, "record": record})
         return record
@@ -366,12 +366,9 @@ class APOGame:
         return self.records
 
 
-def final_test_answers(game: APOGame, arm: str) -> tuple[list[str], list[str]]:
-    """The test prompts and the answers of ``arm``'s last policy (from the phase store)."""
-    policy = game.state[arm]["policy"]
-    prompts = list(dict.fromkeys(p.prompt for p in game.data.test_pairs))[: game.cfg.eval.test_queries]
-    answers = game.store.get(f"samples/{policy.id}/test")
-    return prompts, [a[0] for a in answers]
+def eval_prompts(cfg: Config, data: GameData) -> list[str]:
+    """The test prompts every policy answers (and the judge compares), in a fixed order."""
+    return list(dict.fromkeys(p.prompt for p in data.test_pairs))[: cfg.eval.test_queries]
 
 
 def finish_run(cfg: Config, game: APOGame, records: list[dict], *, wall_seconds: float,

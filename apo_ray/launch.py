@@ -86,7 +86,7 @@ def judge_final_policies(cfg: Config, records: list[dict]) -> dict:
     ``judge_summary.json`` and adds the judge table and figure to the report."""
     import json
 
-    from apo_ray.game import PhaseStore, build_game_data
+    from apo_ray.game import PhaseStore, build_game_data, eval_prompts
     from apo_ray.judge import JudgeClient, summarize_records
     from apo_ray.report import write_report
 
@@ -101,7 +101,7 @@ def judge_final_policies(cfg: Config, records: list[dict]) -> dict:
         return [a[0] for a in store.get(f"samples/{policy_id}/test")]
 
     data = build_game_data(cfg)
-    prompts = list(dict.fromkeys(p.prompt for p in data.test_pairs))[: cfg.eval.test_queries][: cfg.eval.judge_pairs]
+    prompts = eval_prompts(cfg, data)[: cfg.eval.judge_pairs]
     base_url, started = cfg.eval.judge_base_url, False
     if not base_url:
         from apo_ray.serve import start_server
