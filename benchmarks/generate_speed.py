@@ -30,24 +30,14 @@ import torch
 
 
 def model_config(shape: str):
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig
 
-    if shape == "smollm2-135m":
-        return LlamaConfig(
-            hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-            num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
-            max_position_embeddings=8192, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-        )  # fmt: skip
-    if shape == "qwen2.5-0.5b":
-        return Qwen2Config(
-            hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-            num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rope_theta=1000000.0,
-            max_position_embeddings=32768, bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,
-        )  # fmt: skip
+    from apo_ray.models import shape_config
+
     if shape == "tiny":
         return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True)
-    raise ValueError(f"unknown shape {shape!r}")
+    return shape_config(shape)
 
 
 def build_model(shape: str, dtype: torch.dtype, device: str):

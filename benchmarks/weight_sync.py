@@ -39,18 +39,12 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
 def model_config(args: argparse.Namespace):
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig
 
-    if args.shape == "smollm2-135m":
-        return LlamaConfig(
-            hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-            num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
-        )  # fmt: skip
-    if args.shape == "qwen2.5-0.5b":
-        return Qwen2Config(
-            hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-            num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
-        )  # fmt: skip
+    from apo_ray.models import shape_config
+
+    if args.shape in ("smollm2-135m", "qwen2.5-0.5b"):
+        return shape_config(args.shape)
     return LlamaConfig(
         hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
         num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=args.vocab,
