@@ -1,42 +1,31 @@
 """The driver actor: owns the run (state, checkpoints, weights objects) and plays the rounds.
 
 It is a named actor (``apo-driver`` in the run's namespace) so ``ray list actors`` and the dashboard
-show it, and a threaded one: while ``run`` blocks in a learner's ``fit()``, the learner's rank 0
-calls ``deposit`` to hand its weights over (see :mod:`apo_ray.ray_system` on ownership).
+show it, and a threaded one: while ``run`` waits on a learner job, the learner workers take their jobs from it
+and rank 0 hands the trained weights over (see :mod:`apo_ray.ray_system` on ownership).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 import ray
 
 from apo_ray.config import Config
 from apo_ray.game import APOGame, build_game_data, finish_run, open_store
+from apo_ray.ray_system import LearnerMailbox
 
 DRIVER_NAME = "apo-driver"
 
 
-class APODriver:
+class APODriver(LearnerMailbox):
     def __init__(self, cfg: Config, namespace: str | None = None):
+        super().__init__()
         logging.basicConfig(level=cfg.run.log_level, format="%(asctime)s %(name)s: %(message)s", force=True)
         self.cfg, self.namespace = cfg, namespace
-        self._box: dict[str, tuple] = {}
-        self._lock = threading.Lock()
         self._progress: dict = {"state": "created"}
         self.system = None
-
-    # -- mailbox for learner weights --------------------------------------------------------------
-    def deposit(self, token: str, packed, stats: dict) -> None:
-        ref = ray.put(packed)  # put by this long-lived actor, so this actor owns it
-        with self._lock:
-            self._box[token] = (ref, stats)
-
-    def collect(self, token: str) -> list:
-        with self._lock:
-            return [self._box.pop(token)]  # a list: the caller receives the ref, not the value
 
     def status(self) -> dict:
         return dict(self._progress)

@@ -236,3 +236,77 @@ def test_more_generators_than_the_cluster_can_place_is_refused(cluster, tmp_path
     proc = _submit(cluster, tmp_path / "x", "cluster.num_generators=64", timeout=300)
     assert proc.returncode != 0
     assert "cluster.num_generators=64" in proc.stdout + proc.stderr
+
+
+LEARNER_SCRIPT = """
+import json, os, signal, sys, threading, time
+import ray
+import torch
+from apo_ray.config import Config
+from apo_ray.data import load_preference_pairs
+from apo_ray.game import Weights
+from apo_ray.ray_system import LearnerError, LearnerMailbox, RaySystem
+from apo_ray.training import RankedPair
+from apo_ray.weights import unpack_state_dict
+
+cfg = Config()
+cfg.model.policy = cfg.model.reward = "tiny-random-llama"
+cfg.model.train_precision = "fp32"
+cfg.rm.pairs_per_batch, cfg.rm.micro_pairs, cfg.rm.max_length = 8, 4, 64
+cfg.cluster.generator_cpus = cfg.cluster.scorer_cpus = 0.5
+cfg.run.output_dir = sys.argv[3]
+ray.init(address=sys.argv[1])
+mailbox = ray.remote(LearnerMailbox).options(max_concurrency=8).remote()
+system = RaySystem(cfg, mailbox, namespace="learner-test")
+pairs = [RankedPair(p.prompt, p.chosen, p.rejected) for p in load_preference_pairs(sys.argv[2], limit=16)]
+base = Weights("rm/pretrained")
+
+def train(init, pairs, epochs=1):
+    return system.train_rm(init, pairs, lr=1e-3, epochs=epochs, beta2=1.0, apo_weight=0.0, seed=0)
+
+def weights(ref):
+    return unpack_state_dict(ray.get(ref), copy=True)
+
+ref1, s1 = train(base, pairs)
+ref2, s2 = train(Weights("rm/one", ref1), pairs)  # a second phase, from the first one's weights
+error = ""
+try:
+    train(base, [])
+except LearnerError as exc:
+    error = str(exc)
+ref3, s3 = train(base, pairs, epochs=3)  # after the failed job: the group serves on
+box = {}
+runner = threading.Thread(target=lambda: box.update(result=train(base, pairs, epochs=3)))
+runner.start()
+time.sleep(0.3)
+os.kill(s3["worker_pid"], signal.SIGKILL)  # the job is posted, not finished: in flight
+runner.join()
+ref4, s4 = box["result"]
+w3, w4 = weights(ref3), weights(ref4)
+system.shutdown()
+print("RESULT " + json.dumps({
+    "pids": [s1["worker_pid"], s2["worker_pid"], s3["worker_pid"], s4["worker_pid"]],
+    "second_moved_on": s2["loss_first"] != s1["loss_first"],
+    "error": error,
+    "redone_same": s3["losses"] == s4["losses"] and all(torch.equal(w3[k], w4[k]) for k in w3),
+}))
+"""
+
+
+def test_one_learner_group_serves_every_phase_and_survives_failures(cluster, tmp_path):
+    """Learner phases are jobs for one long-lived Ray Train worker group: two phases run in the same
+    worker process; a job that raises comes back as LearnerError with the worker's traceback and
+    the group serves on; SIGKILL of the worker mid-job restarts it and redoes the job exactly."""
+    script = tmp_path / "learners.py"
+    script.write_text(LEARNER_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), cluster["gcs"], cluster["data"], str(tmp_path / "out")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=cluster["env"], check=False)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(line[len("RESULT "):])
+    first, second, after_error, after_kill = result["pids"]
+    assert first == second  # no new TorchTrainer for the second phase
+    assert result["second_moved_on"]  # it trained from the first phase's weights, not from scratch
+    assert "no pairs to train on" in result["error"] and "Traceback" in result["error"]
+    assert after_kill != after_error  # really killed, and a new worker finished the job
+    assert result["redone_same"]
