@@ -16,7 +16,8 @@ RM_MODES = ("apo", "apo_seq", "fixed", "ablation")
 POLICY_UPDATERS = ("rjs", "dpo")
 GENERATION_BACKENDS = ("transformers", "vllm")
 LEARNER_STRATEGIES = ("ddp", "deepspeed", "fsdp")
-TRAIN_PRECISIONS = ("fp32", "bf16-autocast", "bf16")
+TRAIN_PRECISIONS = ("auto", "fp32", "bf16-autocast", "bf16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
@@ -27,8 +28,10 @@ class ConfigError(ValueError):
 class ModelConfig:
     policy: str = "smollm2-135m-instruct"  # hub id, local folder, or an offline alias (models.py)
     reward: str = "smollm2-135m-instruct"  # RM backbone; a scalar head is added
-    dtype: str = "float32"  # weights of generators and scorers
-    train_precision: str = "bf16-autocast"  # learners: fp32 master weights, bf16 matmuls
+    # auto: bf16 where bf16 matmuls are fast (CUDA; CPUs with AMX/AVX512-BF16), else float32. On an
+    # AVX2-only CPU bf16 is emulated and ~100x slower than float32.
+    dtype: str = "auto"  # weights of generators and scorers: auto | float32 | bfloat16 | float16
+    train_precision: str = "auto"  # learners: auto | fp32 | bf16-autocast (fp32 master weights) | bf16
 
 
 @dataclass
@@ -73,6 +76,7 @@ class RMConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0
     score_batch: int = 32  # sequences per scoring forward pass
+    trainable_layers: int | None = None  # fine-tune only the top N decoder blocks + head; None: all
 
 
 @dataclass
@@ -85,6 +89,7 @@ class PolicyConfig:
     max_length: int = 1024
     dpo_beta: float = 0.1
     weight_decay: float = 0.0
+    trainable_layers: int | None = None  # fine-tune only the top N decoder blocks (+ norm); None: all
 
 
 @dataclass
@@ -202,11 +207,14 @@ def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: fl
                         ("cluster.num_scorers", c.num_scorers), ("cluster.learner_workers", c.learner_workers),
                         ("eval.n_bins", cfg.eval.n_bins)):
         _check(e, value >= 1, f"{name} must be >= 1, got {value}")
+    for name, value in (("rm.trainable_layers", rm.trainable_layers), ("policy.trainable_layers", p.trainable_layers)):
+        _check(e, value is None or value >= 1, f"{name} must be >= 1 or null (all layers), got {value}")
     _check(e, g.backend in GENERATION_BACKENDS, f"generation.backend must be one of {GENERATION_BACKENDS}, got {g.backend!r}")
     _check(e, g.temperature >= 0, f"generation.temperature must be >= 0, got {g.temperature}")
     _check(e, 0 < g.top_p <= 1, f"generation.top_p must be in (0, 1], got {g.top_p}")
     _check(e, c.learner_strategy in LEARNER_STRATEGIES,
            f"cluster.learner_strategy must be one of {LEARNER_STRATEGIES}, got {c.learner_strategy!r}")
+    _check(e, cfg.model.dtype in DTYPES, f"model.dtype must be one of {DTYPES}, got {cfg.model.dtype!r}")
     _check(e, cfg.model.train_precision in TRAIN_PRECISIONS,
            f"model.train_precision must be one of {TRAIN_PRECISIONS}, got {cfg.model.train_precision!r}")
     for name in ("rm_pairs", "llm_queries", "dev_pairs", "test_pairs", "eval_rm_pairs"):

@@ -16,6 +16,7 @@ the step's mean loss whatever the micro-batch size.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import random
@@ -32,6 +33,8 @@ from apo_ray.models import (
     Encoded,
     encode_prompt_response,
     format_prompt,
+    freeze_lower_layers,
+    has_fast_bf16,
     load_policy,
     load_reward_model,
     load_tokenizer,
@@ -63,6 +66,13 @@ class ScalarRewardModel(nn.Module):
 
     def forward(self, input_ids, attention_mask):
         return reward_forward(self.model, input_ids, attention_mask)
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``auto`` -> ``bf16-autocast`` where bf16 matmuls are fast on ``device``, else ``fp32``."""
+    if precision == "auto":
+        return "bf16-autocast" if has_fast_bf16(torch.device(device).type) else "fp32"
+    return precision
 
 
 def _autocast(precision: str, device: str):
@@ -164,12 +174,13 @@ class TrainSettings:
     max_length: int
     epochs: int = 1
     weight_decay: float = 0.0
-    precision: str = "bf16-autocast"
+    precision: str = "auto"  # fp32 | bf16-autocast | bf16 | auto (bf16-autocast where bf16 is fast)
     seed: int = 0
     device: str = "cpu"
     rank: int = 0
     world_size: int = 1
     gradient_checkpointing: bool = False
+    trainable_layers: int | None = None  # train only the top N decoder blocks (+ head); None: all
     compile: bool = False  # torch.compile the model before the loop
     max_grad_norm: float | None = 1.0  # clip to this global norm; None: no clipping
     strategy: str = "ddp"  # ddp (also plain, one process) | deepspeed
@@ -226,19 +237,23 @@ def _run_steps(model: nn.Module, settings: TrainSettings, n_items: int,
             "loss_last": losses[-1] if losses else float("nan"),
             "loss_mean": sum(losses) / max(len(losses), 1), "seconds": elapsed,
             "tokens_per_s": tokens / max(elapsed, 1e-9), "skipped_steps": stepper.skipped_steps,
-            "losses": losses}
+            "precision": settings.precision, "losses": losses}
 
 
 def _load_for_training(load, model_name: str, init_state: dict | None, settings: TrainSettings):
     """Seeded load of a model (``load``: load_policy or load_reward_model) and its right-padding
     tokenizer, with the given initial weights and the settings' memory options."""
+    assert settings.precision != "auto", "resolve_precision first"
     torch.manual_seed(settings.seed)
     tokenizer = load_tokenizer(model_name, padding_side="right")
     model = load(model_name, dtype="bfloat16" if settings.precision == "bf16" else "float32")
     if init_state is not None:
         model.load_state_dict(init_state)
+    trainable = freeze_lower_layers(model, settings.trainable_layers)
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    log.info("%s: %.1fM of %.1fM parameters trainable, precision %s", model_name, trainable / 1e6,
+             sum(p.numel() for p in model.parameters()) / 1e6, settings.precision)
     return tokenizer, model
 
 
@@ -251,6 +266,7 @@ def train_reward_model(model_name: str, init_state: dict[str, torch.Tensor] | No
     With only "pref" pairs and beta2=1 this is plain Bradley-Terry (RM_Base, evaluation RMs)."""
     if not pairs:
         raise ValueError("train_reward_model: no pairs to train on")
+    settings = dataclasses.replace(settings, precision=resolve_precision(settings.precision, settings.device))
     tokenizer, hf_model = _load_for_training(load_reward_model, model_name, init_state, settings)
     if hf_model.config.pad_token_id is None:
         hf_model.config.pad_token_id = tokenizer.pad_token_id
@@ -302,6 +318,7 @@ def train_policy(model_name: str, init_state: dict[str, torch.Tensor] | None,
     ``(prompt, best, worst)``): the reference is the round's starting policy."""
     if not examples:
         raise ValueError("train_policy: no examples to train on")
+    settings = dataclasses.replace(settings, precision=resolve_precision(settings.precision, settings.device))
     tokenizer, hf_model = _load_for_training(load_policy, model_name, init_state, settings)
     hf_model.to(settings.device)
     prompts = {ex[0]: format_prompt(tokenizer, ex[0]) for ex in examples}

@@ -17,7 +17,7 @@ from apo_ray.scoring import RewardScorer
 from apo_ray.training import RankedPair, TrainSettings, _steps, train_policy, train_reward_model
 
 TINY = "tiny-random-llama"
-STAT_FIELDS = {"steps", "loss_first", "loss_last", "loss_mean", "seconds", "tokens_per_s", "losses"}
+STAT_FIELDS = {"steps", "loss_first", "loss_last", "loss_mean", "seconds", "tokens_per_s", "losses", "precision"}
 
 
 def settings(**kw) -> TrainSettings:
@@ -248,3 +248,48 @@ def test_train_policy_rejects_unknown_updater_and_no_examples(tiny_model, sft_ex
         train_policy(TINY, None, sft_examples, settings(), updater="ppo")
     with pytest.raises(ValueError):
         train_policy(TINY, None, [], settings())
+
+
+def test_trainable_layers_freezes_the_embedding_and_lower_blocks(tiny_model, rm_init, pref_pairs):
+    """rm.trainable_layers=1 on the 2-block tiny model: block 0 and the embedding keep their initial
+    weights, block 1 and the reward head move, and the loss still falls."""
+    state, stats = train_reward_model(TINY, rm_init, pref_pairs, settings(trainable_layers=1, epochs=3))
+    moved = {k for k in state if not torch.equal(state[k], rm_init[k])}
+    assert moved, "nothing trained"
+    assert not any(k.startswith(("model.embed_tokens", "model.layers.0.")) for k in moved), sorted(moved)
+    assert any(k.startswith("model.layers.1.") for k in moved) and "score.weight" in moved
+    assert stats["loss_last"] < stats["loss_first"]
+
+
+def test_trainable_layers_counts_and_bounds(tiny_model):
+    from apo_ray.models import freeze_lower_layers
+
+    model = load_policy(TINY)
+    total = sum(p.numel() for p in model.parameters())
+    embed = model.get_input_embeddings().weight.numel()
+    block = sum(p.numel() for p in model.model.layers[0].parameters())
+    assert freeze_lower_layers(model, None) == total
+    # the tiny model ties its LM head to the embedding, so freezing one freezes both
+    assert freeze_lower_layers(model, 1) == total - embed - block
+    with pytest.raises(ValueError, match="trainable_layers must be in"):
+        freeze_lower_layers(load_policy(TINY), 3)
+
+
+def test_auto_precision_follows_the_device(monkeypatch):
+    from apo_ray import models, training
+
+    for fast, dtype, precision in ((True, "bfloat16", "bf16-autocast"), (False, "float32", "fp32")):
+        monkeypatch.setattr(training, "has_fast_bf16", lambda device_type, fast=fast: fast)
+        monkeypatch.setattr(models, "has_fast_bf16", lambda device_type, fast=fast: fast)
+        assert training.resolve_precision("auto", "cpu") == precision
+        assert models.resolve_dtype("auto", "cpu") == dtype
+        assert training.resolve_precision("bf16", "cpu") == "bf16"  # explicit settings are kept
+        assert models.resolve_dtype("float32", "cpu") == "float32"
+
+
+def test_fast_bf16_on_this_cpu_is_what_torch_reports():
+    from apo_ray import models
+
+    expected = bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    models.has_fast_bf16.cache_clear()
+    assert models.has_fast_bf16("cpu") is expected

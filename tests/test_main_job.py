@@ -36,8 +36,10 @@ def test_main_job_in_process_with_report_and_judge(tmp_path, tiny_model, hh_data
 
 def test_bad_config_names_the_field(tmp_path):
     proc = _apo("experiment=smoke", "run.in_process=true", "apo.beta2=-1", "apo.samples_per_query=0",
-                f"run.output_dir={tmp_path}")
+                "rm.trainable_layers=0", "model.dtype=bf17", f"run.output_dir={tmp_path}")
     assert proc.returncode != 0
     assert "apo.beta2 must be >= 0, got -1" in proc.stderr
     assert "apo.samples_per_query must be >= 1, got 0" in proc.stderr
+    assert "rm.trainable_layers must be >= 1 or null (all layers), got 0" in proc.stderr
+    assert "model.dtype must be one of" in proc.stderr and "'bf17'" in proc.stderr
     assert not (tmp_path / "phases").exists()  # refused before any work
