@@ -275,11 +275,14 @@ class APOGame:
         lineage = "apo" if arm == "apo_seq" and r == 1 else arm
 
         # 1-2. The policy answers every golden query S times; D_APO pairs gold against each sample.
-        gold = self.data.gold
-        gold_samples = self._samples(policy, [g.prompt for g in gold], "gold", seed=1000 * r + 1,
-                                     timing=timing, name="sample_gold", n=S, **event)
-        apo_pairs = [RankedPair(g.prompt, g.response, s, "apo") for g, samples in zip(gold, gold_samples)
-                     for s in samples]
+        #      (Only the arms that train on D_APO sample it: fixed and ablation never read it.)
+        apo_pairs = []
+        if arm in ("apo", "apo_seq"):
+            gold = self.data.gold
+            gold_samples = self._samples(policy, [g.prompt for g in gold], "gold", seed=1000 * r + 1,
+                                         timing=timing, name="sample_gold", n=S, **event)
+            apo_pairs = [RankedPair(g.prompt, g.response, s, "apo") for g, samples in zip(gold, gold_samples)
+                         for s in samples]
         pref_pairs = [RankedPair(p.prompt, p.chosen, p.rejected, "pref") for p in self.data.pref_pairs]
 
         # 3. RM update, by mode: from RM_Base (apo), from last round's RM (apo_seq), none (fixed),

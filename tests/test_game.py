@@ -140,8 +140,9 @@ def test_records_per_round_and_arm_with_summary_fields(game, tmp_path):
             assert rec["test_queries"] == len(dict.fromkeys(p.prompt for p in game.data.test_pairs))
             assert isinstance(rec["phase_seconds"], dict)
             if r > 0:
-                assert {"sample_gold", "sample_queries", "score_samples", "train_policy"} <= \
-                    rec["phase_seconds"].keys()
+                assert {"sample_queries", "score_samples", "train_policy"} <= rec["phase_seconds"].keys()
+                # only the arms that train on D_APO sample the golden queries
+                assert ("sample_gold" in rec["phase_seconds"]) == (arm in ("apo", "apo_seq")), arm
     # round 0 is the common starting point: pretrained policy, RM_Base
     assert all(game.record(arm, 0)["policy"] == "policy/init" and game.record(arm, 0)["rm"] == "rm/base"
                for arm in ARMS)
@@ -251,7 +252,10 @@ def test_samples_are_shared_not_recomputed(game):
     init_calls = [g for g in gens if g[0] == "policy/init"]
     assert len(init_calls) == 3  # test answers, gold samples, query samples: shared by the 4 arms
     S = game.cfg.apo.samples_per_query
-    assert {g[1] for g in gens if g[3] == tuple(x.prompt for x in game.data.gold)} == {S}
+    gold_calls = [g for g in gens if g[3] == tuple(x.prompt for x in game.data.gold)]
+    assert {g[1] for g in gold_calls} == {S}
+    # gold samples only from the policies that apo / apo_seq start their rounds from
+    assert sorted(g[0] for g in gold_calls) == ["policy/apo/r1", "policy/init"]
 
 
 # ------------------------------------------------------------------------------ resume
