@@ -40,7 +40,7 @@ class HFGenerator:
     def __init__(self, model: str, *, max_new_tokens: int = 64, max_prompt_tokens: int = 256,
                  temperature: float = 1.0, top_p: float = 1.0, prompts_per_batch: int = 16,
                  seed: int = 0, dtype: str = "float32", device: str | None = None, fast: bool = False,
-                 **_ignored):
+                 share_prefill: bool = True, **_ignored):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         # fast: on CUDA, sample with apo_ray.fastgen.FastSampler (static KV cache + CUDA graphs).
         self.fast = fast and self.device.startswith("cuda")
@@ -53,6 +53,7 @@ class HFGenerator:
         self.top_p = top_p
         self.prompts_per_batch = prompts_per_batch
         self.seed = seed
+        self.share_prefill = share_prefill  # prefill each prompt once for its n samples
         self.last_stats = GenerationStats()
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
@@ -84,12 +85,16 @@ class HFGenerator:
             if self.fast:
                 new = self._fast_generate(input_ids.repeat_interleave(n, 0), attention.repeat_interleave(n, 0))
             else:
+                shared = {}
+                if self.share_prefill and n > 1 and width > 1:
+                    shared["past_key_values"] = self._shared_prefill(input_ids, attention, n)
+                    input_ids, attention = input_ids.repeat_interleave(n, 0), attention.repeat_interleave(n, 0)
                 sampled = self.model.generate(
                     input_ids=input_ids, attention_mask=attention, max_new_tokens=self.max_new_tokens,
                     do_sample=self.temperature > 0, temperature=self.temperature or None,
                     top_p=self.top_p, top_k=0,  # only the configured warpers (HF adds top-k 50 otherwise)
-                    num_return_sequences=n, pad_token_id=pad,
-                    eos_token_id=self.tokenizer.eos_token_id,
+                    num_return_sequences=1 if shared else n, pad_token_id=pad,
+                    eos_token_id=self.tokenizer.eos_token_id, **shared,
                 )  # [len(chunk) * n, width + new], samples of one prompt adjacent
                 new = sampled[:, width:]
             stats.new_tokens += int((new != pad).sum())
@@ -100,6 +105,21 @@ class HFGenerator:
         stats.seconds = time.perf_counter() - start
         self.last_stats = stats
         return out
+
+    def _shared_prefill(self, input_ids: torch.Tensor, attention: torch.Tensor, n: int):
+        """The KV cache of every prompt but its last token, computed once and repeated for its ``n``
+        samples. ``generate`` with ``num_return_sequences=n`` would prefill n copies of each prompt;
+        prompts are usually longer than the responses, so that was most of the sampling work.
+
+        input_ids, attention: [B, W] left-padded. Returns a cache of [B * n] rows and W - 1 positions;
+        ``generate`` then runs the last prompt token itself and samples from its logits. Positions
+        follow ``generate``'s own rule for left padding (count of real tokens so far)."""
+        positions = (attention.cumsum(-1) - 1).masked_fill(attention == 0, 0)
+        out = self.model(input_ids=input_ids[:, :-1], attention_mask=attention[:, :-1],
+                         position_ids=positions[:, :-1], use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(n)
+        return cache
 
     def _fast_generate(self, input_ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         from apo_ray.fastgen import FastSampler

@@ -89,7 +89,7 @@ class ChatEngine:
     """
 
     def __init__(self, model: str, *, served_name: str | None = None, max_new_tokens_cap: int = 512,
-                 max_prompt_tokens: int = 2048, dtype: str = "float32", device: str | None = None):
+                 max_prompt_tokens: int = 2048, dtype: str = "auto", device: str | None = None):
         import torch
 
         from apo_ray.models import load_policy, load_tokenizer, resolve_model
@@ -237,7 +237,7 @@ class ChatServer:
     """Ray Serve replica: one :class:`ChatEngine` behind FastAPI routes."""
 
     def __init__(self, model: str, *, served_name: str | None = None, max_new_tokens_cap: int = 512,
-                 dtype: str = "float32", api_key_sha256: str | None = None):
+                 dtype: str = "auto", api_key_sha256: str | None = None):
         self.engine = ChatEngine(model, served_name=served_name, max_new_tokens_cap=max_new_tokens_cap,
                                  dtype=dtype)
         own_key = os.environ.get(API_KEY_ENV)
@@ -293,7 +293,7 @@ def _wait_ready(base_url: str, api_key: str | None, timeout_s: float) -> None:
 
 def start_server(model: str = "smollm2-135m-instruct", *, port: int = 8000, host: str = "127.0.0.1",
                  route_prefix: str = "/", num_replicas: int = 1, max_new_tokens_cap: int = 512,
-                 served_name: str | None = None, app_name: str = DEFAULT_APP_NAME, dtype: str = "float32",
+                 served_name: str | None = None, app_name: str = DEFAULT_APP_NAME, dtype: str = "auto",
                  num_cpus_per_replica: float = 1.0, num_gpus_per_replica: float = 0.0,
                  ready_timeout_s: float = 300.0) -> str:
     """Serve ``model`` over HTTP with Ray Serve; returns the OpenAI base URL (``http://host:port/.../v1``).

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-replicas", type=int, default=1)
     parser.add_argument("--max-new-tokens-cap", type=int, default=512)
     parser.add_argument("--num-gpus-per-replica", type=float, default=0.0)
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 where bf16 matmuls are fast, else float32")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     url = start_server(args.model, port=args.port, host=args.host, route_prefix=args.route_prefix,

@@ -8,6 +8,7 @@ real SmolLM2-135M-Instruct for a short greedy generation.
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -256,9 +257,15 @@ class _LengthEcho:
     def __init__(self, tokenizer):
         self.tokenizer, self.batches = tokenizer, []
 
-    def generate(self, *, input_ids, attention_mask, num_return_sequences, pad_token_id, **_):
+    def __call__(self, *, attention_mask, **_):
+        # the shared prefill: one row per prompt, all but its last token
+        self.batches.append((attention_mask.sum(dim=1) + 1).tolist())
+        return SimpleNamespace(past_key_values=SimpleNamespace(batch_repeat_interleave=lambda n: None))
+
+    def generate(self, *, input_ids, attention_mask, num_return_sequences, pad_token_id, **kwargs):
         lengths = attention_mask.sum(dim=1).tolist()
-        self.batches.append(lengths)
+        if "past_key_values" not in kwargs:
+            self.batches.append(lengths)
         new = [self.tokenizer(f" {k}", add_special_tokens=False)["input_ids"] for k in lengths]
         width = max(len(x) for x in new)
         new = torch.tensor([x + [pad_token_id] * (width - len(x)) for x in new])
@@ -278,6 +285,27 @@ def test_generator_keeps_prompt_order_across_length_sorted_batches(tiny_tokenize
     # the batches were cut from the length-sorted prompts, prompts_per_batch at a time
     assert [k for batch in echo.batches for k in batch] == sorted(lengths)
     assert [len(b) for b in echo.batches] == [2, 2, 1]
+
+
+def test_shared_prefill_runs_each_prompt_once_and_samples_as_separate_prefills_would(tiny_generator, prompts,
+                                                                                     monkeypatch):
+    gen = HFGenerator.__new__(HFGenerator)
+    gen.__dict__.update(tiny_generator.__dict__)
+    gen.temperature, gen.prompts_per_batch = 0.0, 8  # greedy: samples are comparable token for token
+    alone = gen.generate(prompts, n=1, seed=0)  # n = 1: generate's own prefill
+    shapes = []
+    forward = type(gen.model).forward
+
+    def spy(self, input_ids=None, **kw):
+        shapes.append(tuple(input_ids.shape))
+        return forward(self, input_ids=input_ids, **kw)
+
+    monkeypatch.setattr(type(gen.model), "forward", spy)
+    shared = gen.generate(prompts, n=3, seed=0)
+    assert shared == [[a[0]] * 3 for a in alone]
+    # one prefill of the 5 prompts (all but their last token), then one token per row per step
+    assert shapes[0][0] == len(prompts) and shapes[0][1] > 1
+    assert all(s == (3 * len(prompts), 1) for s in shapes[1:]) and len(shapes) > 2
 
 
 def test_real_smollm2_greedy_generation_is_english_and_in_prompt_order(smollm2_model):
