@@ -198,8 +198,8 @@ class LearnerGroup:
     """A Ray Train worker group (one ``TorchTrainer``) that trains the run's RM and policy jobs in turn.
 
     ``fit()`` runs in a background thread for the group's whole life, so the workers, their process
-    group and their warmed-up kernels outlive a phase: a fresh ``TorchTrainer`` per phase cost ~15 s
-    of start-up on 2 CPU cores (16 learner phases in the demo) and left the GPU idle most of a
+    group and their warmed-up kernels outlive a phase: a fresh ``TorchTrainer`` per phase cost 15-30 s
+    of start-up on 2 CPU cores (14 learner phases in the demo) and left the GPU idle most of a
     demo-sized round. Jobs and results travel through the mailbox (the driver actor), which owns
     every weights object. A crashed worker is restarted by Ray Train (``cluster.max_actor_restarts``
     times) and the job in flight is redone.

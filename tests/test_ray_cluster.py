@@ -120,24 +120,46 @@ def test_job_submit_writes_the_results_contract(reference_run):
     assert "apo_ray.progress" in proc.stdout + proc.stderr and "train_rm done" in proc.stdout + proc.stderr
 
 
+STOP_SCRIPT = """
+import pathlib, sys, time
+from ray.job_submission import JobSubmissionClient
+
+client = JobSubmissionClient(sys.argv[1])  # connected before the marker appears
+marker, job_id = pathlib.Path(sys.argv[2]), sys.argv[3]
+deadline = time.time() + 300
+while not marker.exists():
+    if time.time() > deadline:
+        sys.exit(f"{marker} never appeared")
+    time.sleep(0.05)
+client.stop_job(job_id)
+while not (status := client.get_job_status(job_id)).is_terminal():
+    time.sleep(0.2)
+print(f"FINAL {status.value}")
+"""
+
+
 def test_stopped_job_resumes_to_the_same_rounds(cluster, reference_run, tmp_path):
-    """`ray job stop` mid-round, resubmit with run.resume=true: same records as the uninterrupted run,
-    and phases finished before the stop are not redone."""
+    """Stop a submitted job mid-run, resubmit with run.resume=true: same records as the uninterrupted
+    run, and phases finished before the stop are not redone.
+
+    The stop comes from Ray's job SDK in a process already connected when RM_Base's phase lands:
+    with the learners warm the rest of a smoke round takes only seconds, less than a cold
+    `ray job stop` CLI needs to start up, so the CLI could miss the round."""
     ref_out, _ = reference_run
     out = tmp_path / "run"
     proc = _submit(cluster, out, wait=False)
     assert proc.returncode == 0, proc.stderr
     job_id = re.search(r"raysubmit_[A-Za-z0-9]+", proc.stdout + proc.stderr).group(0)
-    marker = out / "phases" / "rm__apo__r1.json"  # the round's RM is trained: stop before the policy step
-    deadline = time.time() + 300
-    while not marker.exists():
-        assert time.time() < deadline, _ray("job", "logs", job_id, "--address", cluster["dashboard"],
-                                            env=cluster["env"], check=False).stdout[-3000:]
-        time.sleep(0.5)
-    _ray("job", "stop", job_id, "--address", cluster["dashboard"], env=cluster["env"])
+    script = tmp_path / "stop.py"
+    script.write_text(STOP_SCRIPT)
+    marker = out / "phases" / "rm__base.json"  # RM_Base trained: stop before round 1
+    stopper = subprocess.run([sys.executable, str(script), cluster["dashboard"], str(marker), job_id], cwd=ROOT,
+                             capture_output=True, text=True, timeout=400, env=cluster["env"], check=False)
+    assert "FINAL STOPPED" in stopper.stdout, stopper.stdout[-2000:] + stopper.stderr[-2000:] + _ray(
+        "job", "logs", job_id, "--address", cluster["dashboard"], env=cluster["env"], check=False).stdout[-3000:]
     assert not (out / "summary.json").exists()
     finished_before = {p.name: p.stat().st_mtime_ns for p in (out / "phases").glob("*.json")}
-    assert "policy__apo__r1.json" not in finished_before
+    assert "rm__base.json" in finished_before and "policy__apo__r1.json" not in finished_before
 
     proc = _submit(cluster, out, "run.resume=true")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
