@@ -101,17 +101,21 @@ class LearnerMailbox:
     def deposit_error(self, token: str, message: str) -> None:
         with self._mail_lock:
             self._results[token] = message
-            for jobs in self._jobs.values():  # a restarted worker group must not redo it
-                jobs[:] = [job for job in jobs if job["token"] != token]
+            self._drop_job(token)  # now, so a restarted worker group does not redo it
 
-    def try_collect(self, group: str, token: str) -> list:
+    def try_collect(self, token: str) -> list:
         """``[(weights ref, stats)]`` or ``[traceback text]`` once the job is done, else ``[]``
         (a list: the caller receives the ref, not the value)."""
         with self._mail_lock:
             if token not in self._results:
                 return []
-            self._jobs[group] = [job for job in self._jobs.get(group, []) if job["token"] != token]
+            self._drop_job(token)
             return [self._results.pop(token)]
+
+    def _drop_job(self, token: str) -> None:
+        """Take the job off its group's queue (tokens are unique across groups); hold the lock."""
+        for jobs in self._jobs.values():
+            jobs[:] = [job for job in jobs if job["token"] != token]
 
     def close_group(self, group: str) -> None:
         with self._mail_lock:
@@ -241,7 +245,7 @@ class LearnerGroup:
         """Post ``job`` and wait for its weights ref and stats."""
         ray.get(self.mailbox.post_job.remote(self.name, job))
         while True:
-            done = ray.get(self.mailbox.try_collect.remote(self.name, job["token"]))
+            done = ray.get(self.mailbox.try_collect.remote(job["token"]))
             if done:
                 outcome = done[0]
                 if isinstance(outcome, str):

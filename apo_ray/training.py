@@ -34,12 +34,12 @@ from apo_ray.models import (
     encode_prompt_response,
     format_prompt,
     freeze_lower_layers,
-    has_fast_bf16,
     load_policy,
     load_reward_model,
     load_tokenizer,
     model_attention_mask,
     pad_batch,
+    resolve_dtype,
     reward_forward,
 )
 
@@ -71,7 +71,7 @@ class ScalarRewardModel(nn.Module):
 def resolve_precision(precision: str, device: str) -> str:
     """``auto`` -> ``bf16-autocast`` where bf16 matmuls are fast on ``device``, else ``fp32``."""
     if precision == "auto":
-        return "bf16-autocast" if has_fast_bf16(torch.device(device).type) else "fp32"
+        return "bf16-autocast" if resolve_dtype("auto", device) == "bfloat16" else "fp32"
     return precision
 
 

@@ -279,7 +279,6 @@ def test_auto_precision_follows_the_device(monkeypatch):
     from apo_ray import models, training
 
     for fast, dtype, precision in ((True, "bfloat16", "bf16-autocast"), (False, "float32", "fp32")):
-        monkeypatch.setattr(training, "has_fast_bf16", lambda device_type, fast=fast: fast)
         monkeypatch.setattr(models, "has_fast_bf16", lambda device_type, fast=fast: fast)
         assert training.resolve_precision("auto", "cpu") == precision
         assert models.resolve_dtype("auto", "cpu") == dtype
