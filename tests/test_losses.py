@@ -6,12 +6,10 @@ import pytest
 import torch
 
 from apo_ray.losses import (
-    LOSSES,
     apo_rm_loss,
     bt_ranking_loss,
     dpo_loss,
     masked_lm_loss,
-    register_loss,
     sequence_logprobs,
 )
 
@@ -19,25 +17,6 @@ from apo_ray.losses import (
 def softplus_neg(d: float) -> float:
     """-log sigmoid(d) = log(1 + exp(-d)), written out by hand."""
     return math.log(1.0 + math.exp(-d))
-
-
-# ----------------------------------------------------------------------------- registry
-
-
-def test_registry_names_the_losses():
-    assert LOSSES["bt"] is bt_ranking_loss
-    assert LOSSES["apo_rm"] is apo_rm_loss
-    assert LOSSES["masked_lm"] is masked_lm_loss
-    assert LOSSES["sequence_logprobs"] is sequence_logprobs
-    assert LOSSES["dpo"] is dpo_loss
-
-
-def test_register_loss_refuses_a_second_function_under_a_taken_name():
-    with pytest.raises(KeyError):
-
-        @register_loss("bt")
-        def other(a, b):  # pragma: no cover - never called
-            return a
 
 
 # ----------------------------------------------------------------------------- bt
@@ -122,6 +101,58 @@ def test_apo_rm_loss_beta2_is_keyword_only():
     x = torch.zeros(3)
     with pytest.raises(TypeError):
         apo_rm_loss(x, x, x, x, 10.0)  # type: ignore[misc]
+
+
+def test_apo_rm_loss_pooled_is_the_authors_per_pair_weighted_mean():
+    """The authors' code: every pair of a batch weighs 1/N; an APO pair also apo_coeff / S, a
+    preference pair rm_kl_coeff. Here 2 APO pairs (S = 2) and 3 preference pairs, N = 5."""
+    r_gold, r_sample = torch.tensor([2.0, 1.0]), torch.tensor([0.0, 1.0])  # d_apo = [2, 0]
+    r_good, r_bad = torch.tensor([1.0, 0.5, 0.0]), torch.tensor([0.0, 1.0, 3.0])  # d_pref = [1, -0.5, -3]
+    apo_sum = softplus_neg(2.0) + math.log(2)  # 0.126928 + 0.693147
+    pref_sum = softplus_neg(1.0) + softplus_neg(-0.5) + softplus_neg(-3.0)  # 0.313262 + 0.974077 + 3.048587
+    expected = (0.1 / 2 * apo_sum + 1.0 * pref_sum) / 5
+    got = apo_rm_loss(r_gold, r_sample, r_good, r_bad, beta2=1.0, apo_weight=0.1, reduction="pooled",
+                      samples_per_query=2)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    assert expected == pytest.approx(0.875386, abs=1e-6)
+    # The paper's per-term means give another number for the same pairs and weights.
+    per_term = apo_rm_loss(r_gold, r_sample, r_good, r_bad, beta2=1.0, apo_weight=0.1 / 2)
+    assert per_term.item() == pytest.approx(0.05 * apo_sum / 2 + pref_sum / 3, rel=1e-6)
+    assert abs(per_term.item() - expected) > 0.4
+
+
+def test_apo_rm_loss_rejects_an_unknown_reduction():
+    x = torch.zeros(2)
+    with pytest.raises(ValueError, match="per_term"):
+        apo_rm_loss(x, x, x, x, beta2=1.0, reduction="mean")
+
+
+@pytest.mark.parametrize("reduction", ["per_term", "pooled"])
+def test_apo_rm_loss_shares_of_a_split_step_add_up_to_the_step_loss(reduction):
+    """What gradient accumulation relies on: given the whole step's counts, the losses of the
+    step's parts add up to the loss of the whole step, however the pairs are split."""
+    r_gold, r_sample = torch.tensor([2.0, 1.0, -0.5]), torch.tensor([0.0, 1.0, 0.3])
+    r_good, r_bad = torch.tensor([1.0, 0.5]), torch.tensor([0.0, 1.0])
+    kw = {"beta2": 3.0, "apo_weight": 0.5, "reduction": reduction, "samples_per_query": 3}
+    whole = apo_rm_loss(r_gold, r_sample, r_good, r_bad, **kw)
+    # part 1: APO pairs 0-1 and no preference pair; part 2: APO pair 2 and both preference pairs
+    part1 = apo_rm_loss(r_gold[:2], r_sample[:2], r_good[:0], r_bad[:0], n_apo=3, n_pref=2, **kw)
+    part2 = apo_rm_loss(r_gold[2:], r_sample[2:], r_good, r_bad, n_apo=3, n_pref=2, **kw)
+    assert (part1 + part2).item() == pytest.approx(whole.item(), rel=1e-6)
+    assert part1.item() != pytest.approx(whole.item(), rel=1e-3)
+
+
+def test_bt_dpo_and_lm_losses_divide_by_the_step_count_when_given():
+    r_good, r_bad = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.5])
+    assert bt_ranking_loss(r_good, r_bad, n_pairs=4).item() == pytest.approx(
+        bt_ranking_loss(r_good, r_bad).item() * 2 / 4, rel=1e-6)
+    pc, pr, rc, rr = torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.5]), torch.tensor([-1.5])
+    assert dpo_loss(pc, pr, rc, rr, beta=0.5, n_pairs=3).item() == pytest.approx(softplus_neg(0.5) / 3, rel=1e-6)
+    logits = torch.zeros(1, 3, 4)  # uniform over 4 tokens: each target costs log 4
+    labels, mask = torch.tensor([[0, 1, 2]]), torch.tensor([[0, 1, 1]])
+    assert masked_lm_loss(logits, labels, mask, n_tokens=8).item() == pytest.approx(2 * math.log(4) / 8, rel=1e-6)
+    with pytest.raises(ValueError):
+        bt_ranking_loss(r_good, r_bad, n_pairs=0)
 
 
 # ----------------------------------------------------------------------------- masked LM
