@@ -12,8 +12,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-RM_MODES = ("apo", "apo_seq", "fixed", "ablation")
-POLICY_UPDATERS = ("rjs", "dpo")
 GENERATION_BACKENDS = ("transformers", "vllm")
 LEARNER_STRATEGIES = ("ddp", "deepspeed", "fsdp")
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16-autocast", "bf16")
@@ -29,7 +27,7 @@ class ModelConfig:
     policy: str = "smollm2-135m-instruct"  # hub id, local folder, or an offline alias (models.py)
     reward: str = "smollm2-135m-instruct"  # RM backbone; a scalar head is added
     # auto: bf16 where bf16 matmuls are fast (CUDA; CPUs with AMX/AVX512-BF16), else float32. On an
-    # AVX2-only CPU bf16 is emulated and ~100x slower than float32.
+    # AVX2-only CPU bf16 is emulated and far slower than float32.
     dtype: str = "auto"  # weights of generators and scorers: auto | float32 | bfloat16 | float16
     train_precision: str = "auto"  # learners: auto | fp32 | bf16-autocast (fp32 master weights) | bf16
 
@@ -81,7 +79,7 @@ class RMConfig:
 
 @dataclass
 class PolicyConfig:
-    updater: str = "rjs"  # rjs: LM loss on best-of-S; dpo: best vs worst of S
+    updater: str = "rjs"  # objectives.POLICY_OBJECTIVES: rjs (LM loss on best-of-S) | dpo (best vs worst)
     lrs: list[float] = field(default_factory=lambda: [5e-6, 2e-6, 9e-7])  # one per round (last repeats)
     epochs: int = 1
     sequences_per_batch: int = 128
@@ -98,7 +96,10 @@ class APOConfig:
     samples_per_query: int = 4  # S
     beta2: float = 10.0  # weight of the preference term L_rank(D_P)
     apo_weight: float = 1.0  # weight of the APO term L_rank(D_APO); the authors' code: 0.1
-    rm_mode: str = "apo"  # apo | apo_seq | fixed | ablation
+    # per_term: the paper's eq. 15, apo_weight * mean over APO pairs + beta2 * mean over D_P pairs.
+    # pooled: the authors' code, one mean over all pairs of a step, weights apo_weight / S and beta2.
+    loss_reduction: str = "per_term"
+    rm_mode: str = "apo"  # apo | apo_seq | fixed | ablation (arms.RM_UPDATE_MODES)
     arms: list[str] = field(default_factory=list)  # several rm modes in one run (reports); [] = [rm_mode]
 
 
@@ -119,7 +120,7 @@ class ClusterConfig:
     learner_strategy: str = "ddp"  # ddp | deepspeed | fsdp
     deepspeed_stage: int = 2
     gradient_checkpointing: bool = False
-    learner_compile: bool = False  # torch.compile the learner's model (41% vs 25% MFU on the H100, 0.5B)
+    learner_compile: bool = False  # torch.compile the learner's model (benchmarks/train_mfu.py)
     max_actor_restarts: int = 3
     driver_cpus: float = 0.0
     local_num_cpus: int | None = None  # only for a new local instance
@@ -184,17 +185,26 @@ def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: fl
     ``cluster_cpus``/``cluster_gpus``: what the Ray cluster can ever offer, to refuse actor counts
     that could never be placed (they would hang, not fail).
     """
+    from apo_ray.arms import RM_UPDATE_MODES
+    from apo_ray.losses import RM_LOSS_REDUCTIONS
+    from apo_ray.objectives import POLICY_OBJECTIVES
+
     e: list[str] = []
     a, g, rm, p, c, d = cfg.apo, cfg.generation, cfg.rm, cfg.policy, cfg.cluster, cfg.data
     _check(e, a.rounds >= 1, f"apo.rounds must be >= 1, got {a.rounds}")
     _check(e, a.samples_per_query >= 1, f"apo.samples_per_query must be >= 1, got {a.samples_per_query}")
     _check(e, a.beta2 >= 0, f"apo.beta2 must be >= 0, got {a.beta2}")
     _check(e, a.apo_weight >= 0, f"apo.apo_weight must be >= 0, got {a.apo_weight}")
+    _check(e, a.loss_reduction in RM_LOSS_REDUCTIONS,
+           f"apo.loss_reduction must be one of {RM_LOSS_REDUCTIONS}, got {a.loss_reduction!r}")
     for mode in cfg.arms:
-        _check(e, mode in RM_MODES, f"apo.rm_mode/apo.arms: unknown rm mode {mode!r}; choose from {RM_MODES}")
-    _check(e, p.updater in POLICY_UPDATERS, f"policy.updater must be one of {POLICY_UPDATERS}, got {p.updater!r}")
-    if p.updater == "dpo":
-        _check(e, a.samples_per_query >= 2, "policy.updater=dpo needs apo.samples_per_query >= 2")
+        _check(e, mode in RM_UPDATE_MODES,
+               f"apo.rm_mode/apo.arms: unknown rm mode {mode!r}; choose from {tuple(RM_UPDATE_MODES)}")
+    objective = POLICY_OBJECTIVES.get(p.updater)
+    _check(e, objective is not None, f"policy.updater must be one of {sorted(POLICY_OBJECTIVES)}, got {p.updater!r}")
+    if objective is not None:
+        _check(e, a.samples_per_query >= objective.responses_per_example,
+               f"policy.updater={p.updater} needs apo.samples_per_query >= {objective.responses_per_example}")
     _check(e, len(p.lrs) >= 1 and all(x > 0 for x in p.lrs), f"policy.lrs must be positive, got {list(p.lrs)}")
     for name, value in (("rm.lr", rm.lr), ("rm.base_lr", rm.base_lr)):
         _check(e, value > 0, f"{name} must be > 0, got {value}")

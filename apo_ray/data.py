@@ -60,6 +60,21 @@ class PreferencePair:
     rejected: str
 
 
+@dataclass(frozen=True)
+class RankedPair:
+    """One comparison the RM trains on: ``good`` should score above ``bad``. ``kind``: "apo" (gold
+    vs policy sample, D_APO) or "pref" (human chosen vs rejected, D_P)."""
+
+    prompt: str
+    good: str
+    bad: str
+    kind: str = "pref"
+
+    @classmethod
+    def from_preference(cls, pair: PreferencePair) -> RankedPair:
+        return cls(pair.prompt, pair.chosen, pair.rejected, "pref")
+
+
 class PairList(list[PreferencePair]):
     """A list of pairs that also reports how many rows cleaning dropped, by reason."""
 

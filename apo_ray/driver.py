@@ -1,59 +1,40 @@
-"""The driver actor: owns the run (state, checkpoints, weights objects) and plays the rounds.
+"""The driver: owns a run on Ray (its system of actors, the phase store, the metrics) and plays it.
 
-It is a named actor (``apo-driver`` in the run's namespace) so ``ray list actors`` and the dashboard
-show it, and a threaded one: while ``run`` waits on a learner job, the learner workers take their jobs from it
-and rank 0 hands the trained weights over (see :mod:`apo_ray.ray_system` on ownership).
+A plain class; :func:`apo_ray.launch.run_on_ray` makes it the named actor ``apo-driver`` in the
+run's namespace, so ``ray list actors`` and the dashboard show it and ``status()`` answers while
+``run()`` plays.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-
-import ray
 
 from apo_ray.config import Config
-from apo_ray.game import APOGame, build_game_data, finish_run, open_store
-from apo_ray.ray_system import LearnerMailbox
+from apo_ray.game import play_game
 
 DRIVER_NAME = "apo-driver"
 
 
-class APODriver(LearnerMailbox):
+class APODriver:
     def __init__(self, cfg: Config, namespace: str | None = None):
-        super().__init__()
         logging.basicConfig(level=cfg.run.log_level, format="%(asctime)s %(name)s: %(message)s", force=True)
         self.cfg, self.namespace = cfg, namespace
         self._progress: dict = {"state": "created"}
-        self.system = None
 
     def status(self) -> dict:
         return dict(self._progress)
 
-    # -- the run -----------------------------------------------------------------------------------
     def run(self) -> list[dict]:
         from apo_ray.ray_system import RaySystem
         from apo_ray.telemetry import APOMetrics
 
-        cfg = self.cfg
-        metrics = APOMetrics(cfg.run.name)
-        me = ray.get_runtime_context().current_actor
-        self.system = RaySystem(cfg, me, namespace=self.namespace)
-        system = self.system
+        metrics = APOMetrics(self.cfg.run.name)
 
         def on_phase(event: dict) -> None:
-            generation = system.last_generation if event["phase"].startswith("sample") else None
-            metrics.on_phase(event, generation, system.last_sync)
+            metrics.on_phase(event)
             self._progress = {"state": "running", **{k: v for k, v in event.items() if k != "record"}}
 
-        start = time.perf_counter()
-        self._progress = {"state": "loading data"}
-        data = build_game_data(cfg)
-        game = APOGame(cfg, system, data, open_store(cfg, system), on_phase=on_phase)
-        try:
-            records = game.run()
-        finally:
-            system.shutdown()
-        finish_run(cfg, game, records, wall_seconds=time.perf_counter() - start)
+        self._progress = {"state": "starting"}
+        records = play_game(self.cfg, RaySystem(self.cfg, namespace=self.namespace), on_phase=on_phase)
         self._progress = {"state": "finished", "records": len(records)}
         return records

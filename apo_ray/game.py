@@ -6,10 +6,13 @@ Each round of each arm (an RM update mode) does, as in the paper:
 
 1. sample S responses from the current policy for every golden query;
 2. D_APO = {(x, y_gold, y_sample)};
-3. update the RM with L_APO-RM = apo_weight * L_rank(D_APO) + beta2 * L_rank(D_P);
+3. update the RM with L_APO-RM = apo_weight * L_rank(D_APO) + beta2 * L_rank(D_P)
+   (``losses.apo_rm_loss``; the arm's entry in ``arms.RM_UPDATE_MODES`` says from which RM and on
+   which pairs);
 4. sample S responses for every LLM training query;
-5. keep the best of S under the RM;
-6. fine-tune the policy on (x, y_best) (LM loss on response tokens; or DPO on best vs worst);
+5. keep the best of S under the RM (never an empty one);
+6. fine-tune the policy on (x, y_best) (LM loss on response tokens; or DPO on best vs worst: the
+   policy objectives of ``objectives.py``);
 then evaluates the RM (dev/test accuracy, ECE) and the policy (evaluation-RM score of its test answers).
 
 How it departs from the paper / design choices:
@@ -32,10 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from apo_ray.arms import rm_update_mode
 from apo_ray.config import Config
 from apo_ray.data import (
     GoldenAnswer,
     PreferencePair,
+    RankedPair,
     golden_by_key,
     golden_from_chosen,
     load_golden_answers,
@@ -44,38 +49,51 @@ from apo_ray.data import (
     split_for_apo,
 )
 from apo_ray.metrics import calibration_errors, mean_and_stderr, preference_accuracy
-from apo_ray.training import RankedPair
+from apo_ray.objectives import policy_objective
+from apo_ray.training import LearnerJob, RMLoss
 
 log = logging.getLogger(__name__)
 
 PHASES = ("sample_gold", "train_rm", "sample_queries", "score_samples", "train_policy", "evaluate")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Weights:
     """A model version. ``id`` names it ("policy/apo/r2"); equal ids mean equal weights.
     ``handle`` is what the system moves around: a state dict in-process, an ObjectRef on Ray,
-    ``None`` for the pretrained weights."""
+    ``None`` for the pretrained weights. ``checkpoint``: the file the version was saved to, from
+    which a system can reload it when the handle is gone (e.g. its owner process died)."""
 
     id: str
     handle: Any = None
+    checkpoint: str | None = None
+
+
+@dataclass
+class Generated:
+    """What a generate call returns: ``samples[i][j]`` is the j-th sample for prompt i; ``stats``
+    (sequences, new_tokens, seconds, samples_per_s, tokens_per_s, sync_seconds, sync_bytes) goes
+    into the phase event for progress lines and metrics."""
+
+    samples: list[list[str]]
+    stats: dict[str, float] = field(default_factory=dict)
 
 
 class GameSystem(Protocol):
     """What Algorithm 1 needs from the machinery underneath."""
 
-    def generate(self, policy: Weights, prompts: list[str], n: int, seed: int) -> list[list[str]]: ...
+    def generate(self, policy: Weights, prompts: list[str], n: int, seed: int) -> Generated: ...
 
     def score(self, rm: Weights, prompts: list[str], responses: list[str]) -> list[float]: ...
 
-    def train_rm(self, init: Weights, pairs: list[RankedPair], *, lr: float, epochs: int, beta2: float,
-                 apo_weight: float, seed: int) -> tuple[Any, dict]: ...
-
-    def train_policy(self, init: Weights, examples: list[tuple], *, lr: float, seed: int) -> tuple[Any, dict]: ...
+    def train(self, job: LearnerJob, init: Weights, data: list) -> tuple[Any, dict]:
+        """Run a learner job from ``init`` on ``data``: (handle of the trained weights, stats)."""
 
     def save_weights(self, handle: Any, path: Path) -> None: ...
 
     def load_weights(self, path: Path) -> Any: ...
+
+    def shutdown(self) -> None: ...
 
 
 @dataclass
@@ -139,12 +157,14 @@ class PhaseStore:
         meta = self.get(key)
         if meta is None:
             return None
-        return Weights(key, self.system.load_weights(self._path(key, ".pt")))
+        path = self._path(key, ".pt")
+        return Weights(key, self.system.load_weights(path), str(path))
 
     def put_weights(self, key: str, handle: Any, stats: dict) -> Weights:
-        self.system.save_weights(handle, self._path(key, ".pt"))
+        path = self._path(key, ".pt")
+        self.system.save_weights(handle, path)
         self.put(key, stats)  # the .json marks the weights as complete
-        return Weights(key, handle)
+        return Weights(key, handle, str(path))
 
     def weights_stats(self, key: str) -> dict:
         return self.get(key) or {}
@@ -203,15 +223,24 @@ class APOGame:
         self.cfg, self.system, self.data, self.store = cfg, system, data, store
         self.on_phase = on_phase or (lambda event: None)
         self.records: list[dict] = []
+        a = cfg.apo
+        self.apo_loss = RMLoss(beta2=a.beta2, apo_weight=a.apo_weight, reduction=a.loss_reduction,
+                               samples_per_query=a.samples_per_query)
+        self.objective = policy_objective(cfg.policy.updater, dpo_beta=cfg.policy.dpo_beta)
 
     # -- phase plumbing --------------------------------------------------------------------------
     def _phase(self, key: str, compute: Callable[[], Any], timing: dict, name: str, **event) -> Any:
+        """The stored result of ``key``, or ``compute()`` stored under it. A :class:`Generated`
+        result stores its samples; its stats go into the phase event."""
         cached = self.store.get(key)
         if cached is not None:
             timing.setdefault(name, 0.0)
             return cached
         start = time.perf_counter()
         value = compute()
+        if isinstance(value, Generated):
+            event["generation"] = value.stats
+            value = value.samples
         self.store.put(key, value)
         seconds = time.perf_counter() - start
         timing[name] = timing.get(name, 0.0) + seconds
@@ -245,22 +274,25 @@ class APOGame:
         return self._phase(f"scores/{rm.id}/{what}", lambda: self.system.score(rm, prompts, responses),
                            timing, name, **event)
 
+    def _train_rm(self, key: str, init: Weights, pairs: list[RankedPair], *, lr: float, epochs: int, seed: int,
+                  loss: RMLoss, timing: dict, name: str, **event) -> Weights:
+        job = LearnerJob.rm(self.cfg, lr=lr, epochs=epochs, seed=seed, loss=loss)
+        return self._weights_phase(key, lambda: self.system.train(job, init, pairs), timing, name, **event)
+
     # -- the game --------------------------------------------------------------------------------
     def setup(self) -> None:
         """RM_Base (and the evaluation RM) from D_P before round 1; round 0 = the starting point."""
         rm_cfg, timing = self.cfg.rm, {}
-        pref = [RankedPair(p.prompt, p.chosen, p.rejected, "pref") for p in self.data.pref_pairs]
-        self.rm_base = self._weights_phase(
-            "rm/base", lambda: self.system.train_rm(Weights("rm/pretrained"), pref, lr=rm_cfg.base_lr,
-                                                    epochs=rm_cfg.base_epochs, beta2=1.0, apo_weight=0.0,
-                                                    seed=self.cfg.run.seed), timing, "train_rm_base")
+        pretrained = Weights("rm/pretrained")
+        pref = [RankedPair.from_preference(p) for p in self.data.pref_pairs]
+        self.rm_base = self._train_rm("rm/base", pretrained, pref, lr=rm_cfg.base_lr, epochs=rm_cfg.base_epochs,
+                                      seed=self.cfg.run.seed, loss=RMLoss(), timing=timing, name="train_rm_base")
         self.eval_rm = self.rm_base
         if self.cfg.eval.eval_rm:
-            held_out = [RankedPair(p.prompt, p.chosen, p.rejected, "pref") for p in self.data.eval_rm_pairs]
-            self.eval_rm = self._weights_phase(
-                "rm/eval", lambda: self.system.train_rm(Weights("rm/pretrained"), held_out, lr=rm_cfg.base_lr,
-                                                        epochs=rm_cfg.base_epochs, beta2=1.0, apo_weight=0.0,
-                                                        seed=self.cfg.run.seed + 1), timing, "train_eval_rm")
+            held_out = [RankedPair.from_preference(p) for p in self.data.eval_rm_pairs]
+            self.eval_rm = self._train_rm("rm/eval", pretrained, held_out, lr=rm_cfg.base_lr,
+                                          epochs=rm_cfg.base_epochs, seed=self.cfg.run.seed + 1, loss=RMLoss(),
+                                          timing=timing, name="train_eval_rm")
         self.policy0 = Weights("policy/init")
         self.state = {arm: {"policy": self.policy0, "rm": self.rm_base} for arm in self.cfg.arms}
         for arm in self.cfg.arms:
@@ -269,33 +301,31 @@ class APOGame:
     def play_round(self, r: int, arm: str) -> dict:
         """One round of Algorithm 1 for one arm: returns its summary record."""
         cfg, S, timing = self.cfg, self.cfg.apo.samples_per_query, {}
+        mode = rm_update_mode(arm)
         policy, rm = self.state[arm]["policy"], self.state[arm]["rm"]
         event = {"round": r, "arm": arm}
-        # In round 1, apo_seq starts from RM_Base like apo: same RM, same policy, computed once.
-        lineage = "apo" if arm == "apo_seq" and r == 1 else arm
+        lineage = mode.lineage(r)  # e.g. apo_seq's round 1 is apo's: same RM, same policy, computed once
 
         # 1-2. The policy answers every golden query S times; D_APO pairs gold against each sample.
-        #      (Only the arms that train on D_APO sample it: fixed and ablation never read it.)
+        #      (Only modes that train on D_APO sample it.)
         apo_pairs = []
-        if arm in ("apo", "apo_seq"):
+        if mode.trains_on_apo_pairs:
             gold = self.data.gold
             gold_samples = self._samples(policy, [g.prompt for g in gold], "gold", seed=1000 * r + 1,
                                          timing=timing, name="sample_gold", n=S, **event)
             apo_pairs = [RankedPair(g.prompt, g.response, s, "apo") for g, samples in zip(gold, gold_samples)
                          for s in samples]
-        pref_pairs = [RankedPair(p.prompt, p.chosen, p.rejected, "pref") for p in self.data.pref_pairs]
 
-        # 3. RM update, by mode: from RM_Base (apo), from last round's RM (apo_seq), none (fixed),
-        #    or the same fine-tuning without D_APO (ablation, RM_Base-AB).
-        if arm != "fixed":
-            init = rm if arm == "apo_seq" else self.rm_base
-            pairs = pref_pairs if arm == "ablation" else apo_pairs + pref_pairs
-            rm = self._weights_phase(
-                f"rm/{lineage}/r{r}", lambda: self.system.train_rm(
-                    init, pairs, lr=cfg.rm.lr, epochs=cfg.rm.epochs, beta2=cfg.apo.beta2,
-                    apo_weight=cfg.apo.apo_weight, seed=cfg.run.seed + r), timing, "train_rm", **event)
+        # 3. RM update: from RM_Base or from the arm's previous RM, on D_APO + D_P (the ablation:
+        #    on D_P alone); the fixed arm keeps RM_Base.
+        if mode.trains_rm:
+            init = rm if mode.rm_init == "previous" else self.rm_base
+            pairs = apo_pairs + [RankedPair.from_preference(p) for p in self.data.pref_pairs]
+            rm = self._train_rm(f"rm/{lineage}/r{r}", init, pairs, lr=cfg.rm.lr, epochs=cfg.rm.epochs,
+                                seed=cfg.run.seed + r, loss=self.apo_loss, timing=timing, name="train_rm", **event)
 
-        # 4-5. The policy answers every training query S times; the RM keeps the best of S.
+        # 4-5. The policy answers every training query S times; the RM scores every sample and the
+        #      policy objective picks each query's example (RJS: the best of S; DPO: best and worst).
         queries = self.data.llm_queries
         samples = self._samples(policy, queries, "queries", seed=1000 * r + 2, timing=timing,
                                 name="sample_queries", n=S, **event)
@@ -303,24 +333,20 @@ class APOGame:
         flat_scores = self._scores(rm, flat_prompts, [s for ss in samples for s in ss],
                                    f"{policy.id}/queries", timing, "score_samples", **event)
         per_query = [flat_scores[i * S:(i + 1) * S] for i in range(len(queries))]
-        best = [ss[max(range(S), key=sc.__getitem__)] for ss, sc in zip(samples, per_query)]
-        worst = [ss[min(range(S), key=sc.__getitem__)] for ss, sc in zip(samples, per_query)]
+        picked = [self.objective.select(ss, sc) for ss, sc in zip(samples, per_query)]
+        examples = [(q, *responses) for q, responses in zip(queries, picked) if responses]
 
-        # 6. Policy update: LM loss on (x, y_best) (rejection sampling), or DPO on best vs worst.
+        # 6. Policy update on those examples, at this round's learning rate.
         lrs = cfg.policy.lrs
-        lr = lrs[min(r - 1, len(lrs) - 1)]
-        if cfg.policy.updater == "rjs":
-            examples = [(q, b) for q, b in zip(queries, best)]
-        else:
-            examples = [(q, b, w) for q, b, w in zip(queries, best, worst) if b != w]
-        policy = self._weights_phase(
-            f"policy/{lineage}/r{r}", lambda: self.system.train_policy(policy, examples, lr=lr, seed=cfg.run.seed + r),
-            timing, "train_policy", **event)
+        job = LearnerJob.policy(cfg, lr=lrs[min(r - 1, len(lrs) - 1)], seed=cfg.run.seed + r)
+        policy = self._weights_phase(f"policy/{lineage}/r{r}", lambda: self.system.train(job, policy, examples),
+                                     timing, "train_policy", **event)
 
         self.state[arm] = {"policy": policy, "rm": rm}
         record = self.evaluate(r, arm, policy, rm, timing)
         record.update(apo_pairs=len(apo_pairs), best_of_s_mean_score=sum(max(sc) for sc in per_query) / len(queries),
-                      rm_train=self.store.weights_stats(rm.id) if arm != "fixed" else {},
+                      queries_skipped=len(queries) - len(examples),
+                      rm_train=self.store.weights_stats(rm.id) if mode.trains_rm else {},
                       policy_train=self.store.weights_stats(policy.id))
         for train in ("rm_train", "policy_train"):
             record[train] = {k: v for k, v in record[train].items() if k != "losses"}
@@ -374,6 +400,21 @@ def eval_prompts(cfg: Config, data: GameData) -> list[str]:
     return list(dict.fromkeys(p.prompt for p in data.test_pairs))[: cfg.eval.test_queries]
 
 
+def play_game(cfg: Config, system: GameSystem, on_phase: Callable[[dict], None] | None = None) -> list[dict]:
+    """A whole run on ``system`` (in process or on Ray): the data, the phase store (resuming what an
+    earlier run of the same settings finished), every round of every arm, then ``summary.json`` and
+    the report. The system is shut down at the end, also when a phase fails."""
+    start = time.perf_counter()
+    try:
+        data = build_game_data(cfg)
+        game = APOGame(cfg, system, data, open_store(cfg, system), on_phase=on_phase)
+        records = game.run()
+    finally:
+        system.shutdown()
+    finish_run(cfg, game, records, wall_seconds=time.perf_counter() - start)
+    return records
+
+
 def finish_run(cfg: Config, game: APOGame, records: list[dict], *, wall_seconds: float,
                judge: dict | None = None) -> Path:
     """Write ``summary.json``, ``resolved_config.json`` and ``report.md`` with its tables and plots."""
@@ -383,11 +424,12 @@ def finish_run(cfg: Config, game: APOGame, records: list[dict], *, wall_seconds:
     out = Path(cfg.run.output_dir)
     write_summary(out, records, to_dict(cfg))
     d = game.data
-    notes = [f"Policy `{cfg.model.policy}`, RM backbone `{cfg.model.reward}`; {cfg.apo.rounds} rounds, "
-             f"S = {cfg.apo.samples_per_query}, beta2 = {cfg.apo.beta2}, APO weight = {cfg.apo.apo_weight}.",
-             f"Data `{cfg.data.path}`: {len(d.pref_pairs)} D_P pairs, {len(d.gold)} golden queries "
-             f"(gold: {d.gold_source}), {len(d.llm_queries)} LLM queries, {len(d.dev_pairs)} dev / "
-             f"{len(d.test_pairs)} test pairs, {len(d.eval_rm_pairs)} evaluation-RM pairs.",
+    notes = [(f"Policy `{cfg.model.policy}`, RM backbone `{cfg.model.reward}`; {cfg.apo.rounds} rounds, "
+              f"S = {cfg.apo.samples_per_query}, beta2 = {cfg.apo.beta2}, APO weight = {cfg.apo.apo_weight} "
+              f"({cfg.apo.loss_reduction} RM loss), policy objective {cfg.policy.updater}."),
+             (f"Data `{cfg.data.path}`: {len(d.pref_pairs)} D_P pairs, {len(d.gold)} golden queries "
+              f"(gold: {d.gold_source}), {len(d.llm_queries)} LLM queries, {len(d.dev_pairs)} dev / "
+              f"{len(d.test_pairs)} test pairs, {len(d.eval_rm_pairs)} evaluation-RM pairs."),
              f"Wall time {wall_seconds / 60:.1f} min."]
     return write_report(out, records, judge=judge, notes=notes, title=f"APO run `{cfg.run.name}`")
 

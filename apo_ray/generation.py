@@ -14,10 +14,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from apo_ray.models import format_prompt, load_policy, load_tokenizer
+
+if TYPE_CHECKING:
+    from apo_ray.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -186,3 +190,12 @@ def make_generator(backend: str, model: str, **kwargs):
     if backend == "vllm":
         return VLLMGenerator(model, **kwargs)
     raise ValueError(f"generation.backend must be 'transformers' or 'vllm', got {backend!r}")
+
+
+def generator_from_config(cfg: Config):
+    """The generator ``cfg.generation`` / ``cfg.model.policy`` describe, with the pretrained weights."""
+    g = cfg.generation
+    return make_generator(g.backend, cfg.model.policy, max_new_tokens=g.max_new_tokens,
+                          max_prompt_tokens=g.max_prompt_tokens, temperature=g.temperature, top_p=g.top_p,
+                          prompts_per_batch=g.prompts_per_batch, seed=g.seed, dtype=cfg.model.dtype,
+                          fast=g.fast_sampler, engine_kwargs=dict(g.engine_kwargs))

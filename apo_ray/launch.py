@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import time
 from pathlib import Path
 
 from apo_ray.config import Config, validate
@@ -49,8 +48,8 @@ def run_on_ray(cfg: Config) -> list[dict]:
         resources = ray.cluster_resources()
         validate(cfg, cluster_cpus=resources.get("CPU", 0.0), cluster_gpus=resources.get("GPU", 0.0))
         namespace = run_namespace(cfg)
-        driver = ray.remote(APODriver).options(
-            name=DRIVER_NAME, namespace=namespace, num_cpus=cfg.cluster.driver_cpus, max_concurrency=8,
+        driver = ray.remote(APODriver).options(  # two threads: status() answers while run() plays
+            name=DRIVER_NAME, namespace=namespace, num_cpus=cfg.cluster.driver_cpus, max_concurrency=2,
         ).remote(cfg, namespace)
         log.info("driver actor %s in namespace %s; output in %s", DRIVER_NAME, namespace, cfg.run.output_dir)
         try:
@@ -66,23 +65,19 @@ def run_on_ray(cfg: Config) -> list[dict]:
 
 
 def run_in_process(cfg: Config) -> list[dict]:
-    from apo_ray.game import APOGame, build_game_data, finish_run, open_store
+    from apo_ray.game import play_game
     from apo_ray.local import LocalSystem
 
     validate(cfg)
-    start = time.perf_counter()
-    system = LocalSystem(cfg)
-    game = APOGame(cfg, system, build_game_data(cfg), open_store(cfg, system))
-    records = game.run()
-    finish_run(cfg, game, records, wall_seconds=time.perf_counter() - start)
+    records = play_game(cfg, LocalSystem(cfg))
     if cfg.eval.judge:
         judge_final_policies(cfg, records)
     return records
 
 
 def judge_final_policies(cfg: Config, records: list[dict]) -> dict:
-    """The paper's GPT-4 comparison: each arm's last policy against the fixed arm's (RJS) on the same
-    test prompts, asked twice with positions swapped. Writes ``judge/<arm>.jsonl`` and
+    """The paper's GPT-4 comparison: each arm's last policy against the judge's baseline arm's
+    (``arms.judge_baseline``: RJS) on the same test prompts, asked twice with positions swapped. Writes ``judge/<arm>.jsonl`` and
     ``judge_summary.json`` and adds the judge table and figure to the report."""
     import json
 
@@ -91,9 +86,12 @@ def judge_final_policies(cfg: Config, records: list[dict]) -> dict:
     from apo_ray.report import write_report
 
     out = Path(cfg.run.output_dir)
+    from apo_ray.arms import judge_baseline
+
+    baseline = judge_baseline()
     last = {r["rm_mode"]: r for r in records if r["round"] == cfg.apo.rounds}
-    if "fixed" not in last or len(last) < 2:
-        log.warning("eval.judge needs the fixed arm and another arm; skipped")
+    if baseline.name not in last or len(last) < 2:
+        log.warning("eval.judge needs the %s arm (the judge's baseline) and another arm; skipped", baseline.name)
         return {}
     store = PhaseStore(out / "phases", system=None)
 
@@ -109,11 +107,11 @@ def judge_final_policies(cfg: Config, records: list[dict]) -> dict:
         base_url, started = start_server(cfg.eval.judge_model, port=_free_port()), True
     judge = JudgeClient(base_url, cfg.eval.judge_model, concurrency=cfg.eval.judge_concurrency,
                         max_tokens=cfg.eval.judge_max_tokens, cache_path=out / "judge" / "cache.jsonl")
-    theirs = answers(last["fixed"]["policy"])[: len(prompts)]
+    theirs = answers(last[baseline.name]["policy"])[: len(prompts)]
     summaries = {}
     try:
         for arm, record in last.items():
-            if arm == "fixed":
+            if arm == baseline.name:
                 continue
             judged = judge.judge_pairs(prompts, answers(record["policy"])[: len(prompts)], theirs)
             (out / "judge").mkdir(exist_ok=True)
@@ -130,7 +128,8 @@ def judge_final_policies(cfg: Config, records: list[dict]) -> dict:
     notes = json.loads(previous.read_text()).get("notes", []) if previous.exists() else []
     notes.append(f"Judge: `{cfg.eval.judge_model}` at {where}, {len(prompts)} test prompts per arm, each asked "
                  f"twice with positions swapped.")
-    write_report(out, records, judge=summaries, title=f"APO run `{cfg.run.name}`", notes=notes)
+    write_report(out, records, judge=summaries, title=f"APO run `{cfg.run.name}`", notes=notes,
+                 judge_baseline=baseline.label)
     return summaries
 
 

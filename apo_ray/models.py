@@ -166,7 +166,7 @@ def load_tokenizer(name: str, padding_side: str = "left"):
 def has_fast_bf16(device_type: str) -> bool:
     """Whether bf16 matmuls are fast here: a CUDA GPU that supports bf16, or a CPU with bf16 matrix
     or dot-product units (AMX, AVX512-BF16). Elsewhere (e.g. an AVX2-only CPU) bf16 is emulated and
-    slower than float32 by orders of magnitude: a 2048^2 matmul ran at <1 GFLOP/s vs 111 in fp32."""
+    slower than float32 by orders of magnitude (benchmarks/cpu_demo_choices.py measures both)."""
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device_type == "cpu":

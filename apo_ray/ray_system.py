@@ -1,23 +1,23 @@
-"""The Ray layer: pools of generator/scorer actors, Ray Train learners, object-store weights.
+"""The Ray layer: pools of generator/scorer actors, one Ray Train learner group, object-store weights.
 
 :class:`RaySystem` implements the :class:`apo_ray.game.GameSystem` protocol, so ``game.py``'s loop
 runs unchanged on a cluster. Weights handles are ObjectRefs of :class:`apo_ray.weights.PackedWeights`
 (one contiguous buffer; read zero-copy on the same node).
 
-Learners: one Ray Train worker group serves every learner phase of a run (:class:`LearnerGroup`);
-phases are jobs posted to a mailbox, not fresh ``TorchTrainer`` runs.
-
-Ownership: an object ``ray.put`` by a Ray Train worker dies with that worker (and Ray >= 2.56 has no
-``_owner=`` to hand it over). So rank 0 of a learner sends its packed weights to a long-lived
-*mailbox* actor (the driver, :class:`LearnerMailbox`), which ``ray.put``s them itself and so owns
-them for the whole run.
+Learners: one Ray Train worker group (one ``TorchTrainer``) serves every learner phase of a run.
+``TorchTrainer.fit`` runs in a Ray task for the group's life; its workers take
+:class:`apo_ray.training.LearnerJob` s from a :class:`LearnerQueue` (an async actor: ranks await the
+next job, callers await its outcome, nothing polls). Rank 0 puts the trained weights in the object
+store itself, so it owns them: one copy, alive while the run holds a reference. If rank 0 dies
+(the group restarts), the versions it owned are reloaded from their checkpoints on their next use
+(``workers.fetch_weights``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -27,13 +27,13 @@ import ray
 import torch
 
 from apo_ray.config import Config
-from apo_ray.game import Weights
-from apo_ray.training import RankedPair
+from apo_ray.game import Generated, Weights
+from apo_ray.training import LearnerJob
 from apo_ray.workers import GeneratorWorker, ScorerWorker
 
 log = logging.getLogger(__name__)
 
-# The only place where plain classes become actors (design.md, layer 3).
+# The only place where the pools' plain classes become actors (design.md, layer 3).
 GeneratorActor = ray.remote(GeneratorWorker)
 ScorerActor = ray.remote(ScorerWorker)
 
@@ -56,9 +56,9 @@ class ShardedPool:
             for i in range(n)
         ]
 
-    def map(self, method: str, items: list, make_args) -> list[dict]:
+    def map(self, method: str, items: list, make_args) -> list:
         """Split ``items`` into one contiguous shard per actor; ``make_args(shard, shard_no)`` gives
-        the call's arguments. Returns the per-shard result dicts in shard order."""
+        the call's arguments. Returns the per-shard results in shard order."""
         n = min(len(self.actors), max(len(items), 1))
         size = -(-len(items) // n)
         shards = [items[i * size:(i + 1) * size] for i in range(n)]
@@ -70,94 +70,91 @@ class ShardedPool:
             ray.kill(actor, no_restart=True)
 
 
-class LearnerMailbox:
-    """The learner protocol's long-lived side, mixed into the driver actor (it must outlive every
-    learner worker, since whoever ``ray.put``s an object owns it).
+# -- learners ----------------------------------------------------------------------------------------
+@ray.remote(num_cpus=0)
+class LearnerQueue:
+    """The learner jobs of one worker group, in submission order, and their outcomes.
 
-    Callers post jobs per worker group; every rank of the group polls ``next_job``; rank 0 hands
-    back the trained weights (``deposit``), which this actor ``ray.put``s and so owns; the caller
-    polls ``try_collect``, which also takes the job off the queue. Needs a threaded actor
-    (``max_concurrency`` > 1): the driver's ``run`` blocks while the learners call in.
+    Ranks wait in :meth:`next_job` until there is a job they have not done; callers wait in
+    :meth:`outcome`. A job is finished once, by rank 0's result or by the first rank's error; a
+    restarted group (fresh ranks ask from -1) redoes the job in flight and never a finished one.
     """
 
     def __init__(self):
-        self._mail_lock = threading.Lock()
-        self._jobs: dict[str, list[dict]] = {}
-        self._results: dict[str, Any] = {}
+        self._jobs: list[dict] = []
+        self._outcomes: dict[int, tuple] = {}  # seq -> ("ok", [weights ref], stats) | ("error", text)
+        self._finished: set[int] = set()
+        self._closed = False
+        self._changed = asyncio.Condition()
 
-    def post_job(self, group: str, job: dict) -> None:
-        with self._mail_lock:
-            self._jobs.setdefault(group, []).append(job)
+    def _first_open(self, after: int) -> int | None:
+        return next((seq for seq in range(after + 1, len(self._jobs)) if seq not in self._finished), None)
 
-    def next_job(self, group: str, done: list[str]) -> dict | None:
-        with self._mail_lock:
-            return next((job for job in self._jobs.get(group, []) if job["token"] not in done), None)
+    async def submit(self, job: dict) -> int:
+        async with self._changed:
+            self._jobs.append(job)
+            self._changed.notify_all()
+            return len(self._jobs) - 1
 
-    def deposit(self, token: str, packed, stats: dict) -> None:
-        ref = ray.put(packed)  # put by this long-lived actor, so this actor owns it
-        with self._mail_lock:
-            self._results[token] = (ref, stats)
+    async def next_job(self, after: int) -> tuple[int, dict] | None:
+        """The first unfinished job after ``after``: ``(seq, job)``, or None once the queue is closed."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._closed or self._first_open(after) is not None)
+            if self._closed:
+                return None
+            seq = self._first_open(after)
+            return seq, self._jobs[seq]
 
-    def deposit_error(self, token: str, message: str) -> None:
-        with self._mail_lock:
-            self._results[token] = message
-            self._drop_job(token)  # now, so a restarted worker group does not redo it
+    async def finish(self, seq: int, outcome: tuple) -> None:
+        async with self._changed:
+            if seq not in self._finished:
+                self._finished.add(seq)
+                self._outcomes[seq] = outcome
+                self._changed.notify_all()
 
-    def try_collect(self, token: str) -> list:
-        """``[(weights ref, stats)]`` or ``[traceback text]`` once the job is done, else ``[]``
-        (a list: the caller receives the ref, not the value)."""
-        with self._mail_lock:
-            if token not in self._results:
-                return []
-            self._drop_job(token)
-            return [self._results.pop(token)]
+    async def outcome(self, seq: int) -> tuple:
+        async with self._changed:
+            await self._changed.wait_for(lambda: seq in self._outcomes or self._closed)
+            return self._outcomes.pop(seq, ("error", "the learner queue was closed before the job finished"))
 
-    def _drop_job(self, token: str) -> None:
-        """Take the job off its group's queue (tokens are unique across groups); hold the lock."""
-        for jobs in self._jobs.values():
-            jobs[:] = [job for job in jobs if job["token"] != token]
-
-    def close_group(self, group: str) -> None:
-        with self._mail_lock:
-            self._jobs.pop(group, None)
+    async def close(self) -> None:
+        async with self._changed:
+            self._closed = True
+            self._changed.notify_all()
 
 
-def _run_learner_job(job: dict, mailbox, *, parallel: str, device: str) -> None:
-    """One learner phase on this Ray Train worker: this rank's slice of each step; rank 0 hands the
-    trained weights to the mailbox."""
+def _run_learner_job(job: dict, *, parallel: str, device: str) -> tuple[Any, dict]:
+    """One learner phase on this Ray Train rank; returns (rank 0: the weights ref, else None; stats)."""
     import ray.train
     import ray.train.torch
 
-    from apo_ray.training import TrainSettings, train_policy, train_reward_model
-    from apo_ray.weights import pack_state_dict, unpack_state_dict
+    from apo_ray.training import run_job
+    from apo_ray.weights import PackedWeights, put_weights, unpack_state_dict
+    from apo_ray.workers import fetch_weights
 
     ctx = ray.train.get_context()
-    init_ref = job["init"][0]
-    init_state = unpack_state_dict(ray.get(init_ref), copy=True) if init_ref is not None else None
-    data = ray.get(job["data"][0])
-    settings = TrainSettings(**job["settings"], device=device, rank=ctx.get_world_rank(),
-                             world_size=ctx.get_world_size())
+    spec: LearnerJob = job["spec"]
+    init = fetch_weights(job["init"])
+    if isinstance(init, PackedWeights):
+        init = unpack_state_dict(init, copy=True)
+    data = ray.get(job["data"])
 
     def prepare(model):
-        if settings.strategy == "deepspeed":
-            return model  # deepspeed.initialize wraps it in training._Stepper
+        if spec.settings.strategy == "deepspeed":
+            return model  # deepspeed.initialize wraps it (training._Stepper)
         return ray.train.torch.prepare_model(model, move_to_device=device, parallel_strategy=parallel)
 
-    train = train_reward_model if job["kind"] == "rm" else train_policy
-    state, stats = train(job["model"], init_state, data, settings, prepare_model=prepare, **job["loss"])
+    state, stats = run_job(spec, init, data, device=device, rank=ctx.get_world_rank(),
+                           world_size=ctx.get_world_size(), prepare_model=prepare)
     stats["worker_pid"] = os.getpid()  # the same process serves every job of a run
-    if ctx.get_world_rank() == 0:
-        ray.get(mailbox.deposit.remote(job["token"], pack_state_dict(state), stats))
+    # Put by rank 0, so rank 0 owns the one copy (see the module docstring).
+    return (put_weights(state) if state is not None else None), stats
 
 
 def _learner_service(config: dict) -> None:
-    """Runs on every Ray Train worker for the run's whole life: takes the jobs posted to the mailbox
-    under ``config["group"]`` one after another, until a stop job.
-
-    Every rank sees the same jobs in the same order: a job leaves the queue only when its caller
-    collects the result, and ``done`` skips those this rank has finished. A worker group that Ray
-    Train restarts after a crash starts with ``done`` empty, so it redoes the job in flight.
-    """
+    """Runs on every Ray Train rank for the group's whole life: does the queue's jobs one after
+    another until the queue is closed. A failing job is reported and re-raised, so Ray Train
+    restarts the group (a rank that failed mid-step may have left the others in a collective)."""
     import gc
     import traceback
 
@@ -169,29 +166,42 @@ def _learner_service(config: dict) -> None:
     setup_process(config["cpus_per_worker"])
     device = str(ray.train.torch.get_device())
     rank = ray.train.get_context().get_world_rank()
-    mailbox, group, done = config["mailbox"][0], config["group"], []
-    while True:
-        job = ray.get(mailbox.next_job.remote(group, done))
-        if job is None:
-            time.sleep(LEARNER_POLL_SECONDS)
-            continue
-        if job.get("stop"):
-            return
+    queue, done = config["queue"][0], -1
+    while (item := ray.get(queue.next_job.remote(done))) is not None:
+        seq, job = item
         try:
-            _run_learner_job(job, mailbox, parallel=config["parallel"], device=device)
+            ref, stats = _run_learner_job(job, parallel=config["parallel"], device=device)
         except Exception:
-            # A Python error (bad data, non-finite loss) would fail the same way again: hand it to
-            # the caller instead of letting Ray Train restart the group to redo it.
-            if rank == 0:
-                ray.get(mailbox.deposit_error.remote(job["token"], traceback.format_exc()))
+            ray.get(queue.finish.remote(seq, ("error", traceback.format_exc())))
             raise
-        done.append(job["token"])
+        if rank == 0:
+            ray.get(queue.finish.remote(seq, ("ok", [ref], stats)))  # [ref]: the reference, not the value
+        del ref
+        done = seq
         gc.collect()  # the job's model and optimiser state go before the next job loads its own
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
 
-LEARNER_POLL_SECONDS = 0.1
+@ray.remote(num_cpus=0, max_retries=0)
+def _serve_learner_group(cfg: Config, queue, name: str, storage_path: str) -> None:
+    """The worker group's life: one ``TorchTrainer.fit``, returning when the queue closes. Raises
+    Ray Train's error when the group fails more often than ``cluster.max_actor_restarts``."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    c = cfg.cluster
+    resources = {"CPU": c.learner_cpus} | ({"GPU": c.learner_gpus} if c.learner_use_gpu else {})
+    TorchTrainer(
+        _learner_service,
+        train_loop_config={"queue": [queue], "cpus_per_worker": c.learner_cpus,
+                           "parallel": "fsdp" if c.learner_strategy == "fsdp" else "ddp"},
+        scaling_config=ScalingConfig(num_workers=c.learner_workers, use_gpu=c.learner_use_gpu,
+                                     resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if c.learner_use_gpu else "gloo"),
+        run_config=RunConfig(name=name, storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=c.max_actor_restarts)),
+    ).fit()
 
 
 class LearnerError(RuntimeError):
@@ -199,80 +209,61 @@ class LearnerError(RuntimeError):
 
 
 class LearnerGroup:
-    """A Ray Train worker group (one ``TorchTrainer``) that trains the run's RM and policy jobs in turn.
+    """A Ray Train worker group that trains the run's RM and policy jobs in turn.
 
-    ``fit()`` runs in a background thread for the group's whole life, so the workers, their process
-    group and their warmed-up kernels outlive a phase: a fresh ``TorchTrainer`` per phase cost 15-30 s
-    of start-up on 2 CPU cores (14 learner phases in the demo) and left the GPU idle most of a
-    demo-sized round. Jobs and results travel through the mailbox (the driver actor), which owns
-    every weights object. A crashed worker is restarted by Ray Train (``cluster.max_actor_restarts``
-    times) and the job in flight is redone.
+    Its workers, their process group and their warmed-up kernels outlive a phase (a fresh
+    ``TorchTrainer`` per phase costs the worker start-up every phase). A crashed worker is
+    restarted by Ray Train (``cluster.max_actor_restarts`` times) and the job in flight is redone.
     """
 
-    def __init__(self, cfg: Config, mailbox, storage_path: str):
-        from ray.train import FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchConfig, TorchTrainer
-
-        c = cfg.cluster
-        self.mailbox = mailbox
+    def __init__(self, cfg: Config, storage_path: str):
         self.name = f"apo-learners-{uuid.uuid4().hex[:8]}"
-        resources = {"CPU": c.learner_cpus} | ({"GPU": c.learner_gpus} if c.learner_use_gpu else {})
-        self.trainer = TorchTrainer(
-            _learner_service,
-            train_loop_config={"group": self.name, "mailbox": [mailbox], "cpus_per_worker": c.learner_cpus,
-                               "parallel": "fsdp" if c.learner_strategy == "fsdp" else "ddp"},
-            scaling_config=ScalingConfig(num_workers=c.learner_workers, use_gpu=c.learner_use_gpu,
-                                         resources_per_worker=resources),
-            torch_config=TorchConfig(backend="nccl" if c.learner_use_gpu else "gloo"),
-            run_config=RunConfig(name=self.name, storage_path=storage_path,
-                                 failure_config=FailureConfig(max_failures=c.max_actor_restarts)),
-        )
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
-        self.thread.start()
+        self.queue = LearnerQueue.remote()
+        self.served = _serve_learner_group.remote(cfg, self.queue, self.name, storage_path)
+        self.ended = False
 
-    def _serve(self) -> None:
-        try:
-            self.trainer.fit()
-        except BaseException as exc:  # noqa: BLE001 - reported to the caller waiting on a job
-            self.error = exc
-
-    @property
-    def alive(self) -> bool:
-        return self.thread.is_alive()
-
-    def run(self, job: dict) -> tuple[Any, dict]:
-        """Post ``job`` and wait for its weights ref and stats."""
-        ray.get(self.mailbox.post_job.remote(self.name, job))
-        while True:
-            done = ray.get(self.mailbox.try_collect.remote(job["token"]))
-            if done:
-                outcome = done[0]
-                if isinstance(outcome, str):
-                    raise LearnerError(f"learner job {job['token']} ({job['kind']}) failed:\n{outcome}")
-                return outcome
-            if not self.alive:
-                ray.get(self.mailbox.close_group.remote(self.name))
-                raise LearnerError(f"learner group {self.name} stopped before finishing {job['token']}: "
-                                   f"{self.error!r}") from self.error
-            time.sleep(LEARNER_POLL_SECONDS)
+    def run(self, spec: LearnerJob, init: Weights, data_ref) -> tuple[Any, dict]:
+        """Train ``spec`` from ``init`` on the examples in ``data_ref``; blocks until the outcome
+        (or the group's end): (weights ref owned by rank 0, stats)."""
+        seq = ray.get(self.queue.submit.remote({"spec": spec, "init": init, "data": data_ref}))
+        outcome = self.queue.outcome.remote(seq)
+        ready, _ = ray.wait([outcome, self.served], num_returns=1)
+        if outcome not in ready:
+            self.ended = True
+            try:
+                ray.get(self.served)
+                reason: BaseException | str = "it returned"
+            except Exception as exc:  # noqa: BLE001 - Ray Train's error, handed to the caller
+                reason = exc
+            raise LearnerError(f"learner group {self.name} stopped before finishing job {seq} "
+                               f"({spec.role}): {reason}")
+        status, *rest = ray.get(outcome)
+        if status == "error":
+            raise LearnerError(f"learner job {seq} ({spec.role}) failed:\n{rest[0]}")
+        [ref], stats = rest
+        return ref, stats
 
     def stop(self, timeout_s: float = 120.0) -> None:
-        if self.alive:
-            ray.get(self.mailbox.post_job.remote(self.name, {"stop": True, "token": "stop"}))
-            self.thread.join(timeout_s)
-            if self.alive:
-                log.warning("learner group %s did not stop within %.0f s", self.name, timeout_s)
-        ray.get(self.mailbox.close_group.remote(self.name))
+        """Close the queue (the ranks return, ``fit`` ends); force the task down if it does not."""
+        if not self.ended:
+            ray.get(self.queue.close.remote())
+            try:
+                ray.get(self.served, timeout=timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                log.warning("learner group %s did not stop within %.0f s; cancelling it", self.name, timeout_s)
+                ray.cancel(self.served, force=True)
+            except Exception as exc:  # noqa: BLE001 - it failed earlier; nothing left to stop
+                log.warning("learner group %s ended with %r", self.name, exc)
+            self.ended = True
+        ray.kill(self.queue)
 
 
 class RaySystem:
-    """GameSystem on Ray. ``mailbox``: a long-lived threaded actor that is a :class:`LearnerMailbox`
-    (the driver); it owns every weights object of the run."""
+    """GameSystem on Ray: sharded generator and scorer pools, one learner group per run."""
 
-    def __init__(self, cfg: Config, mailbox, *, namespace: str | None = None, storage_path: str | None = None):
+    def __init__(self, cfg: Config, *, namespace: str | None = None, storage_path: str | None = None):
         c = cfg.cluster
-        self.cfg, self.mailbox = cfg, mailbox
+        self.cfg = cfg
         self.storage_path = storage_path or str(Path(cfg.run.output_dir) / "ray_train")
         self.generators = ShardedPool(GeneratorActor, cfg, c.num_generators, cpus=c.generator_cpus,
                                       gpus=c.generator_gpus, name="apo-generator", namespace=namespace,
@@ -280,64 +271,36 @@ class RaySystem:
         self.scorers = ShardedPool(ScorerActor, cfg, c.num_scorers, cpus=c.scorer_cpus, gpus=c.scorer_gpus,
                                    name="apo-scorer", namespace=namespace, max_restarts=c.max_actor_restarts)
         self.learners: LearnerGroup | None = None
-        self.last_generation: dict[str, float] = {}
-        self.last_sync: dict[str, float] = {}
 
     # -- pools -------------------------------------------------------------------------------------
-    def generate(self, policy: Weights, prompts: list[str], n: int, seed: int) -> list[list[str]]:
+    def generate(self, policy: Weights, prompts: list[str], n: int, seed: int) -> Generated:
         start = time.perf_counter()
-        results = self.generators.map(
-            "generate", prompts, lambda shard, i: (policy.id, [policy.handle], shard, n, seed * 1009 + i))
+        parts: list[Generated] = self.generators.map(
+            "generate", prompts, lambda shard, i: (policy, shard, n, seed * 1009 + i))
         seconds = time.perf_counter() - start
-        tokens = sum(r["new_tokens"] for r in results)
-        self.last_generation = {"sequences": len(prompts) * n, "new_tokens": tokens, "seconds": seconds,
-                                "samples_per_s": len(prompts) * n / max(seconds, 1e-9),
-                                "tokens_per_s": tokens / max(seconds, 1e-9)}
-        self.last_sync = {"seconds": sum(r["sync_seconds"] for r in results),
-                          "bytes": sum(r["sync_bytes"] for r in results)}
-        return [s for r in results for s in r["samples"]]
+        sequences, tokens = len(prompts) * n, sum(p.stats["new_tokens"] for p in parts)
+        return Generated([s for p in parts for s in p.samples], {
+            "sequences": sequences, "new_tokens": tokens, "seconds": seconds,
+            "samples_per_s": sequences / max(seconds, 1e-9), "tokens_per_s": tokens / max(seconds, 1e-9),
+            "sync_seconds": sum(p.stats["sync_seconds"] for p in parts),
+            "sync_bytes": sum(p.stats["sync_bytes"] for p in parts)})
 
     def score(self, rm: Weights, prompts: list[str], responses: list[str]) -> list[float]:
         pairs = list(zip(prompts, responses))
-        results = self.scorers.map(
-            "score", pairs, lambda shard, i: (rm.id, [rm.handle], [p for p, _ in shard], [r for _, r in shard]))
-        return [s for r in results for s in r["scores"]]
+        parts = self.scorers.map(
+            "score", pairs, lambda shard, i: (rm, [p for p, _ in shard], [r for _, r in shard]))
+        return [s for part in parts for s in part]
 
     # -- learners ----------------------------------------------------------------------------------
-    def _fit(self, kind: str, init: Weights, data: list, settings: dict, loss: dict) -> tuple[Any, dict]:
-        if self.learners is None or not self.learners.alive:
+    def train(self, job: LearnerJob, init: Weights, data: list) -> tuple[Any, dict]:
+        if self.learners is None or self.learners.ended:
             # One worker group for the whole run (started at the first learner phase, so a resumed
             # run whose learner phases are all done never starts one).
-            self.learners = LearnerGroup(self.cfg, self.mailbox, self.storage_path)
-        token = f"{kind}-{uuid.uuid4().hex[:8]}"
-        model = self.cfg.model.reward if kind == "rm" else self.cfg.model.policy
-        job = {"kind": kind, "model": model, "init": [init.handle], "data": [ray.put(data)],
-               "settings": settings, "loss": loss, "token": token}
+            self.learners = LearnerGroup(self.cfg, self.storage_path)
         start = time.perf_counter()
-        ref, stats = self.learners.run(job)
+        ref, stats = self.learners.run(job, init, ray.put(data))
         stats["fit_seconds"] = time.perf_counter() - start
         return ref, stats
-
-    def _settings(self, section: str, lr: float, epochs: int, seed: int) -> dict:
-        from apo_ray.local import policy_settings, rm_settings
-
-        make = rm_settings if section == "rm" else policy_settings
-        kwargs = {"lr": lr, "seed": seed} | ({"epochs": epochs} if section == "rm" else {})
-        s = make(self.cfg, **kwargs)
-        s.strategy = "deepspeed" if self.cfg.cluster.learner_strategy == "deepspeed" else "ddp"
-        s.zero_stage = self.cfg.cluster.deepspeed_stage
-        return {k: getattr(s, k) for k in ("lr", "examples_per_step", "micro_examples", "max_length", "epochs",
-                                           "weight_decay", "precision", "seed", "gradient_checkpointing",
-                                           "trainable_layers", "compile",
-                                           "max_grad_norm", "strategy", "zero_stage", "log_every_steps")}
-
-    def train_rm(self, init: Weights, pairs: list[RankedPair], *, lr, epochs, beta2, apo_weight, seed):
-        return self._fit("rm", init, pairs, self._settings("rm", lr, epochs, seed),
-                         {"beta2": beta2, "apo_weight": apo_weight})
-
-    def train_policy(self, init: Weights, examples: list[tuple], *, lr, seed):
-        return self._fit("policy", init, examples, self._settings("policy", lr, 1, seed),
-                         {"updater": self.cfg.policy.updater, "dpo_beta": self.cfg.policy.dpo_beta})
 
     # -- checkpoints (disk is for resume only) -----------------------------------------------------
     def save_weights(self, handle: Any, path: Path) -> None:

@@ -26,6 +26,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from apo_ray.arms import RM_UPDATE_MODES
+
 __all__ = [
     "ARM_LABELS",
     "format_markdown_table",
@@ -36,15 +38,10 @@ __all__ = [
     "write_report",
 ]
 
-ARM_ORDER = ("fixed", "apo", "apo_seq", "ablation")
-ARM_LABELS = {
-    "fixed": "RJS (RM_Base fixed)",
-    "apo": "APO (vR)",
-    "apo_seq": "APO (vR-seq)",
-    "ablation": "RM_Base-AB",
-}
-ARM_COLORS = {"base": "black", "fixed": "tab:gray", "apo": "tab:blue", "apo_seq": "tab:orange",
-              "ablation": "tab:green"}
+# Order, labels and colours of the arms come from the table of RM update modes.
+ARM_ORDER = tuple(RM_UPDATE_MODES)
+ARM_LABELS = {name: mode.label for name, mode in RM_UPDATE_MODES.items()}
+ARM_COLORS = {"base": "black", **{name: mode.colour for name, mode in RM_UPDATE_MODES.items()}}
 # Set up once before round 1 and copied into every arm's round-0 record: counted once, not per arm.
 SHARED_SETUP_PHASES = ("train_rm_base", "train_eval_rm")
 MISSING = "–"
@@ -118,7 +115,8 @@ def rm_display_name(record: Mapping[str, Any]) -> str:
     """The paper's name for the record's RM: RM_Base, RM_APO-v1, RM_APO-v2seq, RM_Base-AB(v1).
 
     Read from the RM id (``rm/base``, ``rm/<lineage>/r<k>``; apo_seq's round-1 RM is ``rm/apo/r1``,
-    i.e. RM_APO-v1) and, without a usable id, from the arm and round.
+    i.e. RM_APO-v1) and, without a usable id, from the arm and round; the names are the modes'
+    (``arms.RM_UPDATE_MODES``).
     """
     rm_id = str(record.get("rm") or "")
     if rm_id == "rm/base":
@@ -130,17 +128,10 @@ def rm_display_name(record: Mapping[str, Any]) -> str:
         return rm_id.replace("rm/", "RM_", 1) if rm_id.startswith("rm/") else rm_id
     else:
         lineage, k = str(record.get("rm_mode", "")), int(record.get("round", 0) or 0)
-        if lineage == "fixed" or k == 0:
-            return "RM_Base"
-    if lineage == "apo":
-        return f"RM_APO-v{k}"
-    if lineage == "apo_seq":
-        return f"RM_APO-v{k}seq"
-    if lineage == "ablation":
-        return f"RM_Base-AB(v{k})"
-    if lineage == "fixed":
-        return "RM_Base"
-    return f"RM_{lineage}-v{k}"
+    mode = RM_UPDATE_MODES.get(lineage)
+    if mode is None:
+        return "RM_Base" if k == 0 else f"RM_{lineage}-v{k}"
+    return mode.rm_display_name(k)
 
 
 # -- tables as data ------------------------------------------------------------------------------
@@ -258,6 +249,13 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: Path) -> bool:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    _pyplot().close(fig)
+    return True
+
+
 def _plot_reliability(path: Path, rms: Sequence[Mapping[str, Any]]) -> bool:
     rms = [r for r in rms if r["bins"]]
     if not rms:
@@ -297,10 +295,7 @@ def _plot_reliability(path: Path, rms: Sequence[Mapping[str, Any]]) -> bool:
         ax.set_visible(False)
     axes.flat[0].legend(loc="upper left", fontsize=7)
     fig.suptitle("Reliability diagrams (labels: share of predictions in bin)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def _plot_acc_vs_ece(path: Path, rms: Sequence[Mapping[str, Any]]) -> bool:
@@ -333,10 +328,7 @@ def _plot_acc_vs_ece(path: Path, rms: Sequence[Mapping[str, Any]]) -> bool:
     ax.margins(0.2)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def _plot_reward_by_round(path: Path, policies: Sequence[Mapping[str, Any]]) -> bool:
@@ -363,10 +355,7 @@ def _plot_reward_by_round(path: Path, policies: Sequence[Mapping[str, Any]]) -> 
     ax.set_title("Policies by round (error bars: stderr)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def _plot_judge(path: Path, rows: Sequence[Mapping[str, Any]]) -> bool:
@@ -393,10 +382,7 @@ def _plot_judge(path: Path, rows: Sequence[Mapping[str, Any]]) -> bool:
     ax.invert_yaxis()
     ax.set_title("LLM-as-judge (both orders asked)")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=5, fontsize=8, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 # -- the report ----------------------------------------------------------------------------------

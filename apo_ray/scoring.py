@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -14,6 +15,9 @@ from apo_ray.models import (
     pad_batch,
     reward_forward,
 )
+
+if TYPE_CHECKING:
+    from apo_ray.config import Config
 
 
 class RewardScorer:
@@ -49,3 +53,9 @@ class RewardScorer:
                 scores[i] = r
         self.last_seconds = time.perf_counter() - start
         return scores
+
+
+def scorer_from_config(cfg: Config) -> RewardScorer:
+    """The scorer ``cfg.model.reward`` / ``cfg.rm`` describe, with the pretrained weights."""
+    return RewardScorer(cfg.model.reward, max_length=cfg.rm.max_length, score_batch=cfg.rm.score_batch,
+                        dtype=cfg.model.dtype)

@@ -28,8 +28,11 @@ class APOMetrics:
                                   tag_keys=tags)
         self.sync_bytes = Counter("apo_weight_sync_bytes", "Bytes of weights loaded by pool actors", tag_keys=tags)
 
-    def on_phase(self, event: dict, generation: dict | None = None, sync: dict | None = None) -> None:
+    def on_phase(self, event: dict) -> None:
+        """Export one phase event of the game (``game.APOGame.on_phase``); sampling phases carry
+        their generation stats under ``"generation"``."""
         tags = {"run": self.default_tags["run"], "arm": str(event.get("arm", "setup"))}
+        generation = event.get("generation")
         phase = event["phase"]
         if "round" in event:
             self.round.set(event["round"], tags=tags)
@@ -50,8 +53,8 @@ class APOMetrics:
             self.tokens_per_s.set(generation["tokens_per_s"], tags=tags)
             line += f" ({generation['sequences']} samples, {generation['samples_per_s']:.1f} samples/s, " \
                     f"{generation['tokens_per_s']:.0f} tokens/s)"
-        if sync and sync.get("bytes"):
-            self.sync_seconds.set(sync["seconds"], tags=tags)
-            self.sync_bytes.inc(sync["bytes"], tags=tags)
+        if generation and generation.get("sync_bytes"):
+            self.sync_seconds.set(generation["sync_seconds"], tags=tags)
+            self.sync_bytes.inc(generation["sync_bytes"], tags=tags)
         if phase != "evaluate":  # evaluation is many small scoring calls; its total is in the round line
             log.info(line)

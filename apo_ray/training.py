@@ -1,16 +1,21 @@
 """Learners as plain functions (layer 2): one epoch-loop each, from given initial weights.
 
-- :func:`train_reward_model`: APO RM loss on D_APO + D_P (or plain Bradley-Terry on D_P).
-- :func:`train_policy`: rejection-sampling SFT on (x, y_best), or DPO on (x, y_best, y_worst).
+- :func:`train_reward_model`: the APO RM loss (``losses.apo_rm_loss``) on D_APO + D_P, or plain
+  Bradley-Terry on D_P.
+- :func:`train_policy`: a registered policy objective (``objectives.py``: rejection-sampling SFT on
+  the best of S, or DPO on best vs worst).
+- :class:`LearnerJob`: what one learner phase trains and how (model, :class:`TrainSettings`, loss
+  options), built from the config in one place; :func:`run_job` runs it, in one process or on
+  every rank of a Ray Train worker group.
 
-Both run the same on one process and inside a Ray Train worker: the caller passes ``rank`` /
-``world_size`` (each rank takes its slice of every optimiser step) and ``prepare_model`` (Ray
-Train's ``prepare_model`` wraps in DDP; the default leaves the model as it is). Both return a CPU
-state dict of the trained weights and a stats dict.
+Both learners run the same on one process and inside a Ray Train worker: each rank takes its slice
+of every optimiser step, and ``prepare_model`` wraps the model for the strategy (DDP through Ray
+Train; the default leaves it as it is). Rank 0 returns a CPU state dict of the trained weights
+(other ranks ``None``) and every rank a stats dict.
 
-Gradient accumulation is exact: each micro-batch's loss is a sum over its examples divided by the
-number of such examples in the whole step (across ranks), so the accumulated gradient is that of
-the step's mean loss whatever the micro-batch size.
+Gradient accumulation is exact: each micro-batch's loss is its share of the step's mean (the loss
+functions take the item counts of the whole step, across ranks), so the accumulated gradient is
+that of the step's mean loss whatever the micro-batch size.
 """
 
 from __future__ import annotations
@@ -23,12 +28,13 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from apo_ray.losses import dpo_loss, sequence_logprobs
+from apo_ray.data import RankedPair
+from apo_ray.losses import apo_rm_loss, sequence_logprobs
 from apo_ray.models import (
     Encoded,
     encode_prompt_response,
@@ -42,19 +48,12 @@ from apo_ray.models import (
     resolve_dtype,
     reward_forward,
 )
+from apo_ray.objectives import policy_objective
+
+if TYPE_CHECKING:
+    from apo_ray.config import Config
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RankedPair:
-    """One comparison for the RM: ``good`` should score above ``bad``. ``kind``: "apo" (gold vs
-    policy sample, D_APO) or "pref" (human chosen vs rejected, D_P)."""
-
-    prompt: str
-    good: str
-    bad: str
-    kind: str = "pref"
 
 
 class ScalarRewardModel(nn.Module):
@@ -151,22 +150,30 @@ def _steps(n_items: int, per_step: int, seed: int, epochs: int) -> list[list[int
     return steps
 
 
-def _cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def _trained_state(model: nn.Module, rank: int) -> dict[str, torch.Tensor] | None:
+    """The trained weights as a CPU state dict on rank 0, ``None`` on the other ranks (one full copy
+    per group, not per rank). ZeRO-3 partitions the parameters, so every rank takes part in the
+    gather and rank 0 receives the result."""
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
     if hasattr(model, "_zero3_consolidated_16bit_state_dict") and model.zero_optimization_stage() == 3:
-        # DeepSpeed ZeRO-3 partitions the parameters: gather them (on rank 0).
-        full = model._zero3_consolidated_16bit_state_dict()
+        full = model._zero3_consolidated_16bit_state_dict()  # a collective: every rank calls it
+        if rank != 0:
+            return None
         prefix = "model." if isinstance(model.module, ScalarRewardModel) else ""
         return {k[len(prefix):]: v.detach().cpu().contiguous() for k, v in (full or {}).items()}
+    if rank != 0:
+        return None
     inner = getattr(model, "module", model)  # unwrap DDP / DeepSpeed
     if isinstance(inner, ScalarRewardModel):
         inner = inner.model
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in inner.state_dict().items()}
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainSettings:
-    """What every learner takes besides its data; the fields map onto RMConfig / PolicyConfig."""
+    """What every learner takes besides its data and loss; built from RMConfig / PolicyConfig /
+    ClusterConfig by :meth:`for_role`. ``device``/``rank``/``world_size`` say where this copy runs
+    (filled in by :func:`run_job`)."""
 
     lr: float
     examples_per_step: int
@@ -187,15 +194,86 @@ class TrainSettings:
     zero_stage: int = 2
     log_every_steps: int = 0  # 0: about ten progress lines per run
 
+    @classmethod
+    def for_role(cls, cfg: Config, role: str, *, lr: float, seed: int, epochs: int | None = None) -> TrainSettings:
+        """The settings of an RM (``role="rm"``) or policy (``"policy"``) learner under ``cfg``."""
+        c = cfg.cluster
+        common = {"lr": lr, "seed": seed, "precision": cfg.model.train_precision,
+                  "gradient_checkpointing": c.gradient_checkpointing, "compile": c.learner_compile,
+                  "strategy": "deepspeed" if c.learner_strategy == "deepspeed" else "ddp",
+                  "zero_stage": c.deepspeed_stage}
+        if role == "rm":
+            r = cfg.rm
+            return cls(examples_per_step=r.pairs_per_batch, micro_examples=r.micro_pairs, max_length=r.max_length,
+                       epochs=r.epochs if epochs is None else epochs, weight_decay=r.weight_decay,
+                       trainable_layers=r.trainable_layers, **common)
+        if role == "policy":
+            p = cfg.policy
+            return cls(examples_per_step=p.sequences_per_batch, micro_examples=p.micro_sequences,
+                       max_length=p.max_length, epochs=p.epochs if epochs is None else epochs,
+                       weight_decay=p.weight_decay, trainable_layers=p.trainable_layers, **common)
+        raise ValueError(f"role must be 'rm' or 'policy', got {role!r}")
+
+
+@dataclass(frozen=True)
+class RMLoss:
+    """Options of ``losses.apo_rm_loss``. The defaults are plain Bradley-Terry on D_P (RM_Base)."""
+
+    beta2: float = 1.0
+    apo_weight: float = 0.0
+    reduction: str = "per_term"  # per_term (paper, eq. 15) | pooled (authors' code)
+    samples_per_query: int = 1
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    """Which registered policy objective trains the policy (``objectives.POLICY_OBJECTIVES``)."""
+
+    objective: str = "rjs"
+    dpo_beta: float = 0.1
+
+
+@dataclass(frozen=True)
+class LearnerJob:
+    """One learner phase: the model to load, how to train it, and with which loss. The whole object
+    travels to every Ray Train rank, so a setting added here reaches every worker."""
+
+    model: str
+    settings: TrainSettings
+    loss: RMLoss | PolicyLoss
+
+    @property
+    def role(self) -> str:
+        return "rm" if isinstance(self.loss, RMLoss) else "policy"
+
+    @classmethod
+    def rm(cls, cfg: Config, *, lr: float, epochs: int, seed: int, loss: RMLoss) -> LearnerJob:
+        return cls(cfg.model.reward, TrainSettings.for_role(cfg, "rm", lr=lr, epochs=epochs, seed=seed), loss)
+
+    @classmethod
+    def policy(cls, cfg: Config, *, lr: float, seed: int) -> LearnerJob:
+        return cls(cfg.model.policy, TrainSettings.for_role(cfg, "policy", lr=lr, seed=seed),
+                   PolicyLoss(cfg.policy.updater, cfg.policy.dpo_beta))
+
+
+def run_job(job: LearnerJob, init_state: dict[str, torch.Tensor] | None, data: Sequence, *, device: str = "cpu",
+            rank: int = 0, world_size: int = 1,
+            prepare_model: Callable[[nn.Module], nn.Module] = lambda m: m) -> tuple[dict | None, dict]:
+    """Run ``job`` on ``data`` (RankedPairs for an RM, (prompt, response...) tuples for a policy)
+    as ``rank`` of ``world_size``; returns (rank 0: the trained state dict, else None; stats)."""
+    settings = dataclasses.replace(job.settings, device=device, rank=rank, world_size=world_size)
+    train = train_reward_model if job.role == "rm" else train_policy
+    return train(job.model, init_state, data, settings, loss=job.loss, prepare_model=prepare_model)
+
 
 def _run_steps(model: nn.Module, settings: TrainSettings, n_items: int,
                micro_loss: Callable[[nn.Module, list[int], dict[str, int]], tuple[torch.Tensor, int]],
-               step_counts: Callable[[list[int]], dict[str, int]], what: str) -> dict:
+               step_counts: Callable[[list[int]], dict[str, int]], what: str) -> tuple[nn.Module, dict]:
     """The shared optimiser loop: this rank's slice of each step, in micro-batches, one update.
 
-    ``micro_loss(model, indices, step_counts)`` returns (loss already divided by the step's counts,
-    tokens); ``model`` is what to call forward on (the DDP module or the DeepSpeed engine).
-    Returns (stats, the trained model/engine).
+    ``micro_loss(model, indices, step_counts)`` returns (this micro-batch's share of the step's
+    loss, tokens); ``model`` is what to call forward on (the DDP module or the DeepSpeed engine).
+    Returns (the trained model/engine, stats).
     """
     if settings.compile:
         model = torch.compile(model)
@@ -234,10 +312,10 @@ def _run_steps(model: nn.Module, settings: TrainSettings, n_items: int,
                      step_loss, tokens / max(elapsed, 1e-9))
     elapsed = time.perf_counter() - start
     return stepper.model, {"steps": len(steps), "loss_first": losses[0] if losses else float("nan"),
-            "loss_last": losses[-1] if losses else float("nan"),
-            "loss_mean": sum(losses) / max(len(losses), 1), "seconds": elapsed,
-            "tokens_per_s": tokens / max(elapsed, 1e-9), "skipped_steps": stepper.skipped_steps,
-            "precision": settings.precision, "losses": losses}
+                           "loss_last": losses[-1] if losses else float("nan"),
+                           "loss_mean": sum(losses) / max(len(losses), 1), "seconds": elapsed,
+                           "tokens_per_s": tokens / max(elapsed, 1e-9), "skipped_steps": stepper.skipped_steps,
+                           "precision": settings.precision, "losses": losses}
 
 
 def _load_for_training(load, model_name: str, init_state: dict | None, settings: TrainSettings):
@@ -258,12 +336,11 @@ def _load_for_training(load, model_name: str, init_state: dict | None, settings:
 
 
 def train_reward_model(model_name: str, init_state: dict[str, torch.Tensor] | None,
-                       pairs: Sequence[RankedPair], settings: TrainSettings, *, beta2: float = 1.0,
-                       apo_weight: float = 1.0,
-                       prepare_model: Callable[[nn.Module], nn.Module] = lambda m: m) -> tuple[dict, dict]:
-    """One run of RM training. The step loss is ``apo_rm_loss`` over the step's pairs:
-    ``apo_weight * mean_apo(-log sigmoid(r_gold - r_sample)) + beta2 * mean_pref(-log sigmoid(r_good - r_bad))``.
-    With only "pref" pairs and beta2=1 this is plain Bradley-Terry (RM_Base, evaluation RMs)."""
+                       pairs: Sequence[RankedPair], settings: TrainSettings, *, loss: RMLoss = RMLoss(),
+                       prepare_model: Callable[[nn.Module], nn.Module] = lambda m: m) -> tuple[dict | None, dict]:
+    """One run of RM training: each step minimises ``losses.apo_rm_loss`` over the step's pairs
+    ("apo" pairs: gold vs sample; "pref": chosen vs rejected). With only "pref" pairs and the
+    default loss this is plain Bradley-Terry (RM_Base, evaluation RMs)."""
     if not pairs:
         raise ValueError("train_reward_model: no pairs to train on")
     settings = dataclasses.replace(settings, precision=resolve_precision(settings.precision, settings.device))
@@ -272,7 +349,6 @@ def train_reward_model(model_name: str, init_state: dict[str, torch.Tensor] | No
         hf_model.config.pad_token_id = tokenizer.pad_token_id
     model = prepare_model(ScalarRewardModel(hf_model).to(settings.device))
     prompts = {p.prompt: format_prompt(tokenizer, p.prompt) for p in pairs}
-    weights = {"apo": apo_weight, "pref": beta2}
 
     def encode(prompt: str, response: str) -> Encoded:
         return encode_prompt_response(tokenizer, prompts[prompt], response, settings.max_length)
@@ -286,38 +362,39 @@ def train_reward_model(model_name: str, init_state: dict[str, torch.Tensor] | No
               [encode(pairs[i].prompt, pairs[i].bad) for i in chunk]
         batch = pad_batch(enc, tokenizer.pad_token_id, side="right")
         rewards = model(batch["input_ids"].to(settings.device), batch["attention_mask"].to(settings.device))
-        margin = rewards[:len(chunk)] - rewards[len(chunk):]  # [k]
-        loss = rewards.new_zeros(())
-        for kind, weight in weights.items():
-            sel = torch.tensor([pairs[i].kind == kind for i in chunk], device=margin.device)
-            if counts[kind] and sel.any():
-                loss = loss + weight * (-F.logsigmoid(margin[sel])).sum() / counts[kind]
-        return loss, int(batch["attention_mask"].sum())
+        good, bad = rewards[:len(chunk)], rewards[len(chunk):]  # [k] each
+        is_apo = torch.tensor([pairs[i].kind == "apo" for i in chunk], device=rewards.device)
+        value = apo_rm_loss(good[is_apo], bad[is_apo], good[~is_apo], bad[~is_apo], beta2=loss.beta2,
+                            apo_weight=loss.apo_weight, reduction=loss.reduction,
+                            samples_per_query=loss.samples_per_query, n_apo=counts["apo"], n_pref=counts["pref"])
+        return value, int(batch["attention_mask"].sum())
 
     model, stats = _run_steps(model, settings, len(pairs), micro_loss, step_counts, "rm")
     stats.update(pairs=len(pairs), apo_pairs=sum(p.kind == "apo" for p in pairs))
-    return _cpu_state_dict(model), stats
+    return _trained_state(model, settings.rank), stats
 
 
 @torch.no_grad()
-def _reference_logprobs(model, batches) -> torch.Tensor:
-    out = []
-    for batch in batches:
-        mask = model_attention_mask(batch["attention_mask"])
-        logits = model(input_ids=batch["input_ids"], attention_mask=mask).logits
-        out.append(sequence_logprobs(logits, batch["input_ids"], batch["loss_mask"]).float())
-    return torch.cat(out)
+def _sequence_logprobs_of(model, batch) -> torch.Tensor:
+    mask = model_attention_mask(batch["attention_mask"])
+    logits = model(input_ids=batch["input_ids"], attention_mask=mask).logits
+    return sequence_logprobs(logits, batch["input_ids"], batch["loss_mask"]).float()
 
 
 def train_policy(model_name: str, init_state: dict[str, torch.Tensor] | None,
-                 examples: Sequence[tuple[str, str] | tuple[str, str, str]], settings: TrainSettings, *,
-                 updater: str = "rjs", dpo_beta: float = 0.1,
-                 prepare_model: Callable[[nn.Module], nn.Module] = lambda m: m) -> tuple[dict, dict]:
-    """Rejection-sampling SFT (``updater="rjs"``, examples ``(prompt, best)``): LM loss on response
-    tokens only, averaged over the step's response tokens. DPO (``"dpo"``, examples
-    ``(prompt, best, worst)``): the reference is the round's starting policy."""
+                 examples: Sequence[tuple[str, ...]], settings: TrainSettings, *, loss: PolicyLoss = PolicyLoss(),
+                 prepare_model: Callable[[nn.Module], nn.Module] = lambda m: m) -> tuple[dict | None, dict]:
+    """Train the policy on ``examples`` = (prompt, response_1, ..., response_R) tuples with the
+    objective ``loss.objective`` (R = its ``responses_per_example``). An objective that
+    ``uses_reference`` compares against the starting weights (its log-probs are taken before the
+    first step)."""
+    objective = policy_objective(loss.objective, dpo_beta=loss.dpo_beta)
     if not examples:
         raise ValueError("train_policy: no examples to train on")
+    n_responses = objective.responses_per_example
+    if any(len(ex) != 1 + n_responses for ex in examples):
+        raise ValueError(f"train_policy: objective {objective.name!r} takes (prompt, {n_responses} responses) "
+                         f"examples")
     settings = dataclasses.replace(settings, precision=resolve_precision(settings.precision, settings.device))
     tokenizer, hf_model = _load_for_training(load_policy, model_name, init_state, settings)
     hf_model.to(settings.device)
@@ -326,57 +403,42 @@ def train_policy(model_name: str, init_state: dict[str, torch.Tensor] | None,
     def encode(i: int, which: int) -> Encoded:
         return encode_prompt_response(tokenizer, prompts[examples[i][0]], examples[i][which], settings.max_length)
 
-    def to_device(batch):
-        return {k: v.to(settings.device) for k, v in batch.items()}
+    def batch_of(chunk: list[int]) -> dict[str, torch.Tensor]:
+        # [R * k, T]: every example's first response, then every second response, ...
+        enc = [encode(i, which) for which in range(1, n_responses + 1) for i in chunk]
+        return {k: v.to(settings.device) for k, v in pad_batch(enc, tokenizer.pad_token_id).items()}
 
-    if updater == "rjs":
-        response_tokens = [sum(encode(i, 1).loss_mask) for i in range(len(examples))]
-
-        def step_counts(step):
-            return {"tokens": sum(response_tokens[i] for i in step)}
-
-        model = prepare_model(hf_model)
-
-        def micro_loss(model, chunk, counts):
-            batch = to_device(pad_batch([encode(i, 1) for i in chunk], tokenizer.pad_token_id))
-            mask = model_attention_mask(batch["attention_mask"])
-            logits = model(input_ids=batch["input_ids"], attention_mask=mask).logits
-            # Sum of token NLL over this micro-batch / response tokens of the whole step.
-            token_logps = sequence_logprobs(logits, batch["input_ids"], batch["loss_mask"])
-            return -token_logps.sum() / counts["tokens"], int(batch["attention_mask"].sum())
-
-    elif updater == "dpo":
+    reference = None
+    if objective.uses_reference:
         hf_model.eval()
-        ref = {}
+        reference = {}
         for lo in range(0, len(examples), settings.micro_examples):
-            idx = list(range(lo, min(lo + settings.micro_examples, len(examples))))
+            chunk = list(range(lo, min(lo + settings.micro_examples, len(examples))))
             with _autocast(settings.precision, settings.device):
-                chosen = _reference_logprobs(hf_model, [to_device(pad_batch([encode(i, 1) for i in idx],
-                                                                             tokenizer.pad_token_id))])
-                rejected = _reference_logprobs(hf_model, [to_device(pad_batch([encode(i, 2) for i in idx],
-                                                                               tokenizer.pad_token_id))])
-            for j, i in enumerate(idx):
-                ref[i] = (chosen[j], rejected[j])
+                logps = _sequence_logprobs_of(hf_model, batch_of(chunk)).cpu()  # [R * k]
+            for j, i in enumerate(chunk):
+                reference[i] = logps[j::len(chunk)]  # [R]: this example's responses
+    if objective.count_unit == "tokens":
+        response_tokens = [sum(sum(encode(i, w).loss_mask) for w in range(1, n_responses + 1))
+                           for i in range(len(examples))]
 
         def step_counts(step):
-            return {"pairs": len(step)}
-
-        model = prepare_model(hf_model)
-
-        def micro_loss(model, chunk, counts):
-            enc = [encode(i, 1) for i in chunk] + [encode(i, 2) for i in chunk]
-            batch = to_device(pad_batch(enc, tokenizer.pad_token_id))
-            mask = model_attention_mask(batch["attention_mask"])
-            logits = model(input_ids=batch["input_ids"], attention_mask=mask).logits
-            logps = sequence_logprobs(logits, batch["input_ids"], batch["loss_mask"])  # [2k]
-            k = len(chunk)
-            ref_c = torch.stack([ref[i][0] for i in chunk]).to(logps.device)
-            ref_r = torch.stack([ref[i][1] for i in chunk]).to(logps.device)
-            mean = dpo_loss(logps[:k], logps[k:], ref_c, ref_r, beta=dpo_beta)
-            return mean * k / counts["pairs"], int(batch["attention_mask"].sum())
+            return {"n": sum(response_tokens[i] for i in step)}
     else:
-        raise ValueError(f"policy.updater must be 'rjs' or 'dpo', got {updater!r}")
+        def step_counts(step):
+            return {"n": len(step)}
 
-    model, stats = _run_steps(model, settings, len(examples), micro_loss, step_counts, f"policy[{updater}]")
+    model = prepare_model(hf_model)
+
+    def micro_loss(model, chunk, counts):
+        batch = batch_of(chunk)
+        mask = model_attention_mask(batch["attention_mask"])
+        logits = model(input_ids=batch["input_ids"], attention_mask=mask).logits
+        ref = None if reference is None else torch.stack([reference[i] for i in chunk], dim=1).reshape(-1)
+        value = objective.loss(logits, batch["input_ids"], batch["loss_mask"], n_step=counts["n"],
+                               reference_logps=ref)
+        return value, int(batch["attention_mask"].sum())
+
+    model, stats = _run_steps(model, settings, len(examples), micro_loss, step_counts, f"policy[{objective.name}]")
     stats.update(examples=len(examples))
-    return _cpu_state_dict(model), stats
+    return _trained_state(model, settings.rank), stats

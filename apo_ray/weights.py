@@ -3,7 +3,7 @@
 Why this module exists: ``ray.put(state_dict)`` pickles every tensor separately (torch's reducer copies
 each storage into a bytes object, unless ``RAY_ENABLE_ZERO_COPY_TORCH_TENSORS`` is set), and the
 receiver then unpickles and copies every tensor again before moving it, tensor by tensor, to its
-device. On the H100 that measured 0.24 GB/s for the 1.26 GB state dict, slower than local disk.
+device: slower than local disk (benchmarks/README.md has the numbers).
 
 Here a state dict travels as ONE contiguous ``uint8`` numpy buffer plus a small metadata list:
 
@@ -18,11 +18,10 @@ Here a state dict travels as ONE contiguous ``uint8`` numpy buffer plus a small 
   ``device="cuda"`` moves the whole buffer in one host-to-device transfer (double-buffered pinned
   staging chunks, ``non_blocking``) and slices the tensors out of the GPU buffer.
 
-Ownership: an object is owned by the process that called ``ray.put``, and it is lost when that
-process dies, even if other references to it exist. A Ray Train worker is short-lived (it exits
-when ``trainer.fit()`` returns), so weights it publishes must be owned by a long-lived actor.
-``ray.put(x, _owner=...)`` was removed in Ray 2.56; ``put_weights(sd, owner=actor)`` has the owner
-actor do the put instead (see there).
+Ownership: an object is owned by the process that called ``ray.put`` and is lost when that process
+dies, even if other references to it exist. ``put_weights`` therefore publishes from a process that
+lives as long as the weights are needed (learner rank 0 lives for the whole run); whoever reads a
+version whose owner is gone reloads it from its checkpoint (see ``workers.fetch_weights``).
 
 This is a plain module (pure functions and a dataclass): Ray only appears in ``put_weights`` and
 ``get_weights``; everything else works, and is tested, without a Ray instance.
@@ -284,33 +283,17 @@ def load_packed_into(module: torch.nn.Module, packed: PackedWeights, strict: boo
 
 # ---------------------------------------------------------------------------------------------
 # The Ray layer: two thin functions.
-def _adopt(owner_self: Any, packed: PackedWeights) -> list:
-    """Runs inside the owner actor (via ``__ray_call__``): put ``packed`` there, so the owner owns it."""
-    import ray
-
-    return [ray.put(packed)]  # in a list: Ray returns the reference itself, not its value
-
-
 _scratch: torch.Tensor | None = None  # put_weights' reusable pack buffer (ray.put copies out of it)
 _scratch_lock = threading.Lock()
 
 
-def put_weights(state_dict: Mapping[str, torch.Tensor], owner: Any = None) -> Any:
+def put_weights(state_dict: Mapping[str, torch.Tensor]) -> Any:
     """Pack ``state_dict`` and put it in the object store; returns the ``ray.ObjectRef``.
 
-    Ownership matters: an object is owned by the process that put it and is lost when that
-    process dies, whoever else still holds a reference (``OwnerDiedError`` on ``ray.get``). A Ray
-    Train worker exits when ``trainer.fit()`` returns, so weights it publishes must be owned by a
-    long-lived actor. ``ray.put(x, _owner=actor)`` did that until Ray 2.56, which removed it; so
-    with ``owner`` (an actor handle) the packed weights are sent to that actor, which puts them
-    itself (``actor.__ray_call__``). That costs one more memcpy of the buffer (the argument goes
-    through the object store, owned by us, and is freed once the call returns).
-    The owner must be able to serve that call while its own code may be waiting: a dedicated
-    owner actor, or a threaded (``max_concurrency > 1``) or async driver actor. A plain
-    single-threaded driver blocked in ``ray.get(trainer.fit ...)`` would deadlock.
-    Leave ``owner`` None in a long-lived process (the driver itself, a pool actor).
-    Packs into a buffer kept for the next call (the process keeps one state dict's worth of host
-    memory): repeated publishes then skip the page faults of fresh memory.
+    The object is owned by this process: it lives as long as this process does and someone holds
+    a reference (``OwnerDiedError`` on ``ray.get`` after the owner died). Packs into a buffer kept
+    for the next call (the process keeps one state dict's worth of host memory), so repeated
+    publishes skip the page faults of fresh memory.
     """
     import ray
 
@@ -323,11 +306,7 @@ def put_weights(state_dict: Mapping[str, torch.Tensor], owner: Any = None) -> An
         if _scratch is None or _scratch.numel() < total or (pin and not _scratch.is_pinned()):
             _scratch = None
             _scratch = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
-        packed = pack_state_dict(state_dict, out=_scratch)
-        if owner is None:
-            return ray.put(packed)
-        [ref] = ray.get(owner.__ray_call__.remote(_adopt, packed))  # the argument is copied at .remote()
-        return ref
+        return ray.put(pack_state_dict(state_dict, out=_scratch))
 
 
 def get_weights(ref: Any, device: str | torch.device = "cpu", copy: bool = False) -> dict[str, torch.Tensor]:

@@ -1,9 +1,9 @@
-"""Plain classes that the Ray actors wrap (layer 2): a generator or scorer that tracks which weights
-version it holds, so every call can say which version it wants.
+"""Plain classes that serve a model version (layer 2): a generator or a scorer that knows which
+weights it holds, so every call can say which version it wants.
 
-That makes the actors stateless from the pool's point of view: a restarted actor (after a crash)
-comes back with the pretrained weights, sees the version mismatch on its next call and reloads from
-the object store, so Ray may simply retry the call.
+That makes the pool actors stateless from the caller's point of view: a restarted actor (after a
+crash) comes back with the pretrained weights, sees the version mismatch on its next call and
+reloads, so Ray may simply retry the call. The same classes serve ``LocalSystem`` in one process.
 """
 
 from __future__ import annotations
@@ -11,14 +11,18 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from apo_ray.config import Config
-from apo_ray.generation import make_generator
-from apo_ray.local import generator_kwargs, scorer_kwargs
-from apo_ray.scoring import RewardScorer
+from apo_ray.game import Generated, Weights
+from apo_ray.generation import generator_from_config
+from apo_ray.scoring import scorer_from_config
+from apo_ray.weights import PackedWeights, load_packed_into, unpack_state_dict
+
+log = logging.getLogger(__name__)
 
 
 def setup_process(cpus: float) -> None:
@@ -30,63 +34,83 @@ def setup_process(cpus: float) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(n))
 
 
+def fetch_weights(weights: Weights) -> PackedWeights | dict[str, torch.Tensor] | None:
+    """What to load for ``weights``: ``None`` (the pretrained weights), a state dict (in process),
+    or the packed buffer from the object store (zero-copy on its node). When the object is lost
+    (its owner, a learner process, died and was restarted) the version comes from its checkpoint."""
+    handle = weights.handle
+    if handle is None or isinstance(handle, (dict, PackedWeights)):
+        return handle
+    import ray
+
+    try:
+        return ray.get(handle)
+    except ray.exceptions.ObjectLostError:  # OwnerDiedError is one
+        if not weights.checkpoint:
+            raise
+        log.warning("%s: object store copy lost (its owner died); loading %s", weights.id, weights.checkpoint)
+        return torch.load(weights.checkpoint, map_location="cpu", weights_only=True)
+
+
 class VersionedModel:
-    """Holds a generator or a scorer plus the id of the weights it has loaded."""
+    """A generator or scorer plus the id of the weights it holds; it reloads only for a new id.
 
-    def __init__(self, build, pretrained_id: str):
-        self._build = build
-        self._pretrained_id = pretrained_id
-        self.obj = build()
-        self.loaded_id = pretrained_id
-        self.sync_seconds = 0.0
-        self.sync_bytes = 0
+    ``build()`` makes the object with the pretrained weights (lazily on first use unless
+    ``eager``); the object must have ``load_weights(state_dict)`` and may have a ``model``
+    (``torch.nn.Module``) that packed weights are copied into in place."""
 
-    def ensure(self, weights_id: str, ref_box: list) -> None:
-        """Load ``weights_id`` unless already loaded. ``ref_box``: [ObjectRef of PackedWeights] or [None]
-        (a list, so Ray hands the reference over instead of resolving it for every call)."""
-        self.sync_seconds, self.sync_bytes = 0.0, 0  # per call: what this call spent loading
-        if weights_id == self.loaded_id:
-            return
+    def __init__(self, build: Callable[[], Any], pretrained_id: str, *, eager: bool = False):
+        self._build, self._pretrained_id = build, pretrained_id
+        self.obj = build() if eager else None
+        self.loaded_id = pretrained_id if eager else None
+        self.sync_seconds, self.sync_bytes = 0.0, 0  # what the latest ensure() spent loading
+
+    def ensure(self, weights: Weights) -> Any:
+        """Load ``weights`` unless already held; returns the object serving them."""
+        self.sync_seconds, self.sync_bytes = 0.0, 0
+        if self.obj is not None and weights.id == self.loaded_id:
+            return self.obj
         start = time.perf_counter()
-        ref = ref_box[0]
-        if ref is None:
+        state = fetch_weights(weights)
+        if state is None or self.obj is None:
             self.obj = self._build()
-        else:
-            import ray
-
-            from apo_ray.weights import load_packed_into, unpack_state_dict
-
-            packed = ray.get(ref)
+        if isinstance(state, PackedWeights):
             if isinstance(getattr(self.obj, "model", None), torch.nn.Module):
-                load_packed_into(self.obj.model, packed)  # in place: one host->device copy
+                load_packed_into(self.obj.model, state)  # in place: one host->device copy
             else:  # e.g. vLLM: the engine loads from a state dict of CPU views
-                self.obj.load_weights(unpack_state_dict(packed))
-            self.sync_bytes = packed.total_bytes
-        self.loaded_id = weights_id
+                self.obj.load_weights(unpack_state_dict(state))
+            self.sync_bytes = state.total_bytes
+        elif state is not None:
+            self.obj.load_weights(state)
+        self.loaded_id = weights.id
         self.sync_seconds = time.perf_counter() - start
+        return self.obj
 
 
 class GeneratorWorker:
-    def __init__(self, cfg: Config, cpus: float = 1.0):
-        setup_process(cpus)
-        self.model = VersionedModel(
-            lambda: make_generator(cfg.generation.backend, cfg.model.policy, **generator_kwargs(cfg)), "policy/init")
+    """The generator of a pool actor (or of ``LocalSystem``)."""
 
-    def generate(self, weights_id: str, ref_box: list, prompts: list[str], n: int, seed: int) -> dict[str, Any]:
-        self.model.ensure(weights_id, ref_box)
-        samples = self.model.obj.generate(prompts, n, seed=seed)
-        stats = self.model.obj.last_stats
-        return {"samples": samples, "sequences": stats.sequences, "new_tokens": stats.new_tokens,
-                "seconds": stats.seconds, "sync_seconds": self.model.sync_seconds,
-                "sync_bytes": self.model.sync_bytes, "pid": os.getpid()}
+    def __init__(self, cfg: Config, cpus: float | None = None, *, eager: bool = True):
+        if cpus is not None:  # an actor: a share of the node's cores
+            setup_process(cpus)
+        self.model = VersionedModel(lambda: generator_from_config(cfg), "policy/init", eager=eager)
+
+    def generate(self, weights: Weights, prompts: list[str], n: int, seed: int) -> Generated:
+        generator = self.model.ensure(weights)
+        samples = generator.generate(prompts, n, seed=seed)
+        stats = generator.last_stats
+        return Generated(samples, {"sequences": stats.sequences, "new_tokens": stats.new_tokens,
+                                   "seconds": stats.seconds, "sync_seconds": self.model.sync_seconds,
+                                   "sync_bytes": self.model.sync_bytes, "pid": os.getpid()})
 
 
 class ScorerWorker:
-    def __init__(self, cfg: Config, cpus: float = 1.0):
-        setup_process(cpus)
-        self.model = VersionedModel(lambda: RewardScorer(cfg.model.reward, **scorer_kwargs(cfg)), "rm/pretrained")
+    """The reward scorer of a pool actor (or of ``LocalSystem``)."""
 
-    def score(self, weights_id: str, ref_box: list, prompts: list[str], responses: list[str]) -> dict[str, Any]:
-        self.model.ensure(weights_id, ref_box)
-        scores = self.model.obj.score(prompts, responses)
-        return {"scores": scores, "seconds": self.model.obj.last_seconds, "pid": os.getpid()}
+    def __init__(self, cfg: Config, cpus: float | None = None, *, eager: bool = True):
+        if cpus is not None:
+            setup_process(cpus)
+        self.model = VersionedModel(lambda: scorer_from_config(cfg), "rm/pretrained", eager=eager)
+
+    def score(self, weights: Weights, prompts: list[str], responses: list[str]) -> list[float]:
+        return self.model.ensure(weights).score(prompts, responses)

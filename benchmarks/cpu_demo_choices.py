@@ -53,9 +53,10 @@ def sampling(prompts: list[str], samples: int, new_tokens: int, prompt_tokens: i
 
 
 def rm_learner(pairs, trainable_layers: int, max_length: int) -> list[dict]:
-    from apo_ray.training import RankedPair, TrainSettings, train_reward_model
+    from apo_ray.data import RankedPair
+    from apo_ray.training import TrainSettings, train_reward_model
 
-    ranked = [RankedPair(p.prompt, p.chosen, p.rejected) for p in pairs]
+    ranked = [RankedPair.from_preference(p) for p in pairs]
     rows = []
     for layers in (None, trainable_layers):
         settings = TrainSettings(lr=1e-5, examples_per_step=8, micro_examples=8, max_length=max_length,

@@ -8,10 +8,10 @@ import torch.distributed as dist
 
 os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29511")
 dist.init_process_group("nccl")
-from apo_ray.data import load_preference_pairs
-from apo_ray.training import RankedPair, TrainSettings, train_policy, train_reward_model
+from apo_ray.data import RankedPair, load_preference_pairs
+from apo_ray.training import TrainSettings, train_policy, train_reward_model
 
-pairs = [RankedPair(p.prompt, p.chosen, p.rejected, "pref") for p in load_preference_pairs(".gpu-cache/hh-rlhf", limit=16)]
+pairs = [RankedPair.from_preference(p) for p in load_preference_pairs(".gpu-cache/hh-rlhf", limit=16)]
 for stage in (2, 3):
     s = TrainSettings(lr=1e-5, examples_per_step=8, micro_examples=4, max_length=128, precision="bf16",
                       device="cuda", strategy="deepspeed", zero_stage=stage)

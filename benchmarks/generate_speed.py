@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from results_io import write_result
 
 
 def model_config(shape: str):
@@ -141,10 +141,7 @@ def main() -> None:
         "generate_best_path": best_fast["path"] if best_fast else None,
         "generate_speedup": (best_fast["tok_per_s"] / base) if best_fast and base else None,
     }
-    out = Path(args.out or Path(__file__).parent / "results" / f"generate_{args.shape}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, args.out or Path(__file__).parent / "results" / f"generate_{args.shape}.json")
 
 
 if __name__ == "__main__":

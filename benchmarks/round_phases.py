@@ -92,27 +92,11 @@ def demo_config(args):
 
 
 def make_system(cfg, args):
-    from apo_ray.generation import HFGenerator
-    from apo_ray.local import LocalSystem, _Reloading, generator_kwargs, policy_settings, rm_settings
-    from apo_ray.training import train_policy, train_reward_model
+    from apo_ray.local import LocalSystem
 
-    class System(LocalSystem):
-        """LocalSystem with its learners on ``--learner-device`` (and optionally the fast generator)."""
-
-        def train_rm(self, init, pairs, *, lr, epochs, beta2, apo_weight, seed):
-            settings = rm_settings(self.cfg, lr=lr, epochs=epochs, seed=seed, device=args.learner_device)
-            return train_reward_model(self.cfg.model.reward, init.handle, pairs, settings, beta2=beta2,
-                                      apo_weight=apo_weight)
-
-        def train_policy(self, init, examples, *, lr, seed):
-            settings = policy_settings(self.cfg, lr=lr, seed=seed, device=args.learner_device)
-            return train_policy(self.cfg.model.policy, init.handle, examples, settings,
-                                updater=self.cfg.policy.updater, dpo_beta=self.cfg.policy.dpo_beta)
-
-    system = System(cfg)
-    if args.fast:
-        system._generator = _Reloading(
-            lambda: HFGenerator(cfg.model.policy, fast=True, **generator_kwargs(cfg)), "policy/init")
+    cfg.generation.fast_sampler = args.fast  # HFGenerator(fast=...): the FastSampler on CUDA
+    system = LocalSystem(cfg)
+    system.device = args.learner_device  # the learners' device
     return system
 
 

@@ -37,7 +37,6 @@ import argparse
 import contextlib
 import datetime
 import gc
-import json
 import platform
 import sys
 import time
@@ -48,6 +47,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate_speed import model_config
+from results_io import write_result
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -266,10 +266,7 @@ def main() -> None:
     if args.shape == "qwen2.5-0.5b":
         result["train_mfu_0p5b"] = best["mfu"]
         result["train_mfu_0p5b_anchor_convention"] = best["mfu_anchor"]
-    out = Path(args.out or Path(__file__).parent / "results" / f"train_mfu_{args.shape}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, args.out or Path(__file__).parent / "results" / f"train_mfu_{args.shape}.json")
 
 
 if __name__ == "__main__":

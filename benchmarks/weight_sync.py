@@ -6,8 +6,6 @@ process (the "learner") into a separate Ray actor (the "pool member") onto ``--d
 
   naive         ray.put(state_dict) here; ray.get in the actor; .to(device) per tensor
   packed        apo_ray.weights.put_weights here; get_weights(ref, device) in the actor
-  packed_owner  the same with owner= a third, long-lived actor (the ownership-safe path a Ray Train
-                worker must use; one extra memcpy)
   disk          torch.save to a local temp file here; torch.load + .to(device) in the actor
 
 Seconds are end to end: from the moment the sender holds the state dict to the moment the actor
@@ -107,20 +105,12 @@ class Receiver:
         return len(sd)
 
 
-@ray.remote(num_cpus=0, max_concurrency=4)
-class Owner:
-    """A long-lived actor that owns published weights (the driver actor's role)."""
-
-    def ping(self) -> bool:
-        return True
-
-
 def sync_source(args: argparse.Namespace) -> None:
     if args.source_device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def run_once(method: str, sd: dict, receiver, owner, tmpdir: str, args: argparse.Namespace) -> float:
+def run_once(method: str, sd: dict, receiver, tmpdir: str, args: argparse.Namespace) -> float:
     sync_source(args)
     t0 = time.perf_counter()
     if method == "naive":
@@ -128,9 +118,6 @@ def run_once(method: str, sd: dict, receiver, owner, tmpdir: str, args: argparse
         ray.get(receiver.naive.remote([ref]))
     elif method == "packed":
         ref = put_weights(sd)
-        ray.get(receiver.packed.remote([ref]))
-    elif method == "packed_owner":
-        ref = put_weights(sd, owner=owner)
         ray.get(receiver.packed.remote([ref]))
     elif method == "disk":
         path = os.path.join(tmpdir, "weights.pt")
@@ -155,7 +142,7 @@ def main() -> None:
     p.add_argument("--gpus-per-actor", type=float, default=0.0, help="e.g. 0.4 to share one GPU")
     p.add_argument("--actor-cpus", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--methods", default="naive,packed,packed_owner,disk")
+    p.add_argument("--methods", default="naive,packed,disk")
     p.add_argument("--tmpdir", default=None, help="local disk folder for the disk method")
     p.add_argument(
         "--out", default=None, help="JSON path (default benchmarks/results/weight_sync_<device>.json)"
@@ -187,16 +174,14 @@ def main() -> None:
         object_store_memory=store, include_dashboard=False, log_to_driver=False,
     )  # fmt: skip
     receiver = Receiver.options(num_cpus=args.actor_cpus, num_gpus=args.gpus_per_actor).remote(args.device)
-    owner = Owner.remote()
     info = ray.get(receiver.info.remote())
-    ray.get(owner.ping.remote())
 
     methods = args.methods.split(",")
     rows = []
     with tempfile.TemporaryDirectory(dir=args.tmpdir) as tmpdir:
         for method in methods:
-            first = run_once(method, sd, receiver, owner, tmpdir, args)
-            times = [run_once(method, sd, receiver, owner, tmpdir, args) for _ in range(args.repeats)]
+            first = run_once(method, sd, receiver, tmpdir, args)
+            times = [run_once(method, sd, receiver, tmpdir, args) for _ in range(args.repeats)]
             rows.append(
                 {"method": method, "first_s": first, "seconds": statistics.median(times), "all_s": times}
             )

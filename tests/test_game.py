@@ -37,7 +37,7 @@ class Crash(RuntimeError):
 @dataclass
 class RecordingSystem:
     """Wraps a GameSystem: records every call (with the weight ids it was given) and can raise once
-    in ``train_policy`` for a chosen initial policy, to simulate a crash mid-round."""
+    in a policy training from a chosen initial policy, to simulate a crash mid-round."""
 
     inner: Any
     crash_policy_from: str | None = None
@@ -51,17 +51,19 @@ class RecordingSystem:
         self.calls.append(("score", rm.id, len(prompts)))
         return self.inner.score(rm, prompts, responses)
 
-    def train_rm(self, init: Weights, pairs, **kw):
-        n_apo = sum(p.kind == "apo" for p in pairs)
-        self.calls.append(("train_rm", init.id, n_apo, len(pairs) - n_apo, kw["lr"], kw["beta2"]))
-        return self.inner.train_rm(init, pairs, **kw)
+    def train(self, job, init: Weights, data):
+        if job.role == "rm":
+            n_apo = sum(p.kind == "apo" for p in data)
+            self.calls.append(("train_rm", init.id, n_apo, len(data) - n_apo, job.settings.lr, job.loss.beta2))
+        else:
+            self.calls.append(("train_policy", init.id, len(data), job.settings.lr))
+            if self.crash_policy_from == init.id:
+                self.crash_policy_from = None
+                raise Crash(f"simulated crash in train_policy from {init.id}")
+        return self.inner.train(job, init, data)
 
-    def train_policy(self, init: Weights, examples, **kw):
-        self.calls.append(("train_policy", init.id, len(examples), kw["lr"]))
-        if self.crash_policy_from == init.id:
-            self.crash_policy_from = None
-            raise Crash(f"simulated crash in train_policy from {init.id}")
-        return self.inner.train_policy(init, examples, **kw)
+    def shutdown(self) -> None:
+        self.inner.shutdown()
 
     def save_weights(self, handle, path: Path) -> None:
         self.inner.save_weights(handle, path)
@@ -323,3 +325,45 @@ def test_resume_refuses_changed_settings_and_fresh_runs_refuse_old_phases(tmp_pa
     cfg.apo.beta2 = 1.0
     with pytest.raises(RuntimeError, match=r"apo\.beta2, rm\.lr"):
         open_store(cfg, system=None)
+
+
+# ------------------------------------------------------------------------------ arms as data
+
+
+def test_a_new_rm_update_mode_is_one_table_entry(tiny_cfg_factory, tmp_path, monkeypatch):
+    """The game, the config check and the report read the table of modes: a mode added there (here
+    a sequential ablation, continuing its own RM without D_APO) plays with no other change."""
+    from apo_ray import arms
+    from apo_ray.report import rm_table
+
+    mode = arms.RMUpdateMode("seq_ablation", "AB (seq)", "RM_AB-v{r}seq", "tab:pink", rm_init="previous",
+                             trains_on_apo_pairs=False)
+    monkeypatch.setitem(arms.RM_UPDATE_MODES, mode.name, mode)
+    cfg = tiny_cfg_factory(apo__arms=["seq_ablation"], apo__rounds=2)
+    run = play(cfg, tmp_path / "phases")
+    P = len(run.data.pref_pairs)
+    assert [c[:3] for c in run.system.of("train_rm")] == [
+        ("rm/pretrained", 0, P), ("rm/base", 0, P), ("rm/seq_ablation/r1", 0, P)]
+    assert not [g for g in run.system.of("generate") if g[3] == tuple(x.prompt for x in run.data.gold)]
+    assert [r["name"] for r in rm_table(run.records)] == ["RM_Base", "RM_AB-v1seq", "RM_AB-v2seq"]
+
+
+def test_a_query_whose_samples_are_all_empty_is_skipped(tiny_cfg_factory, tmp_path):
+    """Best-of-S never picks an empty response: a query with only empty samples gives no example."""
+
+    class EmptyFirstQuery(RecordingSystem):
+        def generate(self, policy, prompts, n, seed):
+            out = super().generate(policy, prompts, n, seed)
+            if len(prompts) == len(self.queries) and list(prompts) == self.queries:
+                out.samples[0] = [""] * n
+                out.samples[1] = [" "] + out.samples[1][1:]
+            return out
+
+    cfg = tiny_cfg_factory(apo__arms=["fixed"], apo__rounds=1)
+    data = build_game_data(cfg)
+    system = EmptyFirstQuery(LocalSystem(cfg))
+    system.queries = list(data.llm_queries)
+    run = play(cfg, tmp_path / "phases", system)
+    ((_, n_examples, _),) = run.system.of("train_policy")
+    assert n_examples == len(data.llm_queries) - 1
+    assert run.record("fixed", 1)["queries_skipped"] == 1

@@ -215,11 +215,11 @@ cfg.generation.prompts_per_batch = 1
 cfg.cluster.num_generators, cfg.cluster.generator_cpus = 2, 0.5
 cfg.cluster.scorer_cpus = 0.5
 ray.init(address=sys.argv[1])
-system = RaySystem(cfg, mailbox=None, namespace="fault-test")
+system = RaySystem(cfg, namespace="fault-test")
 prompts = [p.prompt for p in load_preference_pairs(sys.argv[2], limit=40)]
 policy = Weights("policy/init")
-expected = system.generate(policy, prompts, 2, seed=3)
-victim = ray.get(system.generators.actors[1].generate.remote("policy/init", [None], prompts[:1], 1, 0))["pid"]
+expected = system.generate(policy, prompts, 2, seed=3).samples
+victim = ray.get(system.generators.actors[1].generate.remote(policy, prompts[:1], 1, 0)).stats["pid"]
 killed_at = []
 
 def kill_soon():
@@ -229,10 +229,10 @@ def kill_soon():
 
 killer = threading.Thread(target=kill_soon)
 killer.start()
-got = system.generate(policy, prompts, 2, seed=3)
+got = system.generate(policy, prompts, 2, seed=3).samples
 finished_at = time.monotonic()
 killer.join()
-after = ray.get(system.generators.actors[1].generate.remote("policy/init", [None], prompts[:1], 1, 0))["pid"]
+after = ray.get(system.generators.actors[1].generate.remote(policy, prompts[:1], 1, 0)).stats["pid"]
 system.shutdown()
 print("RESULT " + json.dumps({"same": got == expected, "n": len(got), "victim": victim, "after": after,
                               "killed_during_phase": finished_at > killed_at[0]}))
@@ -262,13 +262,14 @@ def test_more_generators_than_the_cluster_can_place_is_refused(cluster, tmp_path
 
 LEARNER_SCRIPT = """
 import json, os, signal, sys, threading, time
+from pathlib import Path
 import ray
 import torch
 from apo_ray.config import Config
-from apo_ray.data import load_preference_pairs
+from apo_ray.data import RankedPair, load_preference_pairs
 from apo_ray.game import Weights
-from apo_ray.ray_system import LearnerError, LearnerMailbox, RaySystem
-from apo_ray.training import RankedPair
+from apo_ray.ray_system import LearnerError, RaySystem
+from apo_ray.training import LearnerJob, RMLoss
 from apo_ray.weights import unpack_state_dict
 
 cfg = Config()
@@ -278,13 +279,12 @@ cfg.rm.pairs_per_batch, cfg.rm.micro_pairs, cfg.rm.max_length = 8, 4, 64
 cfg.cluster.generator_cpus = cfg.cluster.scorer_cpus = 0.5
 cfg.run.output_dir = sys.argv[3]
 ray.init(address=sys.argv[1])
-mailbox = ray.remote(LearnerMailbox).options(max_concurrency=8).remote()
-system = RaySystem(cfg, mailbox, namespace="learner-test")
-pairs = [RankedPair(p.prompt, p.chosen, p.rejected) for p in load_preference_pairs(sys.argv[2], limit=16)]
+system = RaySystem(cfg, namespace="learner-test")
+pairs = [RankedPair.from_preference(p) for p in load_preference_pairs(sys.argv[2], limit=16)]
 base = Weights("rm/pretrained")
 
 def train(init, pairs, epochs=1):
-    return system.train_rm(init, pairs, lr=1e-3, epochs=epochs, beta2=1.0, apo_weight=0.0, seed=0)
+    return system.train(LearnerJob.rm(cfg, lr=1e-3, epochs=epochs, seed=0, loss=RMLoss()), init, pairs)
 
 def weights(ref):
     return unpack_state_dict(ray.get(ref), copy=True)
@@ -297,6 +297,9 @@ try:
 except LearnerError as exc:
     error = str(exc)
 ref3, s3 = train(base, pairs, epochs=3)  # after the failed job: the group serves on
+w3 = weights(ref3)
+checkpoint = Path(sys.argv[3]) / "three.pt"
+torch.save(w3, checkpoint)
 box = {}
 runner = threading.Thread(target=lambda: box.update(result=train(base, pairs, epochs=3)))
 runner.start()
@@ -304,13 +307,18 @@ time.sleep(0.3)
 os.kill(s3["worker_pid"], signal.SIGKILL)  # the job is posted, not finished: in flight
 runner.join()
 ref4, s4 = box["result"]
-w3, w4 = weights(ref3), weights(ref4)
+w4 = weights(ref4)
+# ref3 died with its owner (the killed rank 0): the scorer pool reloads it from its checkpoint.
+prompts, responses = [p.prompt for p in pairs], [p.good for p in pairs]
+lost = system.score(Weights("rm/three", ref3, str(checkpoint)), prompts, responses)
+fresh = system.score(Weights("rm/four", ref4), prompts, responses)
 system.shutdown()
 print("RESULT " + json.dumps({
     "pids": [s1["worker_pid"], s2["worker_pid"], s3["worker_pid"], s4["worker_pid"]],
     "second_moved_on": s2["loss_first"] != s1["loss_first"],
     "error": error,
     "redone_same": s3["losses"] == s4["losses"] and all(torch.equal(w3[k], w4[k]) for k in w3),
+    "reloaded_scores_equal": lost == fresh,
 }))
 """
 
@@ -318,7 +326,8 @@ print("RESULT " + json.dumps({
 def test_one_learner_group_serves_every_phase_and_survives_failures(cluster, tmp_path):
     """Learner phases are jobs for one long-lived Ray Train worker group: two phases run in the same
     worker process; a job that raises comes back as LearnerError with the worker's traceback and
-    the group serves on; SIGKILL of the worker mid-job restarts it and redoes the job exactly."""
+    the group serves on; SIGKILL of the worker mid-job restarts it and redoes the job exactly; a
+    version whose owner (the killed rank 0) is gone is reloaded from its checkpoint by the pools."""
     script = tmp_path / "learners.py"
     script.write_text(LEARNER_SCRIPT)
     proc = subprocess.run([sys.executable, str(script), cluster["gcs"], cluster["data"], str(tmp_path / "out")],
@@ -332,3 +341,4 @@ def test_one_learner_group_serves_every_phase_and_survives_failures(cluster, tmp
     assert "no pairs to train on" in result["error"] and "Traceback" in result["error"]
     assert after_kill != after_error  # really killed, and a new worker finished the job
     assert result["redone_same"]
+    assert result["reloaded_scores_equal"]

@@ -185,18 +185,12 @@ class Loader:
 
 
 @ray.remote(num_cpus=0)
-class Owner:
-    def ping(self) -> bool:
-        return True
-
-
-@ray.remote(num_cpus=0)
 class ShortLivedLearner:
-    """Stands in for a Ray Train worker publishing weights."""
+    """Stands in for a learner process publishing weights (it owns what it puts)."""
 
-    def publish(self, owner=None) -> list:
+    def publish(self) -> list:
         # 256 KB: lives in the shared object store, not inlined in a reply
-        ref = put_weights({"w": torch.arange(1 << 16, dtype=torch.float32)}, owner=owner)
+        ref = put_weights({"w": torch.arange(1 << 16, dtype=torch.float32)})
         return [ref]  # wrapped in a list so Ray passes the reference, not the value
 
 
@@ -217,16 +211,20 @@ def test_actor_loads_weights_from_object_store(ray_local):
     ray.kill(loader)
 
 
-def test_owner_keeps_weights_alive_after_publisher_dies(ray_local):
-    owner = Owner.remote()
-    ray.get(owner.ping.remote())
+def test_weights_whose_owner_died_are_reloaded_from_their_checkpoint(ray_local, tmp_path):
+    """The object store copy dies with the process that put it; a version that was checkpointed is
+    then read from its file (workers.fetch_weights), one that was not raises."""
+    from apo_ray.game import Weights
+    from apo_ray.workers import fetch_weights
+
+    expected = torch.arange(1 << 16, dtype=torch.float32)
+    checkpoint = tmp_path / "w.pt"
+    torch.save({"w": expected}, checkpoint)
     learner = ShortLivedLearner.remote()
-    [owned] = ray.get(learner.publish.remote(owner))
-    [orphan] = ray.get(learner.publish.remote(None))
+    [ref] = ray.get(learner.publish.remote())
+    [orphan] = ray.get(learner.publish.remote())
     # (not fetched here before the kill: a fetched copy could outlive its owner in this process)
     ray.kill(learner)
-    time.sleep(0.5)
-    assert torch.equal(get_weights(owned)["w"], torch.arange(1 << 16, dtype=torch.float32))
     # The object store frees a dead owner's objects asynchronously: poll until the loss shows.
     deadline, lost = time.monotonic() + 30, None
     while lost is None and time.monotonic() < deadline:
@@ -236,7 +234,10 @@ def test_owner_keeps_weights_alive_after_publisher_dies(ray_local):
         except (ray.exceptions.OwnerDiedError, ray.exceptions.ObjectLostError) as e:
             lost = e
     assert lost is not None, "an object whose owner was killed stayed readable for 30 s"
-    ray.kill(owner)
+    state = fetch_weights(Weights("rm/x", ref, str(checkpoint)))
+    assert isinstance(state, dict) and torch.equal(state["w"], expected)
+    with pytest.raises(ray.exceptions.ObjectLostError):
+        fetch_weights(Weights("rm/y", orphan))
 
 
 class _no_warnings:
