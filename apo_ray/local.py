@@ -37,7 +37,8 @@ def rm_settings(cfg: Config, *, lr: float, epochs: int, seed: int, device: str =
                          max_length=cfg.rm.max_length, epochs=epochs, weight_decay=cfg.rm.weight_decay,
                          precision=cfg.model.train_precision, seed=seed, device=device, rank=rank,
                          world_size=world_size, gradient_checkpointing=cfg.cluster.gradient_checkpointing,
-                         trainable_layers=cfg.rm.trainable_layers, compile=cfg.cluster.learner_compile)
+                         trainable_layers=cfg.rm.trainable_layers, compile=cfg.cluster.learner_compile,
+                         schedule=cfg.rm.schedule, warmup_steps=cfg.rm.warmup_steps, warmup_ratio=cfg.rm.warmup_ratio)
 
 
 def policy_settings(cfg: Config, *, lr: float, seed: int, device: str = "cpu", rank: int = 0,
@@ -47,7 +48,8 @@ def policy_settings(cfg: Config, *, lr: float, seed: int, device: str = "cpu", r
                          max_length=p.max_length, epochs=p.epochs, weight_decay=p.weight_decay,
                          precision=cfg.model.train_precision, seed=seed, device=device, rank=rank,
                          world_size=world_size, gradient_checkpointing=cfg.cluster.gradient_checkpointing,
-                         trainable_layers=p.trainable_layers, compile=cfg.cluster.learner_compile)
+                         trainable_layers=p.trainable_layers, compile=cfg.cluster.learner_compile,
+                         schedule=p.schedule, warmup_steps=p.warmup_steps, warmup_ratio=p.warmup_ratio)
 
 
 class _Reloading:
