@@ -527,8 +527,8 @@ def load_apo_splits(data) -> APOSplits:
     if test_source is not None:
         train_prompts = {p.prompt for p in pairs}
         shared = len({p.prompt for p in splits.test_pairs} & train_prompts)
-        logger.info("test block: %d pairs from data.test_path; %d of its prompts also occur in the training "
-                    "data (the official splits share some short prompts)", len(splits.test_pairs), shared)
+        logger.info("test block: %d pairs from data.test_path; %d of its prompts also occur in the training data",
+                    len(splits.test_pairs), shared)
     return splits
 
 

@@ -137,8 +137,9 @@ def build_game_data(cfg: Config) -> GameData:
     extra = load_preference_pairs(cfg.eval.rm_all_paths, clean=d.clean) if cfg.eval.rm_all_paths else []
     log.info("data: %d D_P pairs, %d golden queries (%s), %d LLM queries, %d dev, %d test (%s), %d held-out "
              "eval-RM pairs, %d training pairs", len(splits.rm_pairs), len(gold), source, len(splits.llm_queries),
-             len(splits.dev_pairs), len(splits.test_pairs), splits.test_from, len(splits.eval_rm_pairs),
-             len(splits.train_pairs))
+             len(splits.dev_pairs), len(splits.test_pairs),
+             "from data.test_path" if splits.test_from == "test_path" else "cut from data.path",
+             len(splits.eval_rm_pairs), len(splits.train_pairs))
     return GameData(gold=gold, pref_pairs=list(splits.rm_pairs), llm_queries=list(splits.llm_queries),
                     dev_pairs=list(splits.dev_pairs), test_pairs=list(splits.test_pairs),
                     eval_rm_pairs=list(splits.eval_rm_pairs), gold_source=source, gold_counts=counts,

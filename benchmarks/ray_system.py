@@ -3,7 +3,7 @@ same run); learner phases on one long-lived worker group, the first (which start
 the next ones (same job, same run); and wall time per phase of one `smoke` round on a local Ray
 instance.
 
-    python benchmarks/ray_system.py --data ../shared/data/hh-rlhf --out benchmarks/results/ray_system_cpu.json
+    python benchmarks/ray_system.py --out benchmarks/results/ray_system_cpu.json
 """
 
 import argparse
@@ -92,7 +92,7 @@ def smoke_round(data: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="../shared/data/hh-rlhf")
+    ap.add_argument("--data", default="embedded:hh-rlhf-harmless-test")
     ap.add_argument("--model", default="tiny-random-llama")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--samples", type=int, default=4)
