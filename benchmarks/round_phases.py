@@ -28,8 +28,6 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def gpu_utilization() -> float | None:
     if not torch.cuda.is_available():
