@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+LR_SCHEDULES = ("constant", "linear", "cosine")
 GENERATION_BACKENDS = ("transformers", "vllm")
 LEARNER_STRATEGIES = ("ddp", "deepspeed", "fsdp")
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16-autocast", "bf16")
@@ -34,8 +35,15 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # A .jsonl(.gz) file, a folder of them, or hf://Anthropic/hh-rlhf?data_dir=harmless-base&split=train
-    path: str = "${oc.env:APO_HH_DATA,../shared/data/hh-rlhf}"
+    # Training (and, without test_path, test) pairs: a .jsonl(.gz) file, a folder of them,
+    # hf://Anthropic/hh-rlhf?data_dir=harmless-base&split=train, embedded:hh-rlhf-harmless-test (the
+    # HH-RLHF harmless-base test split shipped inside the package), or a list of these (merged in
+    # order). Relative paths are read from the directory the command was started in. Typed Any: a
+    # string or a list of strings.
+    path: Any = "${oc.env:APO_HH_DATA,'embedded:hh-rlhf-harmless-test'}"
+    # The test block's own source (the paper: the official test splits), never cut from `path`;
+    # None: the test block is cut from `path`. test_pairs then counts (or is a fraction of) its pairs.
+    test_path: Any = None
     clean: bool = True
     seed: int = 0
     # Sizes: an int counts pairs/queries, a float in (0, 1] is a fraction of the cleaned pairs.
@@ -44,9 +52,18 @@ class DataConfig:
     llm_queries: Any = 0.5  # D_Q (only the prompts are used)
     dev_pairs: Any = 0.05  # drawn from the LLM block, for RM validation
     test_pairs: Any = 0.1
-    eval_rm_pairs: Any = 0  # training data of the evaluation RM (paper's RM_Test)
+    eval_rm_pairs: Any = 0  # training data of the held-out evaluation RM (eval.eval_rm), its own block
     golden_path: str | None = None  # golden answers jsonl; None: chosen responses (paper's fallback)
     gold_queries: int | None = None  # cap on golden queries per round (None: all rm_pairs)
+
+
+@dataclass
+class DecodingConfig:
+    max_new_tokens: int = 64
+    temperature: float = 1.0        # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0                  # 0: off
+    repetition_penalty: float = 1.0 # 1.0: off
 
 
 @dataclass
@@ -60,6 +77,11 @@ class GenerationConfig:
     seed: int = 0
     fast_sampler: bool = True  # on CUDA: static KV cache + CUDA-graph decode (apo_ray/fastgen.py)
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # passed untouched to vllm.LLM
+    # The agreed decoding interface (issue 11 wires it into both generators): responses cut before
+    # the first stop string; `sampling` for the game's S samples, `testing` for the test answers.
+    stop: list[str] = field(default_factory=list)
+    sampling: DecodingConfig = field(default_factory=DecodingConfig)
+    testing: DecodingConfig = field(default_factory=DecodingConfig)
 
 
 @dataclass
@@ -72,6 +94,11 @@ class RMConfig:
     micro_pairs: int = 8  # pairs per forward/backward pass
     max_length: int = 512  # tokens of prompt + response
     weight_decay: float = 0.0
+    # Learning rate per optimiser step: linear warmup from 0 over warmup_steps (or warmup_ratio of
+    # the phase's steps when warmup_steps is 0), then constant | linear | cosine decay to 0 at the
+    # phase's last step (transformers.get_scheduler). Each RM training phase runs its own schedule.
+    schedule: str = "constant"
+    warmup_steps: int = 0
     warmup_ratio: float = 0.0
     score_batch: int = 32  # sequences per scoring forward pass
     trainable_layers: int | None = None  # fine-tune only the top N decoder blocks + head; None: all
@@ -87,6 +114,9 @@ class PolicyConfig:
     max_length: int = 1024
     dpo_beta: float = 0.1
     weight_decay: float = 0.0
+    schedule: str = "constant"  # as rm.schedule; each round's phase peaks at that round's lr
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
     trainable_layers: int | None = None  # fine-tune only the top N decoder blocks (+ norm); None: all
 
 
@@ -129,7 +159,13 @@ class ClusterConfig:
 @dataclass
 class EvalConfig:
     n_bins: int = 10
-    eval_rm: bool = False  # train an evaluation RM on data.eval_rm_pairs and score policies with it
+    # Evaluation RMs score the policies' test answers; no arm trains against them. Without any,
+    # RM_Base scores them (the RM the fixed arm optimises: the run says so loudly).
+    eval_rm: bool = False  # a held-out evaluation RM trained on the data.eval_rm_pairs block
+    rm_test: bool = False  # the paper's RM_Test: trained on every training pair (all but the test block)
+    # The paper's RM_All: RM_Test's pairs plus these further preference sets (our formats: HH or
+    # {"prompt","chosen","rejected"} JSON lines, hf://, embedded:); non-empty turns it on.
+    rm_all_paths: list[str] = field(default_factory=list)
     test_queries: int | None = None  # cap on test prompts the policy answers per round
     judge: bool = False  # LLM judge: each arm's last policy vs the fixed arm's (RJS), positions swapped
     judge_pairs: int = 20  # test prompts judged per arm
@@ -219,6 +255,11 @@ def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: fl
         _check(e, value >= 1, f"{name} must be >= 1, got {value}")
     for name, value in (("rm.trainable_layers", rm.trainable_layers), ("policy.trainable_layers", p.trainable_layers)):
         _check(e, value is None or value >= 1, f"{name} must be >= 1 or null (all layers), got {value}")
+    for name, learner in (("rm", rm), ("policy", p)):
+        _check(e, learner.schedule in LR_SCHEDULES,
+               f"{name}.schedule must be one of {LR_SCHEDULES}, got {learner.schedule!r}")
+        _check(e, learner.warmup_steps >= 0, f"{name}.warmup_steps must be >= 0, got {learner.warmup_steps}")
+        _check(e, 0 <= learner.warmup_ratio < 1, f"{name}.warmup_ratio must be in [0, 1), got {learner.warmup_ratio}")
     _check(e, g.backend in GENERATION_BACKENDS, f"generation.backend must be one of {GENERATION_BACKENDS}, got {g.backend!r}")
     _check(e, g.temperature >= 0, f"generation.temperature must be >= 0, got {g.temperature}")
     _check(e, 0 < g.top_p <= 1, f"generation.top_p must be in (0, 1], got {g.top_p}")
@@ -235,6 +276,12 @@ def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: fl
     _check(e, d.test_pairs > 0, f"data.test_pairs must be > 0, got {d.test_pairs}")
     if cfg.eval.eval_rm:
         _check(e, d.eval_rm_pairs > 0, "eval.eval_rm=true needs data.eval_rm_pairs > 0")
+    for name, value in (("data.path", d.path), ("data.test_path", d.test_path)):
+        ok = isinstance(value, str) and value != "" or (
+            isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(v, str) and v for v in value))
+        if name == "data.test_path" and value is None:
+            ok = True
+        _check(e, ok, f"{name} must be a path or a non-empty list of paths, got {value!r}")
     if cluster_cpus is not None:
         # Every actor of a pool is alive at once, so the whole pool must fit or the run hangs.
         for pool, n, cpus in (("generator", c.num_generators, c.generator_cpus),
@@ -262,6 +309,42 @@ def from_omegaconf(node) -> Config:
     schema = OmegaConf.structured(Config)
     merged = OmegaConf.merge(schema, node)
     return OmegaConf.to_object(merged)
+
+
+def resolve_paths(cfg: Config, base_dir: str) -> Config:
+    """Make the config's local data paths absolute against ``base_dir`` (the directory the command
+    was started in) and check that they exist; hf:// and embedded: names pass unchanged. Raises
+    ``apo_ray.data.DataError`` naming the field, the path as given and the path tried."""
+    from apo_ray.data import resolve_sources
+
+    d = cfg.data
+    d.path = resolve_sources(d.path, "data.path", base_dir)
+    if d.test_path:
+        d.test_path = resolve_sources(d.test_path, "data.test_path", base_dir)
+    if d.golden_path:
+        d.golden_path = resolve_sources(d.golden_path, "data.golden_path", base_dir)
+    if cfg.eval.rm_all_paths:
+        cfg.eval.rm_all_paths = resolve_sources(list(cfg.eval.rm_all_paths), "eval.rm_all_paths", base_dir)
+    return cfg
+
+
+def compose(overrides: list[str], config_dir: str | None = None) -> Config:
+    """The Config that ``jobs/apo.py <overrides>`` would run with (same presets, same schema),
+    composed with Hydra's compose API, for the other entry points (e.g. jobs/golden.py).
+    ``run.output_dir`` is left unset (``.``): these entry points write elsewhere."""
+    from pathlib import Path
+
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    config_dir = config_dir or str(Path(__file__).resolve().parents[1] / "conf")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+        node = hydra_compose(config_name="config", overrides=list(overrides))
+    node.run.output_dir = "."  # `${hydra:runtime.output_dir}` exists only inside a Hydra app
+    return from_omegaconf(node)
 
 
 def to_dict(cfg: Config) -> dict:

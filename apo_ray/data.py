@@ -9,14 +9,20 @@ Input formats (auto-detected per JSON line):
   LAST ``"\\n\\nAssistant:"``; the prompt keeps that marker, the response is what follows it.
 * plain: ``{"prompt": ..., "chosen": response, "rejected": response}``.
 
-A path is a ``.jsonl`` / ``.jsonl.gz`` file, a folder (all such files under it, recursively, sorted
-by path), or ``hf://owner/name?data_dir=...&split=...`` (loaded with ``datasets.load_dataset``).
+A source is a ``.jsonl`` / ``.jsonl.gz`` file, a folder (all such files under it, recursively, sorted
+by path), ``hf://owner/name?data_dir=...&split=...`` (loaded with ``datasets.load_dataset``), or
+``embedded:<name>``: a data set shipped inside this package (:data:`EMBEDDED_DATASETS`, read through
+``importlib.resources``, so it is there in an editable install, a wheel and a Ray job's working dir).
+Wherever a path is taken, a list of sources is accepted too: their rows are read one source after
+the other, in the order given.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
+import importlib.resources
 import json
 import logging
 import math
@@ -32,6 +38,13 @@ logger = logging.getLogger("apo_ray.data")
 
 HH_MARKER = "\n\nAssistant:"
 HF_SCHEME = "hf://"
+EMBEDDED_SCHEME = "embedded:"
+# embedded:<name> -> file under apo_ray/resources/ (package data; LICENSE and README beside each).
+EMBEDDED_DATASETS = {
+    # HH-RLHF harmless-base test split (Anthropic, MIT): 2,312 lines, 2,303 pairs after cleaning.
+    "hh-rlhf-harmless-test": "hh-rlhf/harmless-base/test.jsonl.gz",
+}
+DEFAULT_DATA = EMBEDDED_SCHEME + "hh-rlhf-harmless-test"
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 
 # Reasons a pair is dropped by cleaning, in the order they are checked: a prompt mismatch makes the
@@ -43,6 +56,8 @@ _HF_OPTIONS = ("name", "data_dir", "data_files", "split", "revision")
 
 T = TypeVar("T")
 PathLike = str | os.PathLike[str]
+# One source or several, read in order and merged (see the module docstring).
+Sources = PathLike | Sequence[PathLike]
 # A block size: an int is a count of pairs, a float a fraction in (0, 1] of all pairs.
 Size = int | float
 
@@ -111,16 +126,18 @@ def _jsonl_files(path: Path) -> list[Path]:
     return [path]
 
 
-def _iter_file_rows(file: Path) -> Iterator[tuple[str, Any]]:
-    """Yield ``("file:line", parsed JSON)`` for each non-blank line of one file."""
+def _iter_file_rows(file: Path, label: str | None = None) -> Iterator[tuple[str, Any]]:
+    """Yield ``("file:line", parsed JSON)`` for each non-blank line of one file (``label`` names
+    the file in those locations and in errors; default: its path)."""
     opener = gzip.open if file.name.endswith(".gz") else open
+    name = label or str(file)
     seen_any = False
     try:
         with opener(file, "rt", encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, start=1):
                 if not line.strip():  # tolerate blank lines, e.g. a trailing newline
                     continue
-                where = f"{file}:{lineno}"
+                where = f"{name}:{lineno}"
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
@@ -128,11 +145,11 @@ def _iter_file_rows(file: Path) -> Iterator[tuple[str, Any]]:
                 seen_any = True
                 yield where, row
     except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError; truncated gzip -> EOFError
-        raise DataError(f"{file}: cannot read file: {exc}") from exc
+        raise DataError(f"{name}: cannot read file: {exc}") from exc
     except UnicodeDecodeError as exc:
-        raise DataError(f"{file}: not UTF-8 text: {exc}") from exc
+        raise DataError(f"{name}: not UTF-8 text: {exc}") from exc
     if not seen_any:
-        raise DataError(f"{file}: empty file")
+        raise DataError(f"{name}: empty file")
 
 
 def _iter_hf_rows(spec: str) -> Iterator[tuple[str, Any]]:
@@ -154,13 +171,69 @@ def _iter_hf_rows(spec: str) -> Iterator[tuple[str, Any]]:
         yield f"{spec}:{index}", row
 
 
-def _iter_rows(path: PathLike) -> Iterator[tuple[str, Any]]:
-    """Rows from a file, a folder of files, or an hf:// dataset, each with its location."""
-    if isinstance(path, str) and path.startswith(HF_SCHEME):
-        yield from _iter_hf_rows(path)
-        return
-    for file in _jsonl_files(Path(path)):
-        yield from _iter_file_rows(file)
+def embedded_resource(spec: str):
+    """The packaged file that ``embedded:<name>`` names (an importlib.resources Traversable)."""
+    name = spec[len(EMBEDDED_SCHEME):]
+    if name not in EMBEDDED_DATASETS:
+        raise DataError(f"{spec}: unknown embedded data set {name!r}; available: "
+                        f"{[EMBEDDED_SCHEME + n for n in EMBEDDED_DATASETS]}")
+    resource = importlib.resources.files("apo_ray").joinpath("resources", *EMBEDDED_DATASETS[name].split("/"))
+    if not resource.is_file():
+        raise DataError(f"{spec}: the packaged file apo_ray/resources/{EMBEDDED_DATASETS[name]} is missing "
+                        "from this installation of apo_ray")
+    return resource
+
+
+def _iter_embedded_rows(spec: str) -> Iterator[tuple[str, Any]]:
+    # as_file: a real path even when the package is imported from a zip
+    with importlib.resources.as_file(embedded_resource(spec)) as file:
+        yield from _iter_file_rows(Path(file), label=spec)
+
+
+def as_sources(path: Sources) -> list[PathLike]:
+    """One source or a list of sources -> a non-empty list of sources."""
+    if isinstance(path, (str, os.PathLike)):
+        return [path]
+    sources = list(path)
+    if not sources:
+        raise DataError("no data source given (an empty list)")
+    for source in sources:
+        if not isinstance(source, (str, os.PathLike)):
+            raise DataError(f"a data source must be a path or hf:// / embedded: name, got {source!r}")
+    return sources
+
+
+def _iter_rows(path: Sources) -> Iterator[tuple[str, Any]]:
+    """Rows from each source in turn (file, folder, hf:// or embedded: data set), with locations."""
+    for source in as_sources(path):
+        if isinstance(source, str) and source.startswith(HF_SCHEME):
+            yield from _iter_hf_rows(source)
+        elif isinstance(source, str) and source.startswith(EMBEDDED_SCHEME):
+            yield from _iter_embedded_rows(source)
+        else:
+            for file in _jsonl_files(Path(source)):
+                yield from _iter_file_rows(file)
+
+
+def resolve_sources(value: Sources, field: str, base_dir: PathLike) -> str | list[str]:
+    """``value`` with every local path made absolute against ``base_dir`` (the directory the command
+    was started in) and checked to exist; hf:// and embedded: names pass through unchanged.
+
+    Raises DataError naming the config ``field``, the path as given and the path tried."""
+    resolved = []
+    for source in as_sources(value):
+        source = os.fspath(source)
+        if source.startswith(EMBEDDED_SCHEME):
+            embedded_resource(source)  # an unknown name fails here, before any work
+        elif not source.startswith(HF_SCHEME):
+            tried = Path(base_dir, os.path.expanduser(source)).resolve()
+            if not tried.exists():
+                where = "" if os.path.isabs(os.path.expanduser(source)) else \
+                    f" (a relative path is read from the directory the command was started in, {base_dir})"
+                raise DataError(f"{field}: {source!r} not found: tried {tried}{where}")
+            source = str(tried)
+        resolved.append(source)
+    return resolved[0] if isinstance(value, (str, os.PathLike)) else resolved
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,12 +284,13 @@ def _parse_pair(row: Any, where: str) -> tuple[PreferencePair, str | None]:
     return pair, None
 
 
-def _describe(path: PathLike) -> str:
-    return path if isinstance(path, str) else os.fspath(path)
+def _describe(path: Sources) -> str:
+    return " + ".join(os.fspath(s) for s in as_sources(path))
 
 
-def load_preference_pairs(path: PathLike, clean: bool = True, *, limit: int | None = None) -> PairList:
-    """Load preference pairs from a .jsonl(.gz) file, a folder of them, or an hf:// dataset.
+def load_preference_pairs(path: Sources, clean: bool = True, *, limit: int | None = None) -> PairList:
+    """Load preference pairs from a .jsonl(.gz) file, a folder of them, an hf:// or embedded: data
+    set, or a list of such sources (merged in order).
 
     With ``clean`` (the paper's cleaning) pairs with a prompt mismatch (HH), an empty response or
     identical responses are dropped and counted in ``result.dropped``. ``limit`` stops reading once
@@ -249,7 +323,7 @@ def load_preference_pairs(path: PathLike, clean: bool = True, *, limit: int | No
 # --------------------------------------------------------------------------------------------------
 
 
-def load_queries(path: PathLike) -> list[str]:
+def load_queries(path: Sources) -> list[str]:
     """Prompts from a queries file (field "prompt") or from a preference file (its pairs' prompts).
 
     Duplicates are removed, keeping first-seen order, because sampling the same query twice per
@@ -322,13 +396,17 @@ def golden_by_key(answers: Iterable[GoldenAnswer]) -> dict[str, GoldenAnswer]:
 
 @dataclass
 class APOSplits:
-    """The paper's disjoint data blocks (HH_RM, HH_LLM, HH_Dev, HH_Test, RM_Test training data)."""
+    """The paper's data blocks: HH_RM (D_P), HH_LLM (D_Q), HH_Dev, HH_Test, and the training data
+    of the evaluation RMs."""
 
     rm_pairs: list[PreferencePair]  # D_P; its prompts are also the golden queries
     llm_queries: list[str]  # D_Q: prompts of the LLM block
     dev_pairs: list[PreferencePair]  # RM validation, drawn from the LLM block
     test_pairs: list[PreferencePair]
-    eval_rm_pairs: list[PreferencePair]  # training data of the evaluation RM, disjoint from test/rm
+    eval_rm_pairs: list[PreferencePair]  # a held-out evaluation RM's data, disjoint from every other block
+    # Every training pair (all loaded pairs outside the test block): the paper's RM_Test data.
+    train_pairs: list[PreferencePair] = dataclasses.field(default_factory=list)
+    test_from: str = "train"  # "train": cut from the loaded pairs; else the separate test source
 
     def sizes(self) -> dict[str, int]:
         """Block sizes, for logging."""
@@ -338,6 +416,7 @@ class APOSplits:
             "dev_pairs": len(self.dev_pairs),
             "test_pairs": len(self.test_pairs),
             "eval_rm_pairs": len(self.eval_rm_pairs),
+            "train_pairs": len(self.train_pairs),
         }
 
 
@@ -357,6 +436,30 @@ def _resolve_size(field: str, size: Size, total: int) -> int:
     return size
 
 
+def _shuffled_groups(pairs: Sequence[PreferencePair], seed: int) -> list[list[PreferencePair]]:
+    """Pairs grouped by prompt (first-seen order), the groups shuffled with ``seed``."""
+    groups: dict[str, list[PreferencePair]] = {}
+    for p in pairs:
+        groups.setdefault(p.prompt, []).append(p)
+    order = list(groups.values())
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def _fill(it: Iterator[list[PreferencePair]], field: str, n: int, wanted: int, total: int) -> list[PreferencePair]:
+    """The next ``n`` pairs of the shuffled groups; the trimmed tail of the last group goes unused."""
+    block: list[PreferencePair] = []
+    while len(block) < n:
+        group = next(it, None)
+        if group is None:
+            raise ValueError(
+                f"data.{field}: only {len(block)} of {n} pairs left after keeping pairs with the "
+                f"same prompt in one block; lower the block sizes (total {wanted} of {total})"
+            )
+        block.extend(group[: n - len(block)])
+    return block
+
+
 def split_for_apo(
     pairs: Sequence[PreferencePair],
     *,
@@ -366,25 +469,39 @@ def split_for_apo(
     dev_pairs: Size,
     test_pairs: Size,
     eval_rm_pairs: Size = 0,
+    test_source: Sequence[PreferencePair] | None = None,
 ) -> APOSplits:
     """Shuffle once with ``seed`` and cut disjoint blocks in the order test, rm, llm, eval_rm.
 
     Sizes count pairs (``llm_queries`` counts the pairs of the LLM block, whose distinct prompts
-    become the queries). Pairs sharing a prompt are kept together so a test prompt never leaks into
-    training: when a block's quota ends inside such a group, the rest of that group goes unused.
-    ``dev_pairs`` are the first pairs of the LLM block, as in the paper (HH_Dev drawn from HH_LLM).
+    become the queries); a float is a fraction of ``pairs``. Pairs sharing a prompt are kept together
+    so a test prompt never leaks into training: when a block's quota ends inside such a group, the
+    rest of that group goes unused. ``dev_pairs`` are the first pairs of the LLM block, as in the
+    paper (HH_Dev drawn from HH_LLM).
+
+    ``test_source`` (the paper's official test split): the test block is drawn from it instead
+    (``test_pairs`` then counts, or is a fraction of, its pairs; seeded shuffle) and nothing is cut
+    from ``pairs`` for it.
     """
     total = len(pairs)
-    n_test = _resolve_size("test_pairs", test_pairs, total)
+    if test_source is None:
+        n_test = _resolve_size("test_pairs", test_pairs, total)
+    else:
+        n_test = _resolve_size("test_pairs", test_pairs, len(test_source))
+        if n_test > len(test_source):
+            raise ValueError(f"data.test_pairs = {n_test} exceeds the {len(test_source)} pairs of data.test_path")
     n_rm = _resolve_size("rm_pairs", rm_pairs, total)
     n_llm = _resolve_size("llm_queries", llm_queries, total)
     n_dev = _resolve_size("dev_pairs", dev_pairs, total)
     n_eval = _resolve_size("eval_rm_pairs", eval_rm_pairs, total)
-    wanted = n_test + n_rm + n_llm + n_eval
+    n_cut_test = n_test if test_source is None else 0
+    wanted = n_cut_test + n_rm + n_llm + n_eval
     if wanted > total:
+        names = "data.test_pairs + " if test_source is None else ""
+        counts = f"{n_cut_test} + " if test_source is None else ""
         raise ValueError(
-            f"data.test_pairs + data.rm_pairs + data.llm_queries + data.eval_rm_pairs = "
-            f"{n_test} + {n_rm} + {n_llm} + {n_eval} = {wanted} exceeds the {total} available pairs"
+            f"{names}data.rm_pairs + data.llm_queries + data.eval_rm_pairs = "
+            f"{counts}{n_rm} + {n_llm} + {n_eval} = {wanted} exceeds the {total} available pairs"
         )
     if n_dev > n_llm:
         raise ValueError(
@@ -392,36 +509,51 @@ def split_for_apo(
             "(dev pairs are drawn from the LLM block)"
         )
 
-    # Group by prompt in first-seen order, then shuffle the groups: deterministic for a given seed.
-    groups: dict[str, list[PreferencePair]] = {}
-    for p in pairs:
-        groups.setdefault(p.prompt, []).append(p)
-    order = list(groups.values())
-    random.Random(seed).shuffle(order)
-
-    blocks: dict[str, list[PreferencePair]] = {}
-    it = iter(order)
-    for field, n in (("test_pairs", n_test), ("rm_pairs", n_rm), ("llm_queries", n_llm),
-                     ("eval_rm_pairs", n_eval)):
-        block: list[PreferencePair] = []
-        while len(block) < n:
-            group = next(it, None)
-            if group is None:
-                raise ValueError(
-                    f"data.{field}: only {len(block)} of {n} pairs left after keeping pairs with the "
-                    f"same prompt in one block; lower the block sizes (total {wanted} of {total})"
-                )
-            block.extend(group[: n - len(block)])  # trimmed tail of the group is left unused
-        blocks[field] = block
-
+    it = iter(_shuffled_groups(pairs, seed))
+    if test_source is None:
+        test_block = _fill(it, "test_pairs", n_test, wanted, total)
+    else:
+        test_block = _fill(iter(_shuffled_groups(test_source, seed)), "test_pairs", n_test, n_test,
+                           len(test_source))
+    blocks = {field: _fill(it, field, n, wanted, total)
+              for field, n in (("rm_pairs", n_rm), ("llm_queries", n_llm), ("eval_rm_pairs", n_eval))}
+    test_prompts = {p.prompt for p in test_block} if test_source is None else set()
     llm_block = blocks["llm_queries"]
     return APOSplits(
         rm_pairs=blocks["rm_pairs"],
         llm_queries=list(dict.fromkeys(p.prompt for p in llm_block)),
         dev_pairs=llm_block[:n_dev],
-        test_pairs=blocks["test_pairs"],
+        test_pairs=test_block,
         eval_rm_pairs=blocks["eval_rm_pairs"],
+        train_pairs=[p for p in pairs if p.prompt not in test_prompts],
+        test_from="train" if test_source is None else "test_path",
     )
+
+
+def load_apo_splits(data) -> APOSplits:
+    """Load, clean and split the pairs that a ``DataConfig`` names: ``data.path`` (one source or
+    several, merged), the test block from ``data.test_path`` when it is set. The one place both
+    the game and the golden-answer job get their blocks from, so they agree on the golden queries."""
+    pairs = load_preference_pairs(data.path, clean=data.clean)
+    test_source = load_preference_pairs(data.test_path, clean=data.clean) if data.test_path else None
+    splits = split_for_apo(pairs, seed=data.seed, rm_pairs=data.rm_pairs, llm_queries=data.llm_queries,
+                           dev_pairs=data.dev_pairs, test_pairs=data.test_pairs,
+                           eval_rm_pairs=data.eval_rm_pairs, test_source=test_source)
+    if test_source is not None:
+        train_prompts = {p.prompt for p in pairs}
+        shared = len({p.prompt for p in splits.test_pairs} & train_prompts)
+        logger.info("test block: %d pairs from data.test_path; %d of its prompts also occur in the training data",
+                    len(splits.test_pairs), shared)
+    return splits
+
+
+def golden_query_pairs(splits: APOSplits, gold_queries: int | None = None) -> list[PreferencePair]:
+    """The golden queries of a run: the distinct prompts of D_P in split order, the first pair of
+    each (its chosen response is the fallback gold), the first ``gold_queries`` of them."""
+    first: dict[str, PreferencePair] = {}
+    for p in splits.rm_pairs:
+        first.setdefault(p.prompt, p)
+    return list(first.values())[:gold_queries]
 
 
 def iter_batches(items: Sequence[T], batch_size: int) -> Iterator[list[T]]:

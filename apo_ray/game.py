@@ -17,8 +17,13 @@ then evaluates the RM (dev/test accuracy, ECE) and the policy (evaluation-RM sco
 
 How it departs from the paper / design choices:
 - Before round 1, RM_Base is trained on D_P (plain Bradley-Terry, ``rm.base_lr``); the paper starts
-  from an existing RM_Base. ``eval.eval_rm`` trains a separate evaluation RM (the paper's RM_Test)
-  on pairs disjoint from everything else; without it RM_Base scores the policies.
+  from an existing RM_Base. Evaluation RMs, which no arm trains against, score the policies' test
+  answers: the paper's RM_Test (``eval.rm_test``: every training pair) and RM_All
+  (``eval.rm_all_paths``: those plus further preference sets), or a small held-out one
+  (``eval.eval_rm``: the ``data.eval_rm_pairs`` block). Without any, RM_Base scores them, and the
+  log and the report say loudly that the fixed arm's policies are then scored by their own RM.
+- Best-of-S never picks an empty response (the authors skip them); a query whose S samples are all
+  empty is left out of the policy update and counted.
 - Every phase's result is stored under a key that names *what* it is computed from (the policy and
   RM versions), so arms share work: round 1 of every arm samples the same initial policy once, the
   ``fixed`` arm re-evaluates RM_Base once. The same store is the checkpoint: a stopped run resumes
@@ -30,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,14 +48,15 @@ from apo_ray.data import (
     PreferencePair,
     RankedPair,
     golden_by_key,
-    golden_from_chosen,
+    golden_query_pairs,
+    load_apo_splits,
     load_golden_answers,
     load_preference_pairs,
     query_key,
-    split_for_apo,
 )
 from apo_ray.metrics import calibration_errors, mean_and_stderr, preference_accuracy
 from apo_ray.objectives import policy_objective
+from apo_ray.report import scored_by_rm_base_warning
 from apo_ray.training import LearnerJob, RMLoss
 
 log = logging.getLogger(__name__)
@@ -103,31 +110,58 @@ class GameData:
     llm_queries: list[str]  # D_Q
     dev_pairs: list[PreferencePair]
     test_pairs: list[PreferencePair]
-    eval_rm_pairs: list[PreferencePair] = field(default_factory=list)
-    gold_source: str = "chosen-fallback"
+    eval_rm_pairs: list[PreferencePair] = field(default_factory=list)  # the held-out evaluation RM's block
+    gold_source: str = "chosen-fallback"  # what the golden answers are, with counts
+    gold_counts: dict = field(default_factory=dict)
+    train_pairs: list[PreferencePair] = field(default_factory=list)  # RM_Test's data: all but the test block
+    rm_all_extra_pairs: list[PreferencePair] = field(default_factory=list)  # RM_All's further sets
+
+
+def join_golden_answers(queries: list[PreferencePair], golden_path: str | None) -> tuple[list[GoldenAnswer], str, dict]:
+    """Golden answers for the golden queries, from the file where it has one, else the chosen
+    response. Returns (answers, a one-line description, counts)."""
+    if not golden_path:
+        gold = [GoldenAnswer(p.prompt, p.chosen, "chosen-fallback") for p in queries]
+        return gold, f"chosen-fallback: {len(gold)} chosen responses", {"fell_back_to_chosen": len(gold)}
+    answers = golden_by_key(load_golden_answers(golden_path))
+    gold, file_sources, fell_back = [], Counter(), 0
+    for p in queries:
+        answer = answers.get(query_key(p.prompt))
+        if answer is None:
+            fell_back += 1
+            answer = GoldenAnswer(p.prompt, p.chosen, "chosen-fallback")
+        else:
+            file_sources[answer.source] += 1
+        gold.append(answer)
+    used = len(queries) - fell_back
+    counts = {"from_file": used, "fell_back_to_chosen": fell_back, "file_sources": dict(file_sources),
+              "file_answers_not_used": len(answers) - used}
+    by_source = ", ".join(f"{k}={v}" for k, v in sorted(file_sources.items()))
+    source = (f"file: {used} answers, {fell_back} fell back to chosen ({golden_path}"
+              + (f"; the file's sources: {by_source}" if by_source else "") + ")")
+    if fell_back or counts["file_answers_not_used"]:
+        log.warning("golden answers: %d of %d golden queries have no answer in %s (they use the chosen response) "
+                    "and %d answers in it are for other queries: was it collected for another data split? "
+                    "jobs/golden.py with this run's experiment and data overrides collects exactly these queries",
+                    fell_back, len(queries), golden_path, counts["file_answers_not_used"])
+    return gold, source, counts
 
 
 def build_game_data(cfg: Config) -> GameData:
     """Load, clean and split the preference data; join golden answers to the golden queries."""
     d = cfg.data
-    pairs = load_preference_pairs(d.path, clean=d.clean)
-    splits = split_for_apo(pairs, seed=d.seed, rm_pairs=d.rm_pairs, llm_queries=d.llm_queries,
-                           dev_pairs=d.dev_pairs, test_pairs=d.test_pairs, eval_rm_pairs=d.eval_rm_pairs)
-    queries = list(dict.fromkeys(p.prompt for p in splits.rm_pairs))[: d.gold_queries]
-    fallback = golden_by_key(golden_from_chosen(splits.rm_pairs))
-    source = "chosen-fallback"
-    if d.golden_path:
-        answers = golden_by_key(load_golden_answers(d.golden_path))
-        source = f"file:{d.golden_path}"
-        gold = [answers.get(query_key(q), fallback[query_key(q)]) for q in queries]
-    else:
-        gold = [fallback[query_key(q)] for q in queries]
-    log.info("data: %d D_P pairs, %d golden queries (%s), %d LLM queries, %d dev, %d test, %d eval-RM pairs",
-             len(splits.rm_pairs), len(gold), source, len(splits.llm_queries), len(splits.dev_pairs),
-             len(splits.test_pairs), len(splits.eval_rm_pairs))
+    splits = load_apo_splits(d)
+    gold, source, counts = join_golden_answers(golden_query_pairs(splits, d.gold_queries), d.golden_path)
+    extra = load_preference_pairs(cfg.eval.rm_all_paths, clean=d.clean) if cfg.eval.rm_all_paths else []
+    log.info("data: %d D_P pairs, %d golden queries (%s), %d LLM queries, %d dev, %d test (%s), %d held-out "
+             "eval-RM pairs, %d training pairs", len(splits.rm_pairs), len(gold), source, len(splits.llm_queries),
+             len(splits.dev_pairs), len(splits.test_pairs),
+             "from data.test_path" if splits.test_from == "test_path" else "cut from data.path",
+             len(splits.eval_rm_pairs), len(splits.train_pairs))
     return GameData(gold=gold, pref_pairs=list(splits.rm_pairs), llm_queries=list(splits.llm_queries),
                     dev_pairs=list(splits.dev_pairs), test_pairs=list(splits.test_pairs),
-                    eval_rm_pairs=list(splits.eval_rm_pairs), gold_source=source)
+                    eval_rm_pairs=list(splits.eval_rm_pairs), gold_source=source, gold_counts=counts,
+                    train_pairs=list(splits.train_pairs), rm_all_extra_pairs=list(extra))
 
 
 class PhaseStore:
@@ -287,12 +321,23 @@ class APOGame:
         pref = [RankedPair.from_preference(p) for p in self.data.pref_pairs]
         self.rm_base = self._train_rm("rm/base", pretrained, pref, lr=rm_cfg.base_lr, epochs=rm_cfg.base_epochs,
                                       seed=self.cfg.run.seed, loss=RMLoss(), timing=timing, name="train_rm_base")
-        self.eval_rm = self.rm_base
-        if self.cfg.eval.eval_rm:
-            held_out = [RankedPair.from_preference(p) for p in self.data.eval_rm_pairs]
-            self.eval_rm = self._train_rm("rm/eval", pretrained, held_out, lr=rm_cfg.base_lr,
-                                          epochs=rm_cfg.base_epochs, seed=self.cfg.run.seed + 1, loss=RMLoss(),
-                                          timing=timing, name="train_eval_rm")
+        # Evaluation RMs, trained once; the last one that is on scores `policy_mean_reward` (the
+        # paper's Table 3 uses RM_All), every one of them lands in `policy_rewards`.
+        self.eval_rms: dict[str, Weights] = {}
+        for key, on, pairs, seed in (
+                ("rm/eval", self.cfg.eval.eval_rm, self.data.eval_rm_pairs, 1),
+                ("rm/eval_test", self.cfg.eval.rm_test, self.data.train_pairs, 2),
+                ("rm/eval_all", bool(self.cfg.eval.rm_all_paths),
+                 self.data.train_pairs + self.data.rm_all_extra_pairs, 3)):
+            if on:
+                self.eval_rms[key] = self._train_rm(
+                    key, pretrained, [RankedPair.from_preference(p) for p in pairs], lr=rm_cfg.base_lr,
+                    epochs=rm_cfg.base_epochs, seed=self.cfg.run.seed + seed, loss=RMLoss(), timing=timing,
+                    name="train_eval_rm")
+        self.eval_rm = list(self.eval_rms.values())[-1] if self.eval_rms else self.rm_base
+        if not self.eval_rms:
+            self.eval_rms[self.rm_base.id] = self.rm_base
+            log.warning(scored_by_rm_base_warning(self.cfg.arms))
         self.policy0 = Weights("policy/init")
         self.state = {arm: {"policy": self.policy0, "rm": self.rm_base} for arm in self.cfg.arms}
         for arm in self.cfg.arms:
@@ -335,6 +380,12 @@ class APOGame:
         per_query = [flat_scores[i * S:(i + 1) * S] for i in range(len(queries))]
         picked = [self.objective.select(ss, sc) for ss, sc in zip(samples, per_query)]
         examples = [(q, *responses) for q, responses in zip(queries, picked) if responses]
+        if not examples:
+            raise RuntimeError(f"round {r} arm {arm}: none of the {len(queries)} LLM queries gave a training example "
+                               f"(all {S} samples empty, or no distinct best and worst); nothing to fine-tune on")
+        # the best non-empty sample's score of each query that has one
+        best_scores = [max(x for t, x in zip(ss, sc) if t.strip()) for ss, sc in zip(samples, per_query)
+                       if any(t.strip() for t in ss)]
 
         # 6. Policy update on those examples, at this round's learning rate.
         lrs = cfg.policy.lrs
@@ -344,12 +395,13 @@ class APOGame:
 
         self.state[arm] = {"policy": policy, "rm": rm}
         record = self.evaluate(r, arm, policy, rm, timing)
-        record.update(apo_pairs=len(apo_pairs), best_of_s_mean_score=sum(max(sc) for sc in per_query) / len(queries),
+        record.update(apo_pairs=len(apo_pairs), best_of_s_mean_score=sum(best_scores) / len(best_scores),
+                      empty_samples=sum(not t.strip() for ss in samples for t in ss),
                       queries_skipped=len(queries) - len(examples),
                       rm_train=self.store.weights_stats(rm.id) if mode.trains_rm else {},
                       policy_train=self.store.weights_stats(policy.id))
         for train in ("rm_train", "policy_train"):
-            record[train] = {k: v for k, v in record[train].items() if k != "losses"}
+            record[train] = {k: v for k, v in record[train].items() if k not in ("losses", "lrs")}
         return record
 
     def evaluate(self, r: int, arm: str, policy: Weights, rm: Weights, timing: dict) -> dict:
@@ -371,12 +423,18 @@ class APOGame:
         queries = eval_prompts(self.cfg, self.data)
         answers = [a[0] for a in self._samples(policy, queries, "test", seed=7, timing=timing,
                                                name="evaluate", n=1, **event)]
-        rewards = self._scores(self.eval_rm, queries, answers, f"{policy.id}/test", timing, "evaluate", **event)
-        mean, stderr = mean_and_stderr(rewards)
+        policy_rewards = {}
+        for eval_rm in self.eval_rms.values():
+            rewards = self._scores(eval_rm, queries, answers, f"{policy.id}/test", timing, "evaluate", **event)
+            mean, stderr = mean_and_stderr(rewards)
+            policy_rewards[eval_rm.id] = {"mean": mean, "stderr": stderr}
         timing["evaluate_total"] = time.perf_counter() - start
+        primary = policy_rewards[self.eval_rm.id]
         record = {"round": r, "rm_mode": arm, "rm": rm.id, "policy": policy.id, "eval_rm": self.eval_rm.id,
-                  "gold_source": self.data.gold_source, **metrics, "policy_mean_reward": mean,
-                  "policy_reward_stderr": stderr, "test_queries": len(queries),
+                  "eval_rm_is_rm_base": self.eval_rm.id == self.rm_base.id,
+                  "gold_source": self.data.gold_source, "gold_counts": self.data.gold_counts, **metrics,
+                  "policy_mean_reward": primary["mean"], "policy_reward_stderr": primary["stderr"],
+                  "policy_rewards": policy_rewards, "test_queries": len(queries),
                   "phase_seconds": {k: round(v, 3) for k, v in timing.items()}}
         self.on_phase({"phase": "round_done", **event, "record": record})
         return record
@@ -424,12 +482,24 @@ def finish_run(cfg: Config, game: APOGame, records: list[dict], *, wall_seconds:
     out = Path(cfg.run.output_dir)
     write_summary(out, records, to_dict(cfg))
     d = game.data
+    if game.eval_rm.id == game.rm_base.id:  # report.md carries it too, at the top
+        log.warning(scored_by_rm_base_warning(cfg.arms))
+    test_from = f"from `{cfg.data.test_path}`" if cfg.data.test_path else "cut from the data"
+    sizes = {"rm/eval": f"held out, {len(d.eval_rm_pairs)} pairs",
+             "rm/eval_test": f"RM_Test, {len(d.train_pairs)} pairs",
+             "rm/eval_all": f"RM_All, {len(d.train_pairs) + len(d.rm_all_extra_pairs)} pairs"}
+    if game.eval_rm.id == game.rm_base.id:
+        eval_note = "Evaluation RMs: none; RM_Base scores Table 3 (see the warning above)."
+    else:
+        eval_note = (f"Evaluation RMs (no arm trains against them): "
+                     f"{', '.join(f'{k} ({sizes[k]})' for k in game.eval_rms)}; `{game.eval_rm.id}` scores Table 3.")
     notes = [(f"Policy `{cfg.model.policy}`, RM backbone `{cfg.model.reward}`; {cfg.apo.rounds} rounds, "
               f"S = {cfg.apo.samples_per_query}, beta2 = {cfg.apo.beta2}, APO weight = {cfg.apo.apo_weight} "
               f"({cfg.apo.loss_reduction} RM loss), policy objective {cfg.policy.updater}."),
              (f"Data `{cfg.data.path}`: {len(d.pref_pairs)} D_P pairs, {len(d.gold)} golden queries "
               f"(gold: {d.gold_source}), {len(d.llm_queries)} LLM queries, {len(d.dev_pairs)} dev / "
-              f"{len(d.test_pairs)} test pairs, {len(d.eval_rm_pairs)} evaluation-RM pairs."),
+              f"{len(d.test_pairs)} test pairs ({test_from})."),
+             eval_note,
              f"Wall time {wall_seconds / 60:.1f} min."]
     return write_report(out, records, judge=judge, notes=notes, title=f"APO run `{cfg.run.name}`")
 

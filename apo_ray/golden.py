@@ -19,8 +19,8 @@ Output: JSON lines ``{"key", "prompt", "response", "source"[, "note"]}`` (readab
 :func:`apo_ray.data.load_golden_answers`), appended and flushed one answer at a time; a rerun skips
 the keys already in the file, so an interrupted collection resumes where it stopped.
 
-Launch: ``python jobs/golden.py --data ../shared/data/hh-rlhf --out golden.jsonl --limit 100
---base-url https://api.openai.com/v1 --model gpt-4o`` (key in ``$OPENAI_API_KEY``).
+Launch: ``python jobs/golden.py --out golden.jsonl --base-url https://api.openai.com/v1 --model gpt-4o
+experiment=paper_hh`` (key in ``$OPENAI_API_KEY``): it asks for the golden queries of that experiment.
 """
 
 from __future__ import annotations

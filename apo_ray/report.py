@@ -34,6 +34,7 @@ __all__ = [
     "policy_table",
     "rm_display_name",
     "rm_table",
+    "scored_by_rm_base_warning",
     "wall_time_table",
     "write_report",
 ]
@@ -386,6 +387,31 @@ def _plot_judge(path: Path, rows: Sequence[Mapping[str, Any]]) -> bool:
 
 
 # -- the report ----------------------------------------------------------------------------------
+def scored_by_rm_base_warning(arms: Sequence[str]) -> str:
+    """What a run says (log and report.md) when no evaluation RM is on and RM_Base scores the policies."""
+    return ("WARNING: no evaluation RM is on (eval.rm_test, eval.rm_all_paths, eval.eval_rm), so RM_Base "
+            "scores the policies' test answers. RM_Base is the RM the fixed arm (RJS) trains against and the "
+            f"start of every other arm's RM (arms: {', '.join(arms)}): these scores measure how well a policy "
+            "games that RM, not how good it is. Turn on an evaluation RM that no arm optimises "
+            "(experiment=paper_hh turns on RM_Test).")
+
+
+def _eval_rm_rows(records: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """Every evaluation RM's mean score per (arm, round), when a run has more than one."""
+    rms = list(dict.fromkeys(k for r in records for k in (r.get("policy_rewards") or {})))
+    if len(rms) < 2:
+        return rms, []
+    rows = []
+    for rec in _sorted_records(records):
+        cells = []
+        for rm in rms:
+            score = (rec.get("policy_rewards") or {}).get(rm) or {}
+            mean, err = _num(score.get("mean")), _num(score.get("stderr"))
+            cells.append(MISSING if mean is None else f"{mean:.3f}" + ("" if err is None else f" ± {err:.3f}"))
+        rows.append([arm_label(str(rec.get("rm_mode", "?"))), rec.get("round"), *cells])
+    return rms, rows
+
+
 _RM_CSV = ["rm", "name", "arm", "arms", "round", *_RM_METRICS]
 _POLICY_CSV = ["arm", "arm_label", "round", "policy", "rm", "eval_rm", "mean_reward", "reward_stderr",
                "best_of_s_mean_score", "apo_pairs", "test_queries"]
@@ -419,11 +445,18 @@ def write_report(output_dir: str | Path, records: Sequence[Mapping[str, Any]], *
             figures[name] = str(out / name)
 
     md: list[str] = [f"# {title}", ""]
+    if any(r.get("eval_rm_is_rm_base") for r in records):
+        md += [f"> **{scored_by_rm_base_warning(arms)}**", ""]
     auto_notes = []
     for key, what in (("eval_rm", "evaluation RM"), ("gold_source", "gold answers")):
         vals = sorted({str(r[key]) for r in records if r.get(key) is not None})
         if vals:
             auto_notes.append(f"{what}: {', '.join(vals)}")
+    skipped = sum(int(r.get("queries_skipped_all_empty") or 0) for r in records)
+    empty = sum(int(r.get("empty_samples") or 0) for r in records)
+    if empty:
+        auto_notes.append(f"empty samples: {empty}, never picked as best-of-S; {skipped} query-rounds had only "
+                          "empty samples and were left out of the policy update")
     tq = sorted({int(r["test_queries"]) for r in records if _num(r.get("test_queries")) is not None})
     if tq:
         auto_notes.append(f"test queries per evaluation: {', '.join(map(str, tq))}")
@@ -451,6 +484,11 @@ def write_report(output_dir: str | Path, records: Sequence[Mapping[str, Any]], *
     md += ["## Table 3 — Policies: mean evaluation-RM score of test answers", "",
            format_markdown_table(["Arm", *[("Round 0 (start)" if r == 0 else f"Round {r}") for r in rounds]],
                                  [[arm_label(a), *[score(a, r) for r in rounds]] for a in arms]), ""]
+
+    eval_rms, eval_rows = _eval_rm_rows(records)
+    if eval_rows:
+        md += ["### The same test answers under every evaluation RM", "",
+               format_markdown_table(["Arm", "Round", *[f"`{rm}`" for rm in eval_rms]], eval_rows), ""]
 
     if judge_rows:
         md += ["## LLM-as-judge", "",

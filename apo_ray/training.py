@@ -80,12 +80,24 @@ def _autocast(precision: str, device: str):
     return contextlib.nullcontext()
 
 
+def make_lr_schedule(optimizer: torch.optim.Optimizer, settings: TrainSettings, total_steps: int):
+    """The phase's learning-rate schedule (transformers' ``get_scheduler``, a torch ``LambdaLR``):
+    linear warmup from 0 over ``warmup_steps`` (or ``ceil(warmup_ratio * total_steps)``, as
+    transformers' Trainer counts it), then constant, or linear / cosine decay to 0 at ``total_steps``."""
+    from transformers import get_scheduler
+
+    warmup = settings.warmup_steps or math.ceil(settings.warmup_ratio * total_steps)
+    name = {"constant": "constant_with_warmup"}.get(settings.schedule, settings.schedule)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
 class _Stepper:
     """Backward and optimiser step for one strategy. Plain/DDP: torch AdamW, and DDP's gradient
     all-reduce only on the last micro-batch of a step (``no_sync`` before). DeepSpeed ZeRO: the
-    engine owns the optimiser and the (partitioned) gradient reduction."""
+    engine owns the optimiser and the (partitioned) gradient reduction. Both follow the settings'
+    learning-rate schedule over ``total_steps`` optimiser steps."""
 
-    def __init__(self, model: nn.Module, settings: TrainSettings):
+    def __init__(self, model: nn.Module, settings: TrainSettings, total_steps: int):
         self.settings = settings
         self.engine = None
         self.skipped_steps = 0
@@ -103,12 +115,20 @@ class _Stepper:
                 "gradient_clipping": settings.max_grad_norm or 0.0,
                 "steps_per_print": 10**9,
             }
-            self.engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=config)
+            # DeepSpeed builds the schedule on its optimiser and steps it in engine.step().
+            self.engine, _, _, self.scheduler = deepspeed.initialize(
+                model=model, model_parameters=params, config=config,
+                lr_scheduler=lambda opt: make_lr_schedule(opt, settings, total_steps))
             self.model = self.engine
         else:
             self.model = model
             self.opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay,
                                          fused=settings.device.startswith("cuda"))
+            self.scheduler = make_lr_schedule(self.opt, settings, total_steps)
+
+    def lr(self) -> float:
+        """The learning rate the next optimiser step uses."""
+        return float(self.scheduler.get_last_lr()[0])
 
     def zero_grad(self) -> None:
         if self.engine is None:
@@ -136,8 +156,9 @@ class _Stepper:
             self.skipped_steps += 1
             log.warning("skipping an optimiser step: gradient norm is %s", float(norm))
             self.opt.zero_grad(set_to_none=True)
-            return
-        self.opt.step()
+        else:
+            self.opt.step()
+        self.scheduler.step()  # a skipped step still counts: the schedule follows the step index
 
 
 def _steps(n_items: int, per_step: int, seed: int, epochs: int) -> list[list[int]]:
@@ -190,6 +211,9 @@ class TrainSettings:
     trainable_layers: int | None = None  # train only the top N decoder blocks (+ head); None: all
     compile: bool = False  # torch.compile the model before the loop
     max_grad_norm: float | None = 1.0  # clip to this global norm; None: no clipping
+    schedule: str = "constant"  # learning rate after warmup: constant | linear | cosine (decay to 0)
+    warmup_steps: int = 0  # linear warmup from 0 over these optimiser steps
+    warmup_ratio: float = 0.0  # ... or over this fraction of the phase's steps (when warmup_steps is 0)
     strategy: str = "ddp"  # ddp (also plain, one process) | deepspeed
     zero_stage: int = 2
     log_every_steps: int = 0  # 0: about ten progress lines per run
@@ -206,12 +230,14 @@ class TrainSettings:
             r = cfg.rm
             return cls(examples_per_step=r.pairs_per_batch, micro_examples=r.micro_pairs, max_length=r.max_length,
                        epochs=r.epochs if epochs is None else epochs, weight_decay=r.weight_decay,
-                       trainable_layers=r.trainable_layers, **common)
+                       trainable_layers=r.trainable_layers, schedule=r.schedule, warmup_steps=r.warmup_steps,
+                       warmup_ratio=r.warmup_ratio, **common)
         if role == "policy":
             p = cfg.policy
             return cls(examples_per_step=p.sequences_per_batch, micro_examples=p.micro_sequences,
                        max_length=p.max_length, epochs=p.epochs if epochs is None else epochs,
-                       weight_decay=p.weight_decay, trainable_layers=p.trainable_layers, **common)
+                       weight_decay=p.weight_decay, trainable_layers=p.trainable_layers, schedule=p.schedule,
+                       warmup_steps=p.warmup_steps, warmup_ratio=p.warmup_ratio, **common)
         raise ValueError(f"role must be 'rm' or 'policy', got {role!r}")
 
 
@@ -277,10 +303,10 @@ def _run_steps(model: nn.Module, settings: TrainSettings, n_items: int,
     """
     if settings.compile:
         model = torch.compile(model)
-    stepper = _Stepper(model, settings)
-    model.train()
-    losses, tokens, start = [], 0, time.perf_counter()
     steps = _steps(n_items, settings.examples_per_step, settings.seed, settings.epochs)
+    stepper = _Stepper(model, settings, total_steps=len(steps))
+    model.train()
+    losses, lrs, tokens, start = [], [], 0, time.perf_counter()
     log_every = settings.log_every_steps or max(1, len(steps) // 10)
     for step_no, step in enumerate(steps):
         counts = step_counts(step)
@@ -304,6 +330,7 @@ def _run_steps(model: nn.Module, settings: TrainSettings, n_items: int,
         step_loss = float(step_loss)
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"{what}: non-finite loss at step {step_no}")
+        lrs.append(stepper.lr())
         stepper.step()
         losses.append(step_loss)
         if settings.rank == 0 and (step_no + 1) % log_every == 0:
@@ -315,7 +342,7 @@ def _run_steps(model: nn.Module, settings: TrainSettings, n_items: int,
                            "loss_last": losses[-1] if losses else float("nan"),
                            "loss_mean": sum(losses) / max(len(losses), 1), "seconds": elapsed,
                            "tokens_per_s": tokens / max(elapsed, 1e-9), "skipped_steps": stepper.skipped_steps,
-                           "precision": settings.precision, "losses": losses}
+                           "precision": settings.precision, "losses": losses, "lrs": lrs}
 
 
 def _load_for_training(load, model_name: str, init_state: dict | None, settings: TrainSettings):

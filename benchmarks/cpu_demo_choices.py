@@ -7,7 +7,7 @@ SmolLM2-135M-Instruct and real HH prompts, one process, this machine's cores:
 - RM learner fwd+bwd: all 30 blocks trained vs the top ``--trainable-layers`` (``rm.trainable_layers``);
 - matmul throughput in fp32 vs bf16 (what ``dtype: auto`` decides from).
 
-    python benchmarks/cpu_demo_choices.py --data ../shared/data/hh-rlhf
+    python benchmarks/cpu_demo_choices.py
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def rm_learner(pairs, trainable_layers: int, max_length: int) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="../shared/data/hh-rlhf")
+    ap.add_argument("--data", default="embedded:hh-rlhf-harmless-test")
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=24)

@@ -5,10 +5,12 @@ instance.
 
 With ``--baseline-ref REF`` the same script of an earlier commit runs first, from a temporary git
 worktree of REF, and its learner-phase and smoke-round numbers are printed beside this code's
-(same machine, same run).
+(same machine, same run; give ``--data`` a file path then: older commits may not know the
+embedded data set).
 
-    python benchmarks/ray_system.py --data ../shared/data/hh-rlhf --out benchmarks/results/ray_system_cpu.json
-    python benchmarks/ray_system.py --baseline-ref dbe7071 --out benchmarks/results/ray_system_vs_dbe7071.json
+    python benchmarks/ray_system.py --out benchmarks/results/ray_system_cpu.json
+    python benchmarks/ray_system.py --baseline-ref dbe7071 --data ../shared/data/hh-rlhf \
+        --out benchmarks/results/ray_system_vs_dbe7071.json
 """
 
 import argparse
@@ -121,7 +123,7 @@ def _warm(rows: list[dict], key: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="../shared/data/hh-rlhf")
+    ap.add_argument("--data", default="embedded:hh-rlhf-harmless-test")
     ap.add_argument("--model", default="tiny-random-llama")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--samples", type=int, default=4)
@@ -130,7 +132,9 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/ray_system_cpu.json")
     ap.add_argument("--baseline-ref", default=None, help="git ref whose version of this script runs first")
     args = ap.parse_args()
-    data = args.data = str(Path(args.data).resolve())
+    if Path(args.data).exists():  # a file path (the baseline's process runs in another directory)
+        args.data = str(Path(args.data).resolve())
+    data = args.data
     baseline = run_baseline(args.baseline_ref, args) if args.baseline_ref else None
     ray.init(num_cpus=4, include_dashboard=False)
     scaling = pool_scaling(data, args.model, args.prompts, args.samples, args.new_tokens)

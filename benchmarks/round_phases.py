@@ -28,8 +28,6 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def gpu_utilization() -> float | None:
     if not torch.cuda.is_available():
@@ -106,9 +104,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
     ap.add_argument("--learner-device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--arms", default="apo")
-    ap.add_argument("--data", default=os.environ.get("APO_HH_DATA") or str(
-        next((p for p in [ROOT.parent / "shared/data/hh-rlhf", ROOT / "shared/data/hh-rlhf"] if p.exists()),
-             ROOT.parent / "shared/data/hh-rlhf")))
+    ap.add_argument("--data", default=os.environ.get("APO_HH_DATA") or "embedded:hh-rlhf-harmless-test")
     ap.add_argument("--fast", action="store_true", help="HFGenerator(fast=True): FastSampler on CUDA")
     ap.add_argument("--small", action="store_true", help="smoke sizes (CPU)")
     ap.add_argument("--interval", type=float, default=0.2)

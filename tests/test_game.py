@@ -348,22 +348,89 @@ def test_a_new_rm_update_mode_is_one_table_entry(tiny_cfg_factory, tmp_path, mon
     assert [r["name"] for r in rm_table(run.records)] == ["RM_Base", "RM_AB-v1seq", "RM_AB-v2seq"]
 
 
-def test_a_query_whose_samples_are_all_empty_is_skipped(tiny_cfg_factory, tmp_path):
-    """Best-of-S never picks an empty response: a query with only empty samples gives no example."""
+# ------------------------------------------------------------------------------ best-of-S, evaluation RMs
 
-    class EmptyFirstQuery(RecordingSystem):
-        def generate(self, policy, prompts, n, seed):
-            out = super().generate(policy, prompts, n, seed)
-            if len(prompts) == len(self.queries) and list(prompts) == self.queries:
-                out.samples[0] = [""] * n
-                out.samples[1] = [" "] + out.samples[1][1:]
-            return out
 
-    cfg = tiny_cfg_factory(apo__arms=["fixed"], apo__rounds=1)
+@dataclass
+class EmptySamples(RecordingSystem):
+    """The first LLM query gets only empty samples, every other query one empty sample that the RM
+    scores above everything else."""
+
+    queries: tuple = ()
+    examples: list = field(default_factory=list)
+
+    def generate(self, policy, prompts, n, seed):
+        out = super().generate(policy, prompts, n, seed)
+        if tuple(prompts) == self.queries:
+            out.samples = [[""] * n if i == 0 else ["", *ss[1:]] for i, ss in enumerate(out.samples)]
+        return out
+
+    def score(self, rm, prompts, responses):
+        scores = super().score(rm, prompts, responses)
+        return [100.0 if not r else s for r, s in zip(responses, scores)]
+
+    def train(self, job, init, data):
+        if job.role == "policy":
+            self.examples.append(list(data))
+        return super().train(job, init, data)
+
+
+def test_best_of_s_never_trains_on_an_empty_response(tiny_cfg_factory, tmp_path):
+    cfg = tiny_cfg_factory(apo__arms=["fixed"], apo__rounds=1, apo__samples_per_query=3)
     data = build_game_data(cfg)
-    system = EmptyFirstQuery(LocalSystem(cfg))
-    system.queries = list(data.llm_queries)
-    run = play(cfg, tmp_path / "phases", system)
-    ((_, n_examples, _),) = run.system.of("train_policy")
-    assert n_examples == len(data.llm_queries) - 1
-    assert run.record("fixed", 1)["queries_skipped"] == 1
+    system = EmptySamples(LocalSystem(cfg), queries=tuple(data.llm_queries))
+    run = play(cfg, tmp_path / "phases", system=system)
+    (examples,) = system.examples
+    assert [q for q, _ in examples] == data.llm_queries[1:]  # the all-empty query is skipped
+    assert all(best.strip() for _, best in examples)  # no empty response wins, though it scored 100
+    rec = run.record("fixed", 1)
+    Q, S = len(data.llm_queries), 3
+    assert rec["queries_skipped"] == 1 and rec["empty_samples"] == S + (Q - 1)
+    assert rec["best_of_s_mean_score"] < 100.0
+
+
+def _write_pairs(path: Path, pairs) -> Path:
+    path.write_text("".join(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n"
+                            for p in pairs))
+    return path
+
+
+def test_evaluation_rms_that_no_arm_trains_against_score_the_policies(tiny_cfg_factory, hh_pairs, tmp_path):
+    from apo_ray.game import finish_run
+
+    prompts = list(dict.fromkeys(p.prompt for p in hh_pairs))
+    first = {q: next(p for p in hh_pairs if p.prompt == q) for q in prompts[:70]}
+    pairs = list(first.values())
+    train = _write_pairs(tmp_path / "train.jsonl", pairs[:40])
+    test = _write_pairs(tmp_path / "test.jsonl", pairs[40:50])
+    extra = _write_pairs(tmp_path / "extra.jsonl", pairs[50:70])
+    cfg = tiny_cfg_factory(apo__arms=["fixed"], apo__rounds=1, data__path=str(train), data__test_path=str(test),
+                           data__test_pairs=1.0, eval__rm_test=True, eval__rm_all_paths=[str(extra)])
+    cfg.run.output_dir = str(tmp_path / "out")
+    data = build_game_data(cfg)
+    assert {p.prompt for p in data.test_pairs} == {p.prompt for p in pairs[40:50]}  # the test file, whole
+    system = RecordingSystem(LocalSystem(cfg))
+    store = PhaseStore(tmp_path / "out" / "phases", system)
+    game = APOGame(cfg, system, data, store)
+    records = game.run()
+    # RM_Base on D_P, then RM_Test on every training pair, RM_All on those + the extra set
+    assert [c[:4] for c in system.of("train_rm")] == [("rm/pretrained", 0, len(data.pref_pairs), cfg.rm.base_lr),
+                                                      ("rm/pretrained", 0, 40, cfg.rm.base_lr),
+                                                      ("rm/pretrained", 0, 60, cfg.rm.base_lr)]
+    for rec in records:
+        assert rec["eval_rm"] == "rm/eval_all" and rec["eval_rm_is_rm_base"] is False
+        assert set(rec["policy_rewards"]) == {"rm/eval_test", "rm/eval_all"}
+        assert rec["policy_mean_reward"] == rec["policy_rewards"]["rm/eval_all"]["mean"]
+        assert rec["rm"] not in rec["policy_rewards"]  # the arm's own RM never scores its policy
+    report = finish_run(cfg, game, records, wall_seconds=1.0).read_text()
+    assert "WARNING" not in report and "under every evaluation RM" in report
+    assert "rm/eval_test (RM_Test, 40 pairs), rm/eval_all (RM_All, 60 pairs)" in report
+
+
+def test_a_run_scored_by_rm_base_says_so(game, tmp_path, caplog):
+    from apo_ray.report import write_report
+
+    assert all(r["eval_rm"] == "rm/base" and r["eval_rm_is_rm_base"] for r in game.records)
+    report = write_report(tmp_path, game.records).read_text()
+    assert report.splitlines()[2].startswith("> **WARNING: no evaluation RM is on")
+    assert "the RM the fixed arm (RJS) trains against" in report

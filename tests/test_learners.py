@@ -315,8 +315,52 @@ def test_learner_job_carries_every_setting_from_the_config(tiny_cfg):
     assert (s.lr, s.epochs, s.seed, s.trainable_layers, s.weight_decay) == (2e-4, 2, 5, 1, 0.01)
     assert (s.examples_per_step, s.micro_examples, s.max_length) == (cfg.rm.pairs_per_batch, 3, cfg.rm.max_length)
     assert (s.gradient_checkpointing, s.strategy, s.zero_stage) == (True, "deepspeed", 3)
+    cfg.rm.schedule, cfg.rm.warmup_steps = "cosine", 7
+    assert LearnerJob.rm(cfg, lr=1.0, epochs=1, seed=0, loss=RMLoss()).settings.schedule == "cosine"
+    assert LearnerJob.rm(cfg, lr=1.0, epochs=1, seed=0, loss=RMLoss()).settings.warmup_steps == 7
     cfg.policy.updater, cfg.policy.dpo_beta = "dpo", 0.3
     policy = LearnerJob.policy(cfg, lr=1e-5, seed=1)
     assert (policy.role, policy.loss.objective, policy.loss.dpo_beta) == ("policy", "dpo", 0.3)
     assert policy.settings.examples_per_step == cfg.policy.sequences_per_batch
     assert {f.name for f in fields(s)} >= {"lr", "epochs", "precision", "compile", "max_grad_norm"}
+
+
+# ------------------------------------------------------------------------------ learning-rate schedule
+
+
+def _lrs(schedule: str, total: int, **kw) -> list[float]:
+    from apo_ray.training import make_lr_schedule
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([param], lr=2.0)
+    sched = make_lr_schedule(opt, settings(lr=2.0, schedule=schedule, **kw), total)
+    lrs = []
+    for _ in range(total):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def test_lr_schedule_values_at_a_few_steps():
+    # warmup 2 steps from 0, then linear to 0 at step 10: 2 * (10 - k) / 8
+    assert _lrs("linear", 10, warmup_steps=2) == pytest.approx([0.0, 1.0, 2.0, 1.75, 1.5, 1.25, 1.0, 0.75, 0.5, 0.25])
+    # cosine: 2 * 0.5 * (1 + cos(pi * (k - 2) / 8)) after the same warmup
+    cosine = _lrs("cosine", 10, warmup_steps=2)
+    assert cosine[:3] == pytest.approx([0.0, 1.0, 2.0])
+    assert cosine[4] == pytest.approx(1.0 + math.cos(math.pi * 2 / 8)) and cosine[6] == pytest.approx(1.0)
+    assert cosine[9] == pytest.approx(1.0 + math.cos(math.pi * 7 / 8))
+    # warmup_ratio counts steps as transformers' Trainer does: ceil(0.25 * 10) = 3
+    assert _lrs("constant", 10, warmup_ratio=0.25)[:5] == pytest.approx([0.0, 2 / 3, 4 / 3, 2.0, 2.0])
+    assert _lrs("constant", 4) == [2.0] * 4  # no warmup, no decay: the old behaviour
+    assert _lrs("linear", 4, warmup_steps=2, warmup_ratio=0.9)[:2] == pytest.approx([0.0, 1.0])  # steps win
+
+
+def test_learners_follow_the_schedule(tiny_model, rm_init, pref_pairs, sft_examples):
+    _, rm_stats = train_reward_model(TINY, rm_init, pref_pairs, settings(
+        lr=1e-3, examples_per_step=2, micro_examples=2, schedule="linear", warmup_steps=1))
+    assert rm_stats["steps"] == 4 and rm_stats["lrs"] == pytest.approx([0.0, 1e-3, 2e-3 / 3, 1e-3 / 3])
+    _, policy_stats = train_policy(TINY, None, sft_examples[:4], settings(
+        lr=1e-3, examples_per_step=1, micro_examples=1, schedule="cosine", warmup_ratio=0.25))
+    assert policy_stats["lrs"] == pytest.approx([0.0, 1e-3, 0.5e-3 * (1 + math.cos(math.pi / 3)),
+                                                 0.5e-3 * (1 + math.cos(2 * math.pi / 3))])

@@ -43,3 +43,39 @@ def test_bad_config_names_the_field(tmp_path):
     assert "rm.trainable_layers must be >= 1 or null (all layers), got 0" in proc.stderr
     assert "model.dtype must be one of" in proc.stderr and "'bf17'" in proc.stderr
     assert not (tmp_path / "phases").exists()  # refused before any work
+
+
+def test_paper_hh_preset_is_the_papers_setup():
+    import yaml
+
+    proc = _apo("experiment=paper_hh", "--cfg", "job")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = yaml.safe_load(proc.stdout)
+    d = cfg["data"]
+    assert d["path"] == ["hf://Anthropic/hh-rlhf?data_dir=helpful-base&split=train",
+                         "hf://Anthropic/hh-rlhf?data_dir=harmless-base&split=train"]
+    assert d["test_path"] == ["hf://Anthropic/hh-rlhf?data_dir=helpful-base&split=test",
+                              "hf://Anthropic/hh-rlhf?data_dir=harmless-base&split=test"]
+    assert d["test_pairs"] == 1.0 and d["dev_pairs"] == 10000
+    # ~20K / ~66K of the ~86.3K cleaned helpful + harmless train pairs
+    assert round(d["rm_pairs"] * 86_300, -3) == 20_000 and round(d["llm_queries"] * 86_300, -3) == 66_000
+    assert cfg["eval"]["rm_test"] is True
+    g = cfg["generation"]
+    assert g["stop"] == ["\nHuman"]
+    assert g["sampling"] == {"temperature": 1.2, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0,
+                                  "max_new_tokens": 256}
+    assert g["testing"] == {"temperature": 0.3, "top_p": 0.85, "top_k": 5, "repetition_penalty": 1.05,
+                            "max_new_tokens": 512}
+    assert (cfg["rm"]["schedule"], cfg["rm"]["warmup_steps"]) == ("linear", 100)
+    assert (cfg["policy"]["schedule"], cfg["policy"]["warmup_ratio"]) == ("cosine", 0.03)
+
+
+def test_a_missing_data_path_names_what_was_tried(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs/apo.py"), "experiment=smoke", "run.in_process=true",
+                           "data.path=[embedded:hh-rlhf-harmless-test,mine/pairs.jsonl]",
+                           f"run.output_dir={tmp_path / 'out'}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode != 0
+    assert (f"config error: data.path: 'mine/pairs.jsonl' not found: tried {tmp_path / 'mine/pairs.jsonl'} "
+            f"(a relative path is read from the directory the command was started in, {tmp_path})") in proc.stderr
+    assert not (tmp_path / "out").exists()

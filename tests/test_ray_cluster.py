@@ -2,7 +2,8 @@
 the real CLI, Hydra multirun, the sweep submitter, actor crash recovery and config validation.
 
 One cluster serves the module (4 logical CPUs on this 2-core machine: actors mostly wait on each
-other); it is stopped afterwards.
+other); it is stopped afterwards. Its jobs run on the default data, the HH file shipped inside the
+package (``$APO_HH_DATA`` is not passed on), as a job submitted from a fresh clone would.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from apo_ray.data import DEFAULT_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -38,12 +41,13 @@ def _ray(*args: str, env: dict | None = None, timeout: float = 300, check: bool 
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_model, hh_data_path):
+def cluster(tiny_model):
     """A real head node; yields its GCS address and dashboard (job server) address."""
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
     port, dash = _free_port(), _free_port()
     # Ray >= 2.59 turns on token auth for local clusters; give the cluster and its clients one token.
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
+    env.pop("APO_HH_DATA", None)  # jobs read the default data: the copy inside the package
     proc = _ray("start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
          "--num-cpus=4", "--num-gpus=0", f"--temp-dir={temp_dir}", "--include-dashboard=true",
          # Every port our own: another Ray on this machine (a developer's, a parallel test) keeps the defaults.
@@ -54,7 +58,7 @@ def cluster(tiny_model, hh_data_path):
     if proc.returncode != 0:
         subprocess.run(["pkill", "-9", "-f", temp_dir], check=False)
         raise AssertionError(f"ray start failed:\n{proc.stdout}\n{proc.stderr}")
-    info = {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "data": str(hh_data_path),
+    info = {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "data": DEFAULT_DATA,
             "env": dict(env, RAY_ADDRESS=f"http://127.0.0.1:{dash}")}
     deadline = time.time() + 120
     while _ray("job", "list", "--address", info["dashboard"], env=env, check=False, timeout=60).returncode != 0:
@@ -68,8 +72,7 @@ def cluster(tiny_model, hh_data_path):
 
 
 def _entry(cluster, out: Path, *extra: str) -> list[str]:
-    return ["python", "jobs/apo.py", "experiment=smoke", "apo.rounds=1", f"data.path={cluster['data']}",
-            f"run.output_dir={out}", *extra]
+    return ["python", "jobs/apo.py", "experiment=smoke", "apo.rounds=1", f"run.output_dir={out}", *extra]
 
 
 def _submit(cluster, out: Path, *extra: str, wait: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -116,6 +119,7 @@ def test_job_submit_writes_the_results_contract(reference_run):
                                                 "train_policy"}
     config = json.loads((out / "resolved_config.json").read_text())
     assert config["apo"]["samples_per_query"] == 2 and config["run"]["output_dir"] == str(out)
+    assert config["data"]["path"] == DEFAULT_DATA  # no data.path given: the package's own copy was read
     # progress lines reach `ray job logs`
     assert "apo_ray.progress" in proc.stdout + proc.stderr and "train_rm done" in proc.stdout + proc.stderr
 
@@ -177,8 +181,7 @@ def test_rerun_without_resume_refuses_to_overwrite(cluster, reference_run):
 
 def test_hydra_multirun_runs_each_point_on_the_cluster(cluster, tmp_path):
     env = dict(cluster["env"], RAY_ADDRESS=cluster["gcs"])
-    cmd = [sys.executable, "jobs/apo.py", "-m", "experiment=smoke", "apo.rounds=1", f"data.path={cluster['data']}",
-           "apo.beta2=1,10", f"hydra.sweep.dir={tmp_path}", "generation.max_new_tokens=4"]
+    cmd = [sys.executable, "jobs/apo.py", "-m", "experiment=smoke", "apo.rounds=1", "apo.beta2=1,10", f"hydra.sweep.dir={tmp_path}", "generation.max_new_tokens=4"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     configs = sorted(json.loads(p.read_text())["apo"]["beta2"] for p in tmp_path.glob("*/resolved_config.json"))
@@ -191,8 +194,7 @@ def test_hydra_multirun_runs_each_point_on_the_cluster(cluster, tmp_path):
 
 def test_sweep_submits_each_point_as_a_job(cluster, tmp_path):
     cmd = [sys.executable, "jobs/sweep.py", "--address", cluster["dashboard"], "--output-root", str(tmp_path),
-           "--wait", "rm.lr=1e-4,1e-3", "--", "experiment=smoke", "apo.rounds=1", f"data.path={cluster['data']}",
-           "generation.max_new_tokens=4"]
+           "--wait", "rm.lr=1e-4,1e-3", "--", "experiment=smoke", "apo.rounds=1", "generation.max_new_tokens=4"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=cluster["env"], check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("SUCCEEDED") == 2

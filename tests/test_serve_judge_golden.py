@@ -118,13 +118,9 @@ def scripted():
 
 
 @pytest.fixture(scope="module")
-def hh_pairs():
-    env = os.environ.get("APO_HH_DATA")
-    path = Path(env) if env else ROOT.parent / "shared/data/hh-rlhf"
-    if not path.exists():
-        pytest.skip(f"HH-RLHF data not found at {path} (set APO_HH_DATA)")
+def hh_pairs(hh_data_path):
     pairs, seen = [], set()
-    for p in load_preference_pairs(path, limit=12):
+    for p in load_preference_pairs(hh_data_path, limit=12):
         if p.prompt not in seen:
             seen.add(p.prompt)
             pairs.append(p)
@@ -371,21 +367,24 @@ def test_golden_fallbacks_and_resume(scripted, tmp_path, hh_pairs):
 
 
 def test_golden_and_judge_against_ray_serve(server_url, hh_pairs, tmp_path):
-    pairs = hh_pairs[:2]
     out = tmp_path / "golden_tiny.jsonl"
     with open(tmp_path / "pairs.jsonl", "w") as fh:
-        fh.writelines(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n" for p in pairs)
+        fh.writelines(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n"
+                      for p in hh_pairs)
     summary = _load_job("golden").main([
-        "--data", str(tmp_path / "pairs.jsonl"), "--out", str(out), "--base-url", server_url, "--model", TINY,
-        "--api-key-env", "APO_SERVE_API_KEY", "--max-tokens", "12", "--concurrency", "2",
-        "--temperature", "1.0"])
-    assert summary["by_source"]["model"] == 2, summary
+        "--out", str(out), "--base-url", server_url, "--model", TINY,
+        "--api-key-env", "APO_SERVE_API_KEY", "--max-tokens", "12", "--concurrency", "2", "--temperature", "1.0",
+        "experiment=smoke", f"data.path={tmp_path / 'pairs.jsonl'}", "data.rm_pairs=2", "data.llm_queries=2",
+        "data.dev_pairs=0", "data.test_pairs=2"])
+    assert summary["golden_queries"] == 2 and summary["by_source"]["model"] == 2, summary
     answers = load_golden_answers(out)
     assert {a.source for a in answers} == {"model"} and all(a.response for a in answers)
+    by_prompt = {a.prompt: a.response for a in answers}
+    pairs = [p for p in hh_pairs if p.prompt in by_prompt]
+    assert len(pairs) == 2
 
     judge = JudgeClient(server_url, TINY, api_key_env="APO_SERVE_API_KEY", concurrency=2, max_tokens=8,
                         max_retries=1, backoff_s=0.01)
-    by_prompt = {a.prompt: a.response for a in answers}
     records = judge.judge_pairs([p.prompt for p in pairs], [by_prompt[p.prompt] for p in pairs],
                                 [p.chosen for p in pairs])
     totals = summarize_records(records)
@@ -394,3 +393,37 @@ def test_golden_and_judge_against_ray_serve(server_url, hh_pairs, tmp_path):
     assert totals["n"] == 2 and totals["request_errors"] == 0
     assert all(isinstance(r["raw_ours_as_a"], str) and r["outcome"] in OUTCOMES for r in records)
 
+
+
+def test_golden_job_and_game_agree_on_the_golden_queries(scripted, tmp_path):
+    """jobs/golden.py, given the run's overrides, answers exactly the golden queries the game then
+    uses; a file collected for another split (another data.seed) leaves the game with fallbacks,
+    and the game says how many."""
+    from apo_ray.config import compose
+    from apo_ray.game import build_game_data
+
+    server = scripted(lambda body, call_no: completion(f"Golden answer {call_no}."))
+    overrides = ["experiment=smoke", "data.gold_queries=5"]
+    job = _load_job("golden")
+    args = ["--base-url", server.url, "--model", "scripted", "--max-retries", "1", "--concurrency", "2"]
+    out = tmp_path / "gold.jsonl"
+    summary = job.main(["--out", str(out), *args, *overrides])
+    assert summary["golden_queries"] == 5 and summary["by_source"]["model"] == 5
+
+    cfg = compose([*overrides, f"data.golden_path={out}"])
+    data = build_game_data(cfg)
+    file_prompts = [a.prompt for a in load_golden_answers(out)]
+    assert sorted(g.prompt for g in data.gold) == sorted(file_prompts) and len(set(file_prompts)) == 5
+    assert [g.source for g in data.gold] == ["model"] * 5
+    assert data.gold_counts == {"from_file": 5, "fell_back_to_chosen": 0, "file_sources": {"model": 5},
+                                "file_answers_not_used": 0}
+    assert data.gold_source.startswith("file: 5 answers, 0 fell back to chosen")
+
+    other = tmp_path / "gold_seed1.jsonl"
+    job.main(["--out", str(other), *args, *overrides, "data.seed=1"])
+    cfg.data.golden_path = str(other)
+    mismatched = build_game_data(cfg)
+    assert mismatched.gold_counts["fell_back_to_chosen"] >= 4  # (at most one prompt in common by chance)
+    assert mismatched.gold_source.startswith(f"file: {5 - mismatched.gold_counts['fell_back_to_chosen']} answers, "
+                                             f"{mismatched.gold_counts['fell_back_to_chosen']} fell back to chosen")
+    assert [g.prompt for g in mismatched.gold] == [g.prompt for g in data.gold]  # the game's queries did not move
