@@ -86,9 +86,10 @@ def judge_final_policies(cfg: Config, records: list[dict]) -> dict:
     ``judge_summary.json`` and adds the judge table and figure to the report."""
     import json
 
-    from apo_ray.game import PhaseStore, build_game_data, eval_prompts
+    from apo_ray.game import build_game_data, eval_prompts
     from apo_ray.judge import JudgeClient, summarize_records
     from apo_ray.report import write_report
+    from apo_ray.store import PhaseStore
 
     out = Path(cfg.run.output_dir)
     last = {r["rm_mode"]: r for r in records if r["round"] == cfg.apo.rounds}
