@@ -3,8 +3,10 @@
     OPENAI_API_KEY=... python jobs/golden.py --data ../shared/data/hh-rlhf --out golden.jsonl \
         --limit 1000 --base-url https://api.openai.com/v1 --model gpt-4o --concurrency 8
 
-Rerunning with the same ``--out`` asks only the queries not yet in the file. Prints the counts by
-source (model / model+why / canned-refusal / chosen-fallback) as JSON.
+Rerunning with the same ``--out`` asks only the queries not yet answered in the file (failed
+requests are not written, so they are asked again). Prints the counts by source (model / model+why
+/ canned-refusal / chosen-fallback) and of failures as JSON; exits non-zero when more than
+``--max-failed-fraction`` of the queries asked failed.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python jobs/golden.py` from anywhere
 
 from apo_ray.data import load_preference_pairs
-from apo_ray.golden import collect_golden_answers
+from apo_ray.golden import collect_golden_answers, mostly_failed
 from apo_ray.judge import ChatAPI, add_endpoint_arguments
 
 
@@ -40,6 +42,10 @@ def main(argv: list[str] | None = None) -> dict:
                   max_tokens=args.max_tokens)
     summary = collect_golden_answers(pairs, args.out, api, limit=args.limit, seed=args.seed)
     print(json.dumps(summary, indent=2))
+    if mostly_failed(summary, args.max_failed_fraction):
+        raise SystemExit(f"golden answers: {summary['failed']} of {summary['asked']} queries failed after retries "
+                         f"({summary['failed_by_error']}); check --base-url, --model and the key in "
+                         f"${args.api_key_env}. Those queries were not written; rerun to ask them again")
     return summary
 
 
