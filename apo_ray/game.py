@@ -79,6 +79,28 @@ class GameSystem(Protocol):
     def load_weights(self, path: Path) -> Any: ...
 
 
+def batches_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Item indices cut into batches of ``batch_size``, items of similar length together (little
+    padding). The systems run each batch as one call, and sampling batch ``b`` is seeded with
+    :func:`batch_seed`, so samples and scores do not depend on how many actors share the work."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [order[lo:lo + batch_size] for lo in range(0, len(order), batch_size)]
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    """The sampling seed of batch ``batch`` of a ``generate(..., seed)`` call."""
+    return seed * 1009 + batch
+
+
+def in_input_order(batches: list[list[int]], results: list[list]) -> list:
+    """Per-item results of each batch put back in the order of the items."""
+    out: list = [None] * sum(len(b) for b in batches)
+    for batch, values in zip(batches, results):
+        for i, value in zip(batch, values, strict=True):
+            out[i] = value
+    return out
+
+
 @dataclass
 class GameData:
     gold: list[GoldenAnswer]  # golden queries with their golden answers

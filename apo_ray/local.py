@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from apo_ray.config import Config
-from apo_ray.game import Weights
+from apo_ray.game import Weights, batch_seed, batches_by_length, in_input_order
 from apo_ray.generation import make_generator
 from apo_ray.scoring import RewardScorer
 from apo_ray.training import RankedPair, TrainSettings, train_policy, train_reward_model
@@ -76,11 +76,18 @@ class LocalSystem:
                                                             **generator_kwargs(cfg)), "policy/init")
         self._scorer = _Reloading(lambda: RewardScorer(cfg.model.reward, **scorer_kwargs(cfg)), "rm/pretrained")
 
+    # The same seeded batches as RaySystem's pools, so a run gives the same samples in one process.
     def generate(self, policy: Weights, prompts: list[str], n: int, seed: int) -> list[list[str]]:
-        return self._generator.get(policy).generate(prompts, n, seed=seed)
+        generator = self._generator.get(policy)
+        batches = batches_by_length([len(p) for p in prompts], self.cfg.generation.prompts_per_batch)
+        return in_input_order(batches, [generator.generate([prompts[i] for i in b], n, seed=batch_seed(seed, k))
+                                        for k, b in enumerate(batches)])
 
     def score(self, rm: Weights, prompts: list[str], responses: list[str]) -> list[float]:
-        return self._scorer.get(rm).score(prompts, responses)
+        scorer = self._scorer.get(rm)
+        batches = batches_by_length([len(p) + len(r) for p, r in zip(prompts, responses)], self.cfg.rm.score_batch)
+        return in_input_order(batches, [scorer.score([prompts[i] for i in b], [responses[i] for i in b])
+                                        for b in batches])
 
     def train_rm(self, init: Weights, pairs: list[RankedPair], *, lr, epochs, beta2, apo_weight, seed):
         settings = rm_settings(self.cfg, lr=lr, epochs=epochs, seed=seed, device=self.device)

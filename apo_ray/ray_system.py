@@ -27,7 +27,7 @@ import ray
 import torch
 
 from apo_ray.config import Config
-from apo_ray.game import Weights
+from apo_ray.game import Weights, batch_seed, batches_by_length, in_input_order
 from apo_ray.training import RankedPair
 from apo_ray.workers import GeneratorWorker, ScorerWorker
 
@@ -39,10 +39,10 @@ ScorerActor = ray.remote(ScorerWorker)
 
 
 class ShardedPool:
-    """N actors of one kind; a call is cut into contiguous shards, one per actor, results in order.
+    """N actors of one kind; a list of calls is dealt round-robin over them, results in call order.
 
-    Actors restart after a crash (``max_restarts``) and Ray retries the shard's call on the restarted
-    actor (``max_task_retries``); the versioned-weights protocol of :mod:`apo_ray.workers` makes the
+    Actors restart after a crash (``max_restarts``) and Ray retries the call on the restarted actor
+    (``max_task_retries``); the versioned-weights protocol of :mod:`apo_ray.workers` makes the
     retried call reload the right weights, so nothing is lost.
     """
 
@@ -56,13 +56,10 @@ class ShardedPool:
             for i in range(n)
         ]
 
-    def map(self, method: str, items: list, make_args) -> list[dict]:
-        """Split ``items`` into one contiguous shard per actor; ``make_args(shard, shard_no)`` gives
-        the call's arguments. Returns the per-shard result dicts in shard order."""
-        n = min(len(self.actors), max(len(items), 1))
-        size = -(-len(items) // n)
-        shards = [items[i * size:(i + 1) * size] for i in range(n)]
-        refs = [getattr(self.actors[i], method).remote(*make_args(shard, i)) for i, shard in enumerate(shards)]
+    def call_all(self, method: str, calls: list[tuple]) -> list[dict]:
+        """``method(*args)`` for each ``args`` of ``calls``, call k on actor k mod N (each actor runs
+        its calls one after another). Returns the result dicts in call order."""
+        refs = [getattr(self.actors[k % len(self.actors)], method).remote(*args) for k, args in enumerate(calls)]
         return ray.get(refs)
 
     def kill(self) -> None:
@@ -285,9 +282,12 @@ class RaySystem:
 
     # -- pools -------------------------------------------------------------------------------------
     def generate(self, policy: Weights, prompts: list[str], n: int, seed: int) -> list[list[str]]:
+        """Batches of ``generation.prompts_per_batch`` prompts, one call each, seeded by their batch
+        number (:func:`apo_ray.game.batch_seed`): the same samples however many generators there are."""
         start = time.perf_counter()
-        results = self.generators.map(
-            "generate", prompts, lambda shard, i: (policy.id, [policy.handle], shard, n, seed * 1009 + i))
+        batches = batches_by_length([len(p) for p in prompts], self.cfg.generation.prompts_per_batch)
+        results = self.generators.call_all("generate", [
+            (policy.id, [policy.handle], [prompts[i] for i in b], n, batch_seed(seed, k)) for k, b in enumerate(batches)])
         seconds = time.perf_counter() - start
         tokens = sum(r["new_tokens"] for r in results)
         self.last_generation = {"sequences": len(prompts) * n, "new_tokens": tokens, "seconds": seconds,
@@ -295,13 +295,13 @@ class RaySystem:
                                 "tokens_per_s": tokens / max(seconds, 1e-9)}
         self.last_sync = {"seconds": sum(r["sync_seconds"] for r in results),
                           "bytes": sum(r["sync_bytes"] for r in results)}
-        return [s for r in results for s in r["samples"]]
+        return in_input_order(batches, [r["samples"] for r in results])
 
     def score(self, rm: Weights, prompts: list[str], responses: list[str]) -> list[float]:
-        pairs = list(zip(prompts, responses))
-        results = self.scorers.map(
-            "score", pairs, lambda shard, i: (rm.id, [rm.handle], [p for p, _ in shard], [r for _, r in shard]))
-        return [s for r in results for s in r["scores"]]
+        batches = batches_by_length([len(p) + len(r) for p, r in zip(prompts, responses)], self.cfg.rm.score_batch)
+        results = self.scorers.call_all("score", [
+            (rm.id, [rm.handle], [prompts[i] for i in b], [responses[i] for i in b]) for b in batches])
+        return in_input_order(batches, [r["scores"] for r in results])
 
     # -- learners ----------------------------------------------------------------------------------
     def _fit(self, kind: str, init: Weights, data: list, settings: dict, loss: dict) -> tuple[Any, dict]:

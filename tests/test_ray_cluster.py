@@ -332,3 +332,52 @@ def test_one_learner_group_serves_every_phase_and_survives_failures(cluster, tmp
     assert "no pairs to train on" in result["error"] and "Traceback" in result["error"]
     assert after_kill != after_error  # really killed, and a new worker finished the job
     assert result["redone_same"]
+
+
+LAYOUT_SCRIPT = """
+import json, sys
+import ray
+import torch
+from apo_ray.config import Config
+from apo_ray.data import load_preference_pairs
+from apo_ray.game import Weights
+from apo_ray.models import load_reward_model
+from apo_ray.ray_system import RaySystem
+from apo_ray.weights import pack_state_dict
+
+ray.init(address=sys.argv[1])
+pairs = load_preference_pairs(sys.argv[2], limit=12)
+prompts, responses = [p.prompt for p in pairs], [p.chosen for p in pairs]
+torch.manual_seed(0)  # one RM for both layouts (a pretrained backbone's scalar head starts random)
+rm = Weights("rm/seeded", ray.put(pack_state_dict(load_reward_model("tiny-random-llama").state_dict())))
+out = {}
+for n in (1, 2):
+    cfg = Config()
+    cfg.model.policy = cfg.model.reward = "tiny-random-llama"
+    cfg.generation.max_new_tokens, cfg.generation.prompts_per_batch, cfg.rm.score_batch = 6, 4, 5
+    cfg.cluster.num_generators = cfg.cluster.num_scorers = n
+    cfg.cluster.generator_cpus = cfg.cluster.scorer_cpus = 0.5
+    system = RaySystem(cfg, mailbox=None, namespace=f"layout-{n}")
+    out[n] = {"samples": system.generate(Weights("policy/init"), prompts, 2, seed=5),
+              "scores": system.score(rm, prompts, responses),
+              "pids": sorted({ray.get(a.generate.remote("policy/init", [None], prompts[:1], 1, 0))["pid"]
+                              for a in system.generators.actors})}
+    system.shutdown()
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_samples_and_scores_do_not_depend_on_the_pool_sizes(cluster, tmp_path):
+    """The pools run fixed, seeded batches whatever their size, so a resumed run may use more or
+    fewer generators and scorers (the fingerprint leaves their counts out)."""
+    script = tmp_path / "layout.py"
+    script.write_text(LAYOUT_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), cluster["gcs"], cluster["data"]], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env=cluster["env"], check=False)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one, two = json.loads(line[len("RESULT "):]).values()
+    assert len(two["pids"]) == 2  # the work really was shared by two generators
+    assert len(one["samples"]) == 12 and one["samples"] == two["samples"]
+    assert one["scores"] == two["scores"]
+
