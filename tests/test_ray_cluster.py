@@ -381,3 +381,55 @@ def test_samples_and_scores_do_not_depend_on_the_pool_sizes(cluster, tmp_path):
     assert len(one["samples"]) == 12 and one["samples"] == two["samples"]
     assert one["scores"] == two["scores"]
 
+
+def _apo_on_cluster(cluster, tmp_path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(cluster["env"], RAY_ADDRESS=cluster["gcs"])
+    return subprocess.run([sys.executable, "jobs/apo.py", "experiment=smoke", "apo.rounds=1",
+                           f"data.path={cluster['data']}", f"run.output_dir={tmp_path / 'run'}", *overrides],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+
+
+def test_learner_and_scorer_resources_count_against_the_cluster(cluster, tmp_path):
+    """The pools and the learner group are alive at once: 0.5 + 0.5 + 3.5 CPUs do not fit in 4, and
+    a scorer GPU does not fit a cluster without GPUs. Refused before any actor starts."""
+    proc = _apo_on_cluster(cluster, tmp_path, "cluster.learner_cpus=3.5", "cluster.scorer_gpus=1")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert ("cluster.learner_workers=1 x cluster.learner_cpus=3.5 needs 4.5 CPUs at once" in proc.stderr
+            and "the Ray cluster has 4" in proc.stderr)
+    assert "cluster.num_scorers=1 x cluster.scorer_gpus=1 needs 1 GPUs at once" in proc.stderr
+    assert not (tmp_path / "run" / "phases").exists()
+
+
+BUSY_SCRIPT = """
+import subprocess, sys
+import ray
+
+ray.init(address=sys.argv[1])
+
+@ray.remote(num_cpus=3)
+class Blocker:  # another user's actor, holding 3 of the cluster's 4 CPUs
+    def ready(self):
+        return True
+
+blocker = Blocker.remote()
+ray.get(blocker.ready.remote())
+proc = subprocess.run(sys.argv[2:], capture_output=True, text=True, timeout=300)
+print("RC", proc.returncode)
+print(proc.stderr[-4000:])
+"""
+
+
+def test_a_busy_cluster_is_waited_for_then_named_not_hung(cluster, tmp_path):
+    """Resources the cluster has but other actors hold: the run waits cluster.resource_wait_s, then
+    stops with an error that names what is missing (a placed actor would otherwise wait forever)."""
+    script = tmp_path / "busy.py"
+    script.write_text(BUSY_SCRIPT)
+    cmd = [sys.executable, "jobs/apo.py", "experiment=smoke", "apo.rounds=1", f"data.path={cluster['data']}",
+           f"run.output_dir={tmp_path / 'run'}", "cluster.resource_wait_s=5"]
+    proc = subprocess.run([sys.executable, str(script), cluster["gcs"], *cmd], cwd=ROOT, capture_output=True,
+                          text=True, timeout=400, env=dict(cluster["env"], RAY_ADDRESS=cluster["gcs"]), check=False)
+    assert "RC 1" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    assert "waited 5 s (cluster.resource_wait_s)" in proc.stdout
+    assert "CPU: needs 2, 1 of 4 free" in proc.stdout and "cluster.learner_cpus=1" in proc.stdout
+    assert not (tmp_path / "run" / "phases").exists()

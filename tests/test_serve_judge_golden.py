@@ -537,3 +537,28 @@ def test_judge_cache_skips_and_reasks_bad_rows(scripted, tmp_path, caplog):
     again = JudgeClient(server.url, "m", cache_path=cache)  # the re-asked answers are now cached
     assert again.api.cache.skipped == 3 and len(again.api.cache) == 8
 
+
+def test_main_job_judge_fails_loudly(scripted, tmp_path, hh_data_path):
+    """``eval.judge`` against an endpoint that refuses every request: the run stops with a
+    JudgeError naming the arm and the error kind (jobs/apo.py prints it), not a table of invalids."""
+    from apo_ray.config import Config
+    from apo_ray.launch import USER_ERRORS, judge_final_policies
+    from apo_ray.store import PhaseStore
+
+    server = scripted(FAILING["401"][0])
+    cfg = Config()
+    cfg.data.path = str(hh_data_path)
+    cfg.data.rm_pairs, cfg.data.llm_queries, cfg.data.dev_pairs, cfg.data.test_pairs = 8, 6, 2, 6
+    cfg.apo.rounds, cfg.apo.arms = 1, ["fixed", "apo"]
+    cfg.eval.judge, cfg.eval.judge_base_url, cfg.eval.judge_model, cfg.eval.judge_pairs = True, server.url, "m", 3
+    cfg.run.output_dir = str(tmp_path)
+    store = PhaseStore(tmp_path / "phases", system=None)
+    for arm in ("fixed", "apo"):
+        store.put(f"samples/policy/{arm}/r1/test", [[f"{arm} answer {i}"] for i in range(6)])
+    records = [{"round": 1, "rm_mode": arm, "policy": f"policy/{arm}/r1"} for arm in ("fixed", "apo")]
+    with pytest.raises(JudgeError, match=r"eval.judge, arm apo: judge: 6 of 6 requests .*AuthenticationError") as err:
+        judge_final_policies(cfg, records)
+    assert isinstance(err.value, USER_ERRORS)
+    written = [json.loads(line) for line in (tmp_path / "judge" / "apo.jsonl").read_text().splitlines()]
+    assert len(written) == 3 and not (tmp_path / "judge_summary.json").exists()
+    _no_leak(tmp_path / "judge")
