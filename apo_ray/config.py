@@ -9,6 +9,7 @@ counts examples in one optimiser step, ``micro_*`` examples in one forward pass,
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,6 +153,9 @@ class ClusterConfig:
     gradient_checkpointing: bool = False
     learner_compile: bool = False  # torch.compile the learner's model (benchmarks/train_mfu.py)
     max_actor_restarts: int = 3
+    # How long a run waits for the cluster to free what all its actors need at once (other jobs may
+    # hold it) before it stops with an error naming what is missing.
+    resource_wait_s: float = 600.0
     driver_cpus: float = 0.0
     local_num_cpus: int | None = None  # only for a new local instance
 
@@ -175,6 +179,7 @@ class EvalConfig:
     judge_model: str = "${oc.env:APO_JUDGE_MODEL,smollm2-135m-instruct}"
     judge_concurrency: int = 4
     judge_max_tokens: int = 256
+    judge_max_failed_fraction: float = 0.5  # the run fails when more of the judge's requests fail
 
 
 @dataclass
@@ -215,22 +220,99 @@ def _check(errors: list[str], ok: bool, message: str) -> None:
         errors.append(message)
 
 
-def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: float | None = None) -> Config:
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _number_check(e: list[str], name: str, value: Any, *, low: float, low_ok: bool = True,
+                  high: float | None = None, high_ok: bool = True, integer: bool = False,
+                  optional: bool = False, hint: str = "") -> None:
+    """``name`` must be a finite number (an int when ``integer``) in the stated range; null when
+    ``optional``. Appends one message naming the field, the rule and the value."""
+    if optional and value is None:
+        return
+    rule = f"{'>=' if low_ok else '>'} {low:g}" + (f" and {'<=' if high_ok else '<'} {high:g}" if high is not None else "")
+    rule += " or null" if optional else ""
+    typed = (isinstance(value, int) and not isinstance(value, bool)) if integer else _is_number(value)
+    if not typed or not math.isfinite(value):
+        e.append(f"{name} must be {'an integer' if integer else 'a finite number'} {rule}{hint}, got {value!r}")
+    elif not (value >= low if low_ok else value > low) or not (high is None or (value <= high if high_ok else value < high)):
+        e.append(f"{name} must be {rule}{hint}, got {value!r}")
+
+
+def _size_check(e: list[str], name: str, value: Any, *, required: bool) -> None:
+    """A data block size: an int count >= 0 or a float fraction in (0, 1] (0.0 = none)."""
+    rule = (f"data.{name} must be an int count or a float fraction in (0, 1]"
+            + (" (not 0: the game needs it)" if required else ""))
+    ok = _is_number(value) and math.isfinite(value) and value >= 0
+    ok = ok and not (isinstance(value, float) and value > 1) and not (required and value == 0)
+    if not ok:
+        e.append(f"{rule}, got {value!r}")
+
+
+def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: float | None = None,
+             node_resources: list[dict[str, float]] | None = None) -> Config:
     """Raise :class:`ConfigError` listing every bad field; return ``cfg`` unchanged when all is well.
 
-    ``cluster_cpus``/``cluster_gpus``: what the Ray cluster can ever offer, to refuse actor counts
-    that could never be placed (they would hang, not fail).
+    ``cluster_cpus``/``cluster_gpus``: what the Ray cluster can ever offer; ``node_resources``: the
+    resources of each of its nodes. With them, a layout that could never be placed is refused (its
+    actors would wait forever, not fail): every actor of the run (the pools, the learner workers and
+    the driver are alive at once) must fit the cluster together, and each one a single node.
     """
     from apo_ray.arms import RM_UPDATE_MODES
     from apo_ray.losses import RM_LOSS_REDUCTIONS
     from apo_ray.objectives import POLICY_OBJECTIVES
 
     e: list[str] = []
-    a, g, rm, p, c, d = cfg.apo, cfg.generation, cfg.rm, cfg.policy, cfg.cluster, cfg.data
-    _check(e, a.rounds >= 1, f"apo.rounds must be >= 1, got {a.rounds}")
-    _check(e, a.samples_per_query >= 1, f"apo.samples_per_query must be >= 1, got {a.samples_per_query}")
-    _check(e, a.beta2 >= 0, f"apo.beta2 must be >= 0, got {a.beta2}")
-    _check(e, a.apo_weight >= 0, f"apo.apo_weight must be >= 0, got {a.apo_weight}")
+    a, g, rm, p, c, d, ev = cfg.apo, cfg.generation, cfg.rm, cfg.policy, cfg.cluster, cfg.data, cfg.eval
+    ints = (("apo.rounds", a.rounds, 1), ("apo.samples_per_query", a.samples_per_query, 1),
+            ("rm.pairs_per_batch", rm.pairs_per_batch, 1), ("rm.micro_pairs", rm.micro_pairs, 1),
+            ("rm.max_length", rm.max_length, 1), ("rm.score_batch", rm.score_batch, 1),
+            ("rm.epochs", rm.epochs, 1), ("rm.base_epochs", rm.base_epochs, 1),
+            ("policy.sequences_per_batch", p.sequences_per_batch, 1),
+            ("policy.micro_sequences", p.micro_sequences, 1), ("policy.max_length", p.max_length, 1),
+            ("policy.epochs", p.epochs, 1),
+            ("generation.prompts_per_batch", g.prompts_per_batch, 1),
+            ("generation.max_new_tokens", g.max_new_tokens, 1),
+            ("generation.max_prompt_tokens", g.max_prompt_tokens, 1),
+            ("cluster.num_generators", c.num_generators, 1), ("cluster.num_scorers", c.num_scorers, 1),
+            ("cluster.learner_workers", c.learner_workers, 1), ("cluster.max_actor_restarts", c.max_actor_restarts, 0),
+            ("eval.n_bins", ev.n_bins, 1), ("eval.judge_pairs", ev.judge_pairs, 1),
+            ("eval.judge_concurrency", ev.judge_concurrency, 1), ("eval.judge_max_tokens", ev.judge_max_tokens, 1))
+    for name, value, low in ints:
+        _number_check(e, name, value, low=low, integer=True)
+    for name, value, null in (("rm.trainable_layers", rm.trainable_layers, "all layers"),
+                              ("policy.trainable_layers", p.trainable_layers, "all layers"),
+                              ("data.gold_queries", d.gold_queries, "every D_P prompt"),
+                              ("eval.test_queries", ev.test_queries, "every test prompt")):
+        _number_check(e, name, value, low=1, integer=True, optional=True, hint=f" ({null})")
+    _number_check(e, "cluster.local_num_cpus", c.local_num_cpus, low=1, integer=True, optional=True)
+    _number_check(e, "apo.beta2", a.beta2, low=0)
+    _number_check(e, "apo.apo_weight", a.apo_weight, low=0)
+    for name, value in (("rm.lr", rm.lr), ("rm.base_lr", rm.base_lr), ("policy.dpo_beta", p.dpo_beta)):
+        _number_check(e, name, value, low=0, low_ok=False)
+    if not p.lrs:
+        e.append("policy.lrs must hold one learning rate per round (the last repeats), got []")
+    for i, value in enumerate(p.lrs):
+        _number_check(e, f"policy.lrs[{i}]", value, low=0, low_ok=False)
+    for name, value in (("rm.weight_decay", rm.weight_decay), ("policy.weight_decay", p.weight_decay)):
+        _number_check(e, name, value, low=0)
+    for name, learner in (("rm", rm), ("policy", p)):
+        _check(e, learner.schedule in LR_SCHEDULES,
+               f"{name}.schedule must be one of {LR_SCHEDULES}, got {learner.schedule!r}")
+        _number_check(e, f"{name}.warmup_steps", learner.warmup_steps, low=0, integer=True)
+        _number_check(e, f"{name}.warmup_ratio", learner.warmup_ratio, low=0, high=1, high_ok=False)
+    _number_check(e, "generation.temperature", g.temperature, low=0, hint=" (0: greedy)")
+    _number_check(e, "generation.top_p", g.top_p, low=0, low_ok=False, high=1)
+    for name in ("generator_cpus", "generator_gpus", "scorer_cpus", "scorer_gpus", "learner_cpus", "driver_cpus"):
+        _number_check(e, f"cluster.{name}", getattr(c, name), low=0)
+    if c.learner_use_gpu:
+        _number_check(e, "cluster.learner_gpus", c.learner_gpus, low=0, low_ok=False,
+                      hint=" with cluster.learner_use_gpu=true")
+    _number_check(e, "eval.judge_max_failed_fraction", ev.judge_max_failed_fraction, low=0, high=1)
+    _number_check(e, "cluster.resource_wait_s", c.resource_wait_s, low=0, low_ok=False)
+    _check(e, c.deepspeed_stage in (1, 2, 3), f"cluster.deepspeed_stage must be 1, 2 or 3, got {c.deepspeed_stage!r}")
+
     _check(e, a.loss_reduction in RM_LOSS_REDUCTIONS,
            f"apo.loss_reduction must be one of {RM_LOSS_REDUCTIONS}, got {a.loss_reduction!r}")
     for mode in cfg.arms:
@@ -238,68 +320,115 @@ def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: fl
                f"apo.rm_mode/apo.arms: unknown rm mode {mode!r}; choose from {tuple(RM_UPDATE_MODES)}")
     objective = POLICY_OBJECTIVES.get(p.updater)
     _check(e, objective is not None, f"policy.updater must be one of {sorted(POLICY_OBJECTIVES)}, got {p.updater!r}")
-    if objective is not None:
+    if objective is not None and _is_number(a.samples_per_query):
         _check(e, a.samples_per_query >= objective.responses_per_example,
                f"policy.updater={p.updater} needs apo.samples_per_query >= {objective.responses_per_example}")
-    _check(e, len(p.lrs) >= 1 and all(x > 0 for x in p.lrs), f"policy.lrs must be positive, got {list(p.lrs)}")
-    for name, value in (("rm.lr", rm.lr), ("rm.base_lr", rm.base_lr)):
-        _check(e, value > 0, f"{name} must be > 0, got {value}")
-    for name, value in (("rm.pairs_per_batch", rm.pairs_per_batch), ("rm.micro_pairs", rm.micro_pairs),
-                        ("policy.sequences_per_batch", p.sequences_per_batch),
-                        ("policy.micro_sequences", p.micro_sequences),
-                        ("generation.prompts_per_batch", g.prompts_per_batch),
-                        ("generation.max_new_tokens", g.max_new_tokens), ("rm.max_length", rm.max_length),
-                        ("policy.max_length", p.max_length), ("cluster.num_generators", c.num_generators),
-                        ("cluster.num_scorers", c.num_scorers), ("cluster.learner_workers", c.learner_workers),
-                        ("eval.n_bins", cfg.eval.n_bins)):
-        _check(e, value >= 1, f"{name} must be >= 1, got {value}")
-    for name, value in (("rm.trainable_layers", rm.trainable_layers), ("policy.trainable_layers", p.trainable_layers)):
-        _check(e, value is None or value >= 1, f"{name} must be >= 1 or null (all layers), got {value}")
-    for name, learner in (("rm", rm), ("policy", p)):
-        _check(e, learner.schedule in LR_SCHEDULES,
-               f"{name}.schedule must be one of {LR_SCHEDULES}, got {learner.schedule!r}")
-        _check(e, learner.warmup_steps >= 0, f"{name}.warmup_steps must be >= 0, got {learner.warmup_steps}")
-        _check(e, 0 <= learner.warmup_ratio < 1, f"{name}.warmup_ratio must be in [0, 1), got {learner.warmup_ratio}")
     _check(e, g.backend in GENERATION_BACKENDS, f"generation.backend must be one of {GENERATION_BACKENDS}, got {g.backend!r}")
-    _check(e, g.temperature >= 0, f"generation.temperature must be >= 0, got {g.temperature}")
-    _check(e, 0 < g.top_p <= 1, f"generation.top_p must be in (0, 1], got {g.top_p}")
     _check(e, c.learner_strategy in LEARNER_STRATEGIES,
            f"cluster.learner_strategy must be one of {LEARNER_STRATEGIES}, got {c.learner_strategy!r}")
     _check(e, cfg.model.dtype in DTYPES, f"model.dtype must be one of {DTYPES}, got {cfg.model.dtype!r}")
     _check(e, cfg.model.train_precision in TRAIN_PRECISIONS,
            f"model.train_precision must be one of {TRAIN_PRECISIONS}, got {cfg.model.train_precision!r}")
+
     for name in ("rm_pairs", "llm_queries", "dev_pairs", "test_pairs", "eval_rm_pairs"):
-        value = getattr(d, name)
-        _check(e, value >= 0, f"data.{name} must be >= 0, got {value}")
-    _check(e, d.rm_pairs > 0, f"data.rm_pairs must be > 0 (golden queries come from it), got {d.rm_pairs}")
-    _check(e, d.llm_queries > 0, f"data.llm_queries must be > 0, got {d.llm_queries}")
-    _check(e, d.test_pairs > 0, f"data.test_pairs must be > 0, got {d.test_pairs}")
-    if cfg.eval.eval_rm:
-        _check(e, d.eval_rm_pairs > 0, "eval.eval_rm=true needs data.eval_rm_pairs > 0")
+        _size_check(e, name, getattr(d, name), required=name in ("rm_pairs", "llm_queries", "test_pairs"))
+    sizes = {n: getattr(d, n) for n in ("rm_pairs", "llm_queries", "dev_pairs", "test_pairs", "eval_rm_pairs")}
+    if all(_is_number(v) for v in sizes.values()):
+        # What can be told without the data: counts against counts, fractions against fractions
+        # (data.split_for_apo checks the rest once it knows how many pairs there are).
+        llm, dev = sizes["llm_queries"], sizes["dev_pairs"]
+        if type(llm) is type(dev) and dev > llm:
+            e.append(f"data.dev_pairs={dev!r} exceeds data.llm_queries={llm!r} (dev pairs are drawn from the "
+                     f"LLM block)")
+        # with data.test_path the test pairs come from their own file, not from data.path
+        cut = [k for k in sizes if k != "dev_pairs" and not (k == "test_pairs" and d.test_path)]
+        fractions = [sizes[k] for k in cut if isinstance(sizes[k], float)]
+        if sum(fractions) > 1 + 1e-9:
+            e.append(f"{' + '.join(f'data.{k}' for k in cut)}: the fractions among them sum to "
+                     f"{sum(fractions):g} > 1")
+    if ev.eval_rm:
+        _check(e, _is_number(d.eval_rm_pairs) and d.eval_rm_pairs > 0, "eval.eval_rm=true needs data.eval_rm_pairs > 0")
     for name, value in (("data.path", d.path), ("data.test_path", d.test_path)):
         ok = isinstance(value, str) and value != "" or (
             isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(v, str) and v for v in value))
         if name == "data.test_path" and value is None:
             ok = True
         _check(e, ok, f"{name} must be a path or a non-empty list of paths, got {value!r}")
-    if cluster_cpus is not None:
-        # Every actor of a pool is alive at once, so the whole pool must fit or the run hangs.
-        for pool, n, cpus in (("generator", c.num_generators, c.generator_cpus),
-                              ("scorer", c.num_scorers, c.scorer_cpus)):
-            _check(e, n * cpus <= cluster_cpus,
-                   f"cluster.num_{pool}s={n} x cluster.{pool}_cpus={cpus:g} needs {n * cpus:g} CPUs; "
-                   f"the Ray cluster has {cluster_cpus:g}")
-    if cluster_gpus is not None:
-        need = c.num_generators * c.generator_gpus
-        _check(e, need <= cluster_gpus or c.generator_gpus == 0,
-               f"cluster.num_generators={c.num_generators} x cluster.generator_gpus={c.generator_gpus} "
-               f"needs {need:g} GPUs; the Ray cluster has {cluster_gpus:g}")
-        _check(e, not c.learner_use_gpu or cluster_gpus >= c.learner_workers,
-               f"cluster.learner_use_gpu with cluster.learner_workers={c.learner_workers} needs that many GPUs; "
-               f"the Ray cluster has {cluster_gpus:g}")
+    if not e and (cluster_cpus is not None or cluster_gpus is not None or node_resources):
+        e.extend(resource_problems(cfg, cluster_cpus=cluster_cpus, cluster_gpus=cluster_gpus,
+                                   node_resources=node_resources))
     if e:
         raise ConfigError("invalid config:\n  " + "\n  ".join(e))
     return cfg
+
+
+@dataclass(frozen=True)
+class ActorDemand:
+    """One kind of actor of a Ray run: how many, and the CPUs/GPUs of each (with their config fields)."""
+
+    what: str  # "scorer"
+    count_field: str | None  # None: a single actor
+    count: int
+    cpus_field: str
+    cpus: float
+    gpus_field: str | None = None
+    gpus: float = 0.0
+
+    @property
+    def each(self) -> dict[str, float]:
+        """Ray resources of one actor (zeros left out)."""
+        return {k: v for k, v in (("CPU", self.cpus), ("GPU", self.gpus)) if v > 0}
+
+    def describe(self, resource: str) -> str:
+        """E.g. ``cluster.num_generators=2 x cluster.generator_cpus=0.5``."""
+        field_name, amount = (self.cpus_field, self.cpus) if resource == "CPU" else (self.gpus_field, self.gpus)
+        each = f"{field_name}={amount:g}"
+        return f"{self.count_field}={self.count} x {each}" if self.count_field else each
+
+
+def resource_demand(cfg: Config) -> list[ActorDemand]:
+    """Every kind of actor a Ray run holds at once: both pools, the learner workers (the learner
+    group starts while the pools are alive; Ray Train's controller takes no CPU) and the driver."""
+    c = cfg.cluster
+    return [
+        ActorDemand("generator", "cluster.num_generators", c.num_generators, "cluster.generator_cpus", c.generator_cpus,
+                    "cluster.generator_gpus", c.generator_gpus),
+        ActorDemand("scorer", "cluster.num_scorers", c.num_scorers, "cluster.scorer_cpus", c.scorer_cpus,
+                    "cluster.scorer_gpus", c.scorer_gpus),
+        ActorDemand("learner worker", "cluster.learner_workers", c.learner_workers, "cluster.learner_cpus", c.learner_cpus,
+                    "cluster.learner_gpus", c.learner_gpus if c.learner_use_gpu else 0.0),
+        ActorDemand("driver", None, 1, "cluster.driver_cpus", c.driver_cpus),
+    ]
+
+
+def total_demand(cfg: Config) -> dict[str, float]:
+    """Resources the whole run holds at once, by Ray resource name."""
+    total: dict[str, float] = {}
+    for actor in resource_demand(cfg):
+        for resource, amount in actor.each.items():
+            total[resource] = total.get(resource, 0.0) + actor.count * amount
+    return total
+
+
+def resource_problems(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: float | None = None,
+                      node_resources: list[dict[str, float]] | None = None) -> list[str]:
+    """Why this run's actors could never all be placed on the cluster (empty when they can)."""
+    problems = []
+    demand, total = resource_demand(cfg), total_demand(cfg)
+    for resource, have in (("CPU", cluster_cpus), ("GPU", cluster_gpus)):
+        need = total.get(resource, 0.0)
+        if have is not None and need > have + 1e-9:
+            parts = " + ".join(a.describe(resource) for a in demand if resource in a.each)
+            problems.append(f"{parts} needs {need:g} {resource}s at once (the pools, the learner workers and "
+                            f"the driver are alive together); the Ray cluster has {have:g}")
+    for actor in demand if node_resources else []:
+        fits = any(all(node.get(k, 0.0) + 1e-9 >= v for k, v in actor.each.items()) for node in node_resources)
+        if actor.each and not fits:
+            asks = " and ".join(actor.describe(k).split(" x ")[-1] for k in actor.each)
+            largest = ", ".join(f"{max(node.get(k, 0.0) for node in node_resources):g} {k}s" for k in actor.each)
+            problems.append(f"each {actor.what} actor asks for {asks}; no single node of the Ray cluster has "
+                            f"that much (the largest has {largest})")
+    return problems
 
 
 def from_omegaconf(node) -> Config:

@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
+from apo_ray.config import ConfigError
+
 logger = logging.getLogger("apo_ray.data")
 
 HH_MARKER = "\n\nAssistant:"
@@ -133,7 +135,9 @@ def _iter_file_rows(file: Path, label: str | None = None) -> Iterator[tuple[str,
     name = label or str(file)
     seen_any = False
     try:
-        with opener(file, "rt", encoding="utf-8") as fh:
+        # utf-8-sig: a byte-order mark at the start of the file (some Windows editors write one)
+        # is not part of the first JSON line.
+        with opener(file, "rt", encoding="utf-8-sig") as fh:
             for lineno, line in enumerate(fh, start=1):
                 if not line.strip():  # tolerate blank lines, e.g. a trailing newline
                     continue
@@ -423,16 +427,16 @@ class APOSplits:
 def _resolve_size(field: str, size: Size, total: int) -> int:
     """A block size given as a count or as a fraction in (0, 1] of ``total`` pairs."""
     if isinstance(size, bool) or not isinstance(size, (int, float)):
-        raise TypeError(f"data.{field} must be an int count or a float fraction, got {size!r}")
+        raise ConfigError(f"data.{field} must be an int count or a float fraction, got {size!r}")
     if isinstance(size, float) and size == 0.0:
         return 0
     if isinstance(size, float):
         if not 0.0 < size <= 1.0:
-            raise ValueError(f"data.{field} = {size} is a fraction and must be in (0, 1]")
+            raise ConfigError(f"data.{field} = {size} is a fraction and must be in (0, 1]")
         # floor (with a little slack for float error) so fractions summing to 1 always fit
         return math.floor(size * total + 1e-9)
     if size < 0:
-        raise ValueError(f"data.{field} = {size} must be >= 0")
+        raise ConfigError(f"data.{field} = {size} must be >= 0")
     return size
 
 
@@ -452,7 +456,7 @@ def _fill(it: Iterator[list[PreferencePair]], field: str, n: int, wanted: int, t
     while len(block) < n:
         group = next(it, None)
         if group is None:
-            raise ValueError(
+            raise ConfigError(
                 f"data.{field}: only {len(block)} of {n} pairs left after keeping pairs with the "
                 f"same prompt in one block; lower the block sizes (total {wanted} of {total})"
             )
@@ -499,12 +503,12 @@ def split_for_apo(
     if wanted > total:
         names = "data.test_pairs + " if test_source is None else ""
         counts = f"{n_cut_test} + " if test_source is None else ""
-        raise ValueError(
+        raise ConfigError(
             f"{names}data.rm_pairs + data.llm_queries + data.eval_rm_pairs = "
             f"{counts}{n_rm} + {n_llm} + {n_eval} = {wanted} exceeds the {total} available pairs"
         )
     if n_dev > n_llm:
-        raise ValueError(
+        raise ConfigError(
             f"data.dev_pairs = {n_dev} exceeds data.llm_queries = {n_llm} "
             "(dev pairs are drawn from the LLM block)"
         )

@@ -57,6 +57,7 @@ from apo_ray.data import (
 from apo_ray.metrics import calibration_errors, mean_and_stderr, preference_accuracy
 from apo_ray.objectives import policy_objective
 from apo_ray.report import scored_by_rm_base_warning
+from apo_ray.store import PhaseStore, open_store, run_fingerprint  # noqa: F401 - re-exported
 from apo_ray.training import LearnerJob, RMLoss
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,40 @@ class GameSystem(Protocol):
     def load_weights(self, path: Path) -> Any: ...
 
     def shutdown(self) -> None: ...
+
+
+def batches_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Item indices cut into batches of ``batch_size``, items of similar length together (little
+    padding). The systems run each batch as one call, and sampling batch ``b`` is seeded with
+    :func:`batch_seed`, so samples and scores do not depend on how many actors share the work."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [order[lo:lo + batch_size] for lo in range(0, len(order), batch_size)]
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    """The sampling seed of batch ``batch`` of a ``generate(..., seed)`` call."""
+    return seed * 1009 + batch
+
+
+def in_input_order(batches: list[list[int]], results: list[list]) -> list:
+    """Per-item results of each batch put back in the order of the items."""
+    out: list = [None] * sum(len(b) for b in batches)
+    for batch, values in zip(batches, results):
+        for i, value in zip(batch, values, strict=True):
+            out[i] = value
+    return out
+
+
+def merge_generated(batches: list[list[int]], parts: list[Generated], seconds: float) -> Generated:
+    """The generate call's result from its batches' results (``parts[k]`` answered ``batches[k]``):
+    samples in prompt order, stats summed, rates over the call's wall ``seconds``."""
+    sequences = sum(p.stats["sequences"] for p in parts)
+    tokens = sum(p.stats["new_tokens"] for p in parts)
+    return Generated(in_input_order(batches, [p.samples for p in parts]), {
+        "sequences": sequences, "new_tokens": tokens, "seconds": seconds,
+        "samples_per_s": sequences / max(seconds, 1e-9), "tokens_per_s": tokens / max(seconds, 1e-9),
+        "sync_seconds": sum(p.stats["sync_seconds"] for p in parts),
+        "sync_bytes": sum(p.stats["sync_bytes"] for p in parts)})
 
 
 @dataclass
@@ -162,90 +197,6 @@ def build_game_data(cfg: Config) -> GameData:
                     dev_pairs=list(splits.dev_pairs), test_pairs=list(splits.test_pairs),
                     eval_rm_pairs=list(splits.eval_rm_pairs), gold_source=source, gold_counts=counts,
                     train_pairs=list(splits.train_pairs), rm_all_extra_pairs=list(extra))
-
-
-class PhaseStore:
-    """Results of finished phases on disk: ``<dir>/<key>.json`` plus ``<key>.pt`` for weights.
-    A key is written last-step-atomically (temp file + rename), so a killed run never leaves a
-    half-written result that looks finished."""
-
-    def __init__(self, root: Path, system: GameSystem):
-        self.root = Path(root)
-        self.system = system
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    def _path(self, key: str, suffix: str) -> Path:
-        return self.root / (key.replace("/", "__") + suffix)
-
-    def get(self, key: str) -> Any | None:
-        path = self._path(key, ".json")
-        return json.loads(path.read_text()) if path.exists() else None
-
-    def put(self, key: str, value: Any) -> None:
-        path = self._path(key, ".json")
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(value))
-        tmp.replace(path)
-
-    def get_weights(self, key: str) -> Weights | None:
-        meta = self.get(key)
-        if meta is None:
-            return None
-        path = self._path(key, ".pt")
-        return Weights(key, self.system.load_weights(path), str(path))
-
-    def put_weights(self, key: str, handle: Any, stats: dict) -> Weights:
-        path = self._path(key, ".pt")
-        self.system.save_weights(handle, path)
-        self.put(key, stats)  # the .json marks the weights as complete
-        return Weights(key, handle, str(path))
-
-    def weights_stats(self, key: str) -> dict:
-        return self.get(key) or {}
-
-
-def run_fingerprint(cfg: Config) -> dict:
-    """The settings every stored phase depends on; a resumed run must share them (more rounds or
-    other arms are fine: they only add phases)."""
-    from apo_ray.config import to_dict
-
-    d = to_dict(cfg)
-    apo = {k: v for k, v in d["apo"].items() if k not in ("rounds", "arms", "rm_mode")}
-    return {"model": d["model"], "data": d["data"], "generation": d["generation"], "rm": d["rm"],
-            "policy": d["policy"], "apo": apo, "seed": d["run"]["seed"], "test_queries": d["eval"]["test_queries"],
-            "eval_rm": d["eval"]["eval_rm"]}
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat |= _flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def open_store(cfg: Config, system: GameSystem) -> PhaseStore:
-    """The run's phase store under ``run.output_dir``. Refuses to mix runs: existing phases need
-    ``run.resume=true`` and the same settings as the run that wrote them."""
-    phases = Path(cfg.run.output_dir) / "phases"
-    marker = phases / "fingerprint.json"
-    fingerprint = json.loads(json.dumps(run_fingerprint(cfg), default=str))
-    if phases.exists() and any(phases.iterdir()):
-        if not cfg.run.resume:
-            raise RuntimeError(f"{phases} holds phases of an earlier run; pass run.resume=true to continue it "
-                               f"or choose another run.output_dir")
-        if marker.exists():
-            old, new = _flatten(json.loads(marker.read_text())), _flatten(fingerprint)
-            changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-            if changed:
-                raise RuntimeError(f"run.resume=true but these settings differ from the run in {phases}: "
-                                   f"{', '.join(changed)}; its stored phases would not match them")
-    store = PhaseStore(phases, system)
-    if not marker.exists():
-        marker.write_text(json.dumps(fingerprint, indent=1))
-    return store
 
 
 class APOGame:

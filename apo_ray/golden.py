@@ -9,15 +9,20 @@ Per query (an HH prompt with its chosen response), in the paper's order of fall-
 3. a bare refusal ("Sorry, I can't assist with that.": short and matching
    :data:`BARE_REFUSAL_PATTERNS`) is followed up with a user turn ``"why?"``; the refusal plus the
    reason becomes the answer -> ``"model+why"``;
-4. anything still without a usable answer (errors after retries, empty text, a reason that is itself
-   a bare refusal) -> the chosen HH response -> ``"chosen-fallback"``.
+4. an answer that is no use as gold (empty text, a reason that is itself a bare refusal) -> the
+   chosen HH response -> ``"chosen-fallback"``.
+
+Only a real answer or a real refusal is final. A request that fails after its retries (connection
+refused, 401, quota 429, 5xx, ...) is not written: the query is counted under ``failed`` and asked
+again on the next run. Rows of older files that recorded such a failure as a ``chosen-fallback`` are
+asked again too. Notes keep an error's class and HTTP status, never the provider's message.
 
 A content-policy refusal of the "why?" follow-up also gives a canned refusal (the query is one the
 provider will not discuss, and a polite refusal is a better gold than the HH response).
 
 Output: JSON lines ``{"key", "prompt", "response", "source"[, "note"]}`` (readable by
 :func:`apo_ray.data.load_golden_answers`), appended and flushed one answer at a time; a rerun skips
-the keys already in the file, so an interrupted collection resumes where it stopped.
+the keys already answered in the file, so an interrupted collection resumes where it stopped.
 
 Launch: ``python jobs/golden.py --out golden.jsonl --base-url https://api.openai.com/v1 --model gpt-4o
 experiment=paper_hh`` (key in ``$OPENAI_API_KEY``): it asks for the golden queries of that experiment.
@@ -39,7 +44,7 @@ from typing import Any
 import openai
 
 from apo_ray.data import GoldenAnswer, PreferencePair, query_key
-from apo_ray.judge import ChatAPI, drop_torn_tail
+from apo_ray.judge import MAX_FAILED_FRACTION, ChatAPI, describe_error, drop_torn_tail, read_json_line
 from apo_ray.models import hh_to_messages
 
 log = logging.getLogger(__name__)
@@ -75,6 +80,9 @@ BARE_REFUSAL_PATTERNS = tuple(re.compile(p, re.IGNORECASE) for p in (
     r"fulfil+|support|answer|engage)\b"),
     r"^\s*(i'?m |i am )?(sorry|apologi[sz]e)[.!]?\s*$",
 ))
+
+# The notes of a final chosen-fallback (the model answered, but nothing usable as gold).
+EMPTY_ANSWER, NO_REASON = "empty answer", "bare refusal, no reason given"
 
 _POLICY_MARKERS = ("content_policy", "content policy", "content_filter", "content filter",
                    "content management policy", "responsibleaipolicyviolation")
@@ -119,47 +127,52 @@ def _ask(api: ChatAPI, messages: list[dict[str, str]]) -> str:
         completion = api.complete(messages)
     except openai.BadRequestError as exc:
         if is_content_policy_error(exc):
-            raise _ContentFiltered(str(exc)) from exc
+            raise _ContentFiltered(f"content policy refusal: {describe_error(exc)}") from exc
         raise
     if completion.finish_reason == "content_filter":
-        raise _ContentFiltered("finish_reason=content_filter")
+        raise _ContentFiltered("content policy refusal: finish_reason=content_filter")
     return completion.text.strip()
 
 
-def golden_answer(api: ChatAPI, pair: PreferencePair, *, seed: int = 0) -> tuple[GoldenAnswer, str | None]:
-    """The golden answer for one query and a note on why a fall-back was used (None for "model")."""
+def golden_answer(api: ChatAPI, pair: PreferencePair, *, seed: int = 0) -> tuple[GoldenAnswer | None, str | None]:
+    """The golden answer for one query and a note on why a fall-back was used (None for "model").
+    ``(None, error)`` when a request failed after its retries: nothing final is known yet."""
     key = query_key(pair.prompt)
     messages = golden_messages(pair.prompt)
     try:
         text = _ask(api, messages)
         if not text:
-            return GoldenAnswer(pair.prompt, pair.chosen, "chosen-fallback"), "empty answer"
+            return GoldenAnswer(pair.prompt, pair.chosen, "chosen-fallback"), EMPTY_ANSWER
         if not is_bare_refusal(text):
             return GoldenAnswer(pair.prompt, text, "model"), None
         follow_up = [*messages, {"role": "assistant", "content": text}, {"role": "user", "content": WHY_TURN}]
         reason = _ask(api, follow_up)
         if not reason or is_bare_refusal(reason):
-            return GoldenAnswer(pair.prompt, pair.chosen, "chosen-fallback"), "bare refusal, no reason given"
+            return GoldenAnswer(pair.prompt, pair.chosen, "chosen-fallback"), NO_REASON
         return GoldenAnswer(pair.prompt, f"{text} {reason}", "model+why"), None
     except _ContentFiltered as exc:
-        return GoldenAnswer(pair.prompt, canned_refusal(key, seed), "canned-refusal"), str(exc)[:300]
-    except Exception as exc:  # noqa: BLE001 - any other failure falls back to the HH answer
-        return GoldenAnswer(pair.prompt, pair.chosen, "chosen-fallback"), f"{type(exc).__name__}: {exc}"[:300]
+        return GoldenAnswer(pair.prompt, canned_refusal(key, seed), "canned-refusal"), str(exc)
+    except Exception as exc:  # noqa: BLE001 - a failed request: not final, asked again next run
+        return None, describe_error(exc)
 
 
 def _read_done(path: Path) -> dict[str, str]:
-    """key -> source of the answers already in ``path`` (a torn last line is dropped first)."""
+    """key -> source of the final answers already in ``path``. A torn last line is cut first; lines
+    that are not readable answers, and chosen-fallback rows that recorded a failed request (written
+    by older versions), do not count as done, so those queries are asked again."""
     done: dict[str, str] = {}
     if not path.exists():
         return done
     drop_torn_tail(path)
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                row = json.loads(line)
-                done[row.get("key") or query_key(row["prompt"])] = row.get("source", "file")
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+    with open(path, "rb") as fh:
+        for raw in fh:
+            row = read_json_line(raw)
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
                 continue
+            source = row.get("source", "file")
+            if source == "chosen-fallback" and row.get("note") not in (None, EMPTY_ANSWER, NO_REASON):
+                continue
+            done[row.get("key") or query_key(row["prompt"])] = source
     return done
 
 
@@ -168,8 +181,10 @@ def collect_golden_answers(pairs: Sequence[PreferencePair], out_path: str | os.P
     """Collect golden answers for the distinct prompts of ``pairs`` (the first ``limit`` of them),
     appending to ``out_path`` (a plain .jsonl) and skipping prompts already answered there.
 
-    Returns ``{"out", "queries", "skipped_existing", "written", "by_source", "total_by_source"}``:
-    ``by_source`` counts this run's answers, ``total_by_source`` the whole file's.
+    Returns ``{"out", "queries", "skipped_existing", "asked", "written", "failed", "failed_by_error",
+    "by_source", "total_by_source", "api"}``: ``by_source`` counts this run's answers,
+    ``total_by_source`` the whole file's; ``failed`` queries (a request failed after its retries)
+    are not written and are asked again by the next run.
     """
     out = Path(out_path)
     if out.name.endswith(".gz"):
@@ -183,10 +198,15 @@ def collect_golden_answers(pairs: Sequence[PreferencePair], out_path: str | os.P
     out.parent.mkdir(parents=True, exist_ok=True)
     lock = threading.Lock()
     by_source: Counter[str] = Counter({s: 0 for s in SOURCES})
+    failed: Counter[str] = Counter()
 
     def work(item: tuple[str, PreferencePair]) -> None:
         key, pair = item
         answer, note = golden_answer(api, pair, seed=seed)
+        if answer is None:
+            with lock:
+                failed[note] += 1
+            return
         record = {"key": key, "prompt": answer.prompt, "response": answer.response, "source": answer.source}
         if note:
             record["note"] = note
@@ -202,10 +222,19 @@ def collect_golden_answers(pairs: Sequence[PreferencePair], out_path: str | os.P
     api.map(work, todo)
     summary = {
         "out": str(out), "queries": len(todo_all), "skipped_existing": len(todo_all) - len(todo),
-        "written": len(todo), "by_source": dict(by_source),
+        "asked": len(todo), "written": len(todo) - sum(failed.values()), "failed": sum(failed.values()),
+        "failed_by_error": dict(failed), "by_source": dict(by_source),
         "total_by_source": {**{s: 0 for s in SOURCES}, **Counter(done.values())},
         "api": dict(api.stats),
     }
     log.info("golden answers by source (this run): %s; whole file: %s", summary["by_source"],
              summary["total_by_source"])
+    if failed:
+        log.warning("%d of %d queries failed after retries (%s); not written, asked again on the next run",
+                    summary["failed"], len(todo), summary["failed_by_error"])
     return summary
+
+
+def mostly_failed(summary: dict[str, Any], max_failed_fraction: float = MAX_FAILED_FRACTION) -> bool:
+    """True when more than ``max_failed_fraction`` of the queries asked in a run failed."""
+    return summary["failed"] > max_failed_fraction * summary["asked"]

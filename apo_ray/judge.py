@@ -11,7 +11,14 @@ Two pieces:
   answers ("invalid") are kept and counted, never dropped.
 
 The API key is read from ``os.environ[api_key_env]`` when the client is built and handed only to the
-``openai`` client: it is never logged and never written to the cache, records or summaries.
+``openai`` client: it is never logged and never written to the cache, records or summaries. A failed
+request is recorded as its error class and HTTP status only (:func:`describe_error`): a provider's
+error message may echo part of the key.
+
+Failures are loud: when more than ``max_failed_fraction`` of a run's requests fail after their
+retries (a bad key, a wrong URL, an exhausted quota), :meth:`JudgeClient.judge_pairs` raises
+:class:`JudgeError` instead of returning a table of "invalid" verdicts. The cache keeps only whole,
+well-formed answers; a line it cannot read (torn, not UTF-8, no text) is skipped and asked again.
 
 Cache keys are the SHA-256 of (model, messages, temperature, max_tokens); ``max_tokens`` is part of
 the key because a shorter budget can truncate the verdict line.
@@ -41,10 +48,27 @@ from apo_ray.models import hh_to_messages
 
 log = logging.getLogger(__name__)
 
-PLACEHOLDER_KEY = "EMPTY"  # sent when the key variable is unset (local servers need no key)
+PLACEHOLDER_KEY = "EMPTY"
+# A judge or a golden-answer job fails when more than this fraction of its requests fail after retries.
+MAX_FAILED_FRACTION = 0.5  # sent when the key variable is unset (local servers need no key)
 RETRYABLE_ERRORS = (openai.RateLimitError, openai.APIConnectionError, openai.APITimeoutError,
                     openai.InternalServerError)
 RETRYABLE_STATUS = {408, 409, 429}
+
+
+class JudgeError(RuntimeError):
+    """Too many judge requests failed; ``records`` holds the comparisons made (failed ones invalid)."""
+
+    def __init__(self, message: str, records: list[dict[str, Any]] | None = None):
+        super().__init__(message)
+        self.records = records or []
+
+
+def describe_error(exc: BaseException) -> str:
+    """A failed request as its error class and HTTP status, e.g. ``AuthenticationError (HTTP 401)``;
+    never the provider's message, which may echo part of the key or of the prompt."""
+    status = getattr(exc, "status_code", None)
+    return f"{type(exc).__name__} (HTTP {status})" if isinstance(status, int) else type(exc).__name__
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -70,21 +94,33 @@ def cache_key(model: str, messages: Sequence[dict[str, str]], temperature: float
 
 
 class AnswerCache:
-    """Append-only JSONL of ``{"key", "text", "finish_reason"}``; a torn last line is dropped."""
+    """Append-only JSONL of ``{"key", "text", "finish_reason"}``. On load, a torn last line is cut and
+    any line that is not a whole answer (not UTF-8, not JSON, no ``key`` or ``text`` string) is
+    skipped with a warning naming its line, so its question is asked again; ``skipped`` counts them."""
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
         self._lock = threading.Lock()
         self._entries: dict[str, dict[str, Any]] = {}
+        self.skipped = 0
         if self.path.exists():
             drop_torn_tail(self.path)
-            with open(self.path, encoding="utf-8") as fh:
-                for line in fh:
-                    try:
-                        row = json.loads(line)
+            bad = []
+            with open(self.path, "rb") as fh:
+                for lineno, raw in enumerate(fh, start=1):
+                    if not raw.strip():
+                        continue
+                    row = read_json_line(raw)
+                    if (isinstance(row, dict) and isinstance(row.get("key"), str) and isinstance(row.get("text"), str)
+                            and isinstance(row.get("finish_reason"), (str, type(None)))):
                         self._entries[row["key"]] = row
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        continue  # not one of ours; skip rather than fail the whole cache
+                    else:
+                        bad.append(lineno)
+            if bad:
+                self.skipped = len(bad)
+                shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+                log.warning("%s: skipped %d unreadable answer line(s) (line %s); those questions are asked again",
+                            self.path, len(bad), shown)
 
     def get(self, key: str) -> dict[str, Any] | None:
         return self._entries.get(key)
@@ -100,6 +136,14 @@ class AnswerCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def read_json_line(raw: bytes) -> Any:
+    """One JSON line of a file we append to; None when it is not UTF-8 JSON (a BOM is tolerated)."""
+    try:
+        return json.loads(raw.decode("utf-8-sig"))
+    except (UnicodeDecodeError, ValueError):  # JSONDecodeError is a ValueError
+        return None
 
 
 def drop_torn_tail(path: Path) -> None:
@@ -276,18 +320,25 @@ def add_endpoint_arguments(parser) -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--max-retries", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--max-failed-fraction", type=float, default=MAX_FAILED_FRACTION,
+                        help="fail when more than this fraction of requests fail after retries")
 
 
 class JudgeClient:
     """Pairwise judge: every comparison asked twice (ours as [A], then ours as [B]).
 
     Constructor arguments go to :class:`ChatAPI` (``temperature`` defaults to 0 for a stable judge).
+    ``max_failed_fraction``: :meth:`judge_pairs` raises :class:`JudgeError` when more than this
+    fraction of its requests fail after their retries.
     """
 
     def __init__(self, base_url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 4,
                  max_retries: int = 5, cache_path: str | os.PathLike[str] | None = None,
                  temperature: float | None = 0.0, max_tokens: int | None = None, backoff_s: float = 1.0,
-                 timeout_s: float = 120.0):
+                 timeout_s: float = 120.0, max_failed_fraction: float = MAX_FAILED_FRACTION):
+        if not 0 <= max_failed_fraction <= 1:
+            raise ValueError(f"max_failed_fraction must be in [0, 1], got {max_failed_fraction}")
+        self.max_failed_fraction = max_failed_fraction
         self.api = ChatAPI(base_url, model, api_key_env=api_key_env, concurrency=concurrency,
                            max_retries=max_retries, backoff_s=backoff_s, timeout_s=timeout_s,
                            cache_path=cache_path, temperature=temperature, max_tokens=max_tokens)
@@ -297,7 +348,7 @@ class JudgeClient:
         try:
             text = self.api.complete(messages).text
         except Exception as exc:  # noqa: BLE001 - a failed request is an invalid verdict, not a crash
-            return None, "invalid", f"{type(exc).__name__}: {exc}"
+            return None, "invalid", describe_error(exc)
         return text, parse_judge_verdict(text), None
 
     def judge_pairs(self, prompts: Sequence[str], ours: Sequence[str], theirs: Sequence[str]) -> list[dict[str, Any]]:
@@ -323,6 +374,13 @@ class JudgeClient:
                 "outcome": combine_verdicts(v_a, v_b),
                 "errors": [e for e in (err_a, err_b) if e],
             })
+        errors = Counter(e for r in records for e in r["errors"])
+        failed = sum(errors.values())
+        if failed > self.max_failed_fraction * len(jobs):
+            kinds = ", ".join(f"{kind}: {n}" for kind, n in errors.most_common())
+            raise JudgeError(f"judge: {failed} of {len(jobs)} requests to {self.api.base_url} failed after retries "
+                             f"({kinds}), more than the allowed fraction {self.max_failed_fraction:g}: check the "
+                             f"endpoint, the model name and the key", records)
         summary = summarize_records(records)
         log.info("judged %d comparisons: win %d, tie %d, loss %d, inconsistent %d, invalid %d (%s)",
                  summary["n"], summary["win"], summary["tie"], summary["loss"], summary["inconsistent"],

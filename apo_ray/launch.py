@@ -6,11 +6,24 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from pathlib import Path
 
-from apo_ray.config import Config, validate
+from apo_ray.config import Config, ConfigError, resource_demand, total_demand, validate
+from apo_ray.data import DataError
+from apo_ray.judge import JudgeError
+from apo_ray.store import ResumeError
 
 log = logging.getLogger(__name__)
+
+
+class ResourceWaitError(RuntimeError):
+    """The cluster did not free, within ``cluster.resource_wait_s``, what the run's actors need at once."""
+
+
+# Errors in what the user asked for (config, data, output folder, cluster, endpoint): the entry points
+# print their message, which names the field, file or resource, instead of a traceback.
+USER_ERRORS = (ConfigError, DataError, ResumeError, ResourceWaitError, JudgeError)
 
 
 def connect_ray(cfg: Config) -> bool:
@@ -46,7 +59,11 @@ def run_on_ray(cfg: Config) -> list[dict]:
     started = connect_ray(cfg)
     try:
         resources = ray.cluster_resources()
-        validate(cfg, cluster_cpus=resources.get("CPU", 0.0), cluster_gpus=resources.get("GPU", 0.0))
+        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+        validate(cfg, cluster_cpus=resources.get("CPU", 0.0), cluster_gpus=resources.get("GPU", 0.0),
+                 node_resources=nodes)
+        preflight(cfg)
+        wait_for_resources(cfg, cfg.cluster.resource_wait_s)
         namespace = run_namespace(cfg)
         driver = ray.remote(APODriver).options(  # two threads: status() answers while run() plays
             name=DRIVER_NAME, namespace=namespace, num_cpus=cfg.cluster.driver_cpus, max_concurrency=2,
@@ -54,6 +71,10 @@ def run_on_ray(cfg: Config) -> list[dict]:
         log.info("driver actor %s in namespace %s; output in %s", DRIVER_NAME, namespace, cfg.run.output_dir)
         try:
             records = ray.get(driver.run.remote())
+        except ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, USER_ERRORS):  # its message says it all; the remote traceback would bury it
+                raise err.cause from None
+            raise
         finally:
             ray.kill(driver)
         if cfg.eval.judge:
@@ -64,12 +85,58 @@ def run_on_ray(cfg: Config) -> list[dict]:
             ray.shutdown()
 
 
+def preflight(cfg: Config) -> None:
+    """What can be refused before any actor starts: the data and its splits (a ConfigError or
+    DataError naming the field or file) and the output folder (a ResumeError)."""
+    from apo_ray.game import build_game_data
+    from apo_ray.store import check_store
+
+    build_game_data(cfg)
+    check_store(cfg)
+
+
+def wait_for_resources(cfg: Config, timeout_s: float) -> None:
+    """Wait until the cluster can hold every actor of the run at once (the pools, the learner workers
+    and the driver live together); after ``timeout_s`` raise :class:`ResourceWaitError` naming what
+    is missing. Without this, an actor that never fits (other jobs hold the resources) waits forever.
+
+    The probe is a placement group with one bundle per actor (``PACK``: bundles may still spread over
+    nodes), removed as soon as Ray grants it: Ray grants it only when all bundles fit at the same time.
+    """
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    bundles = [actor.each for actor in resource_demand(cfg) for _ in range(actor.count) if actor.each]
+    if not bundles:
+        return
+    start = time.monotonic()
+    probe = placement_group(bundles, strategy="PACK")
+    try:
+        ready = probe.wait(timeout_seconds=timeout_s)
+    finally:
+        remove_placement_group(probe)
+    if ready:
+        log.info("cluster resources for %d actors free after %.1f s", len(bundles), time.monotonic() - start)
+        return
+    need, free, total = total_demand(cfg), ray.available_resources(), ray.cluster_resources()
+    short = [f"{k}: needs {v:g}, {free.get(k, 0.0):g} of {total.get(k, 0.0):g} free" for k, v in need.items()
+             if v > free.get(k, 0.0) + 1e-9]
+    layout = "; ".join(f"{k}: " + " + ".join(a.describe(k) for a in resource_demand(cfg) if k in a.each)
+                       for k in need)
+    raise ResourceWaitError(
+        f"waited {timeout_s:g} s (cluster.resource_wait_s) for the Ray cluster to free what this run's actors "
+        f"need at once ({layout}); still missing: "
+        f"{'; '.join(short) or 'enough on any one node (the free resources are split across nodes)'}. "
+        f"Other jobs or actors hold them: wait for them, lower those cluster.* settings, or raise "
+        f"cluster.resource_wait_s")
+
+
 def run_in_process(cfg: Config) -> list[dict]:
     from apo_ray.game import play_game
     from apo_ray.local import LocalSystem
 
     validate(cfg)
-    records = play_game(cfg, LocalSystem(cfg))
+    records = play_game(cfg, LocalSystem(cfg))  # LocalSystem loads no model before the data checks pass
     if cfg.eval.judge:
         judge_final_policies(cfg, records)
     return records
@@ -77,17 +144,18 @@ def run_in_process(cfg: Config) -> list[dict]:
 
 def judge_final_policies(cfg: Config, records: list[dict]) -> dict:
     """The paper's GPT-4 comparison: each arm's last policy against the judge's baseline arm's
-    (``arms.judge_baseline``: RJS) on the same test prompts, asked twice with positions swapped. Writes ``judge/<arm>.jsonl`` and
-    ``judge_summary.json`` and adds the judge table and figure to the report."""
+    (``arms.judge_baseline``: RJS) on the same test prompts, asked twice with positions swapped.
+    Writes ``judge/<arm>.jsonl`` and ``judge_summary.json`` and adds the judge table and figure to
+    the report."""
     import json
 
-    from apo_ray.game import PhaseStore, build_game_data, eval_prompts
+    from apo_ray.arms import judge_baseline
+    from apo_ray.game import build_game_data, eval_prompts
     from apo_ray.judge import JudgeClient, summarize_records
     from apo_ray.report import write_report
+    from apo_ray.store import PhaseStore
 
     out = Path(cfg.run.output_dir)
-    from apo_ray.arms import judge_baseline
-
     baseline = judge_baseline()
     last = {r["rm_mode"]: r for r in records if r["round"] == cfg.apo.rounds}
     if baseline.name not in last or len(last) < 2:
@@ -96,7 +164,11 @@ def judge_final_policies(cfg: Config, records: list[dict]) -> dict:
     store = PhaseStore(out / "phases", system=None)
 
     def answers(policy_id: str) -> list[str]:
-        return [a[0] for a in store.get(f"samples/{policy_id}/test")]
+        stored = store.get(f"samples/{policy_id}/test")
+        if stored is None:
+            raise ResumeError(f"{store.root}: no readable test answers of {policy_id} to judge; rerun with "
+                              f"run.resume=true to compute them again")
+        return [a[0] for a in stored]
 
     data = build_game_data(cfg)
     prompts = eval_prompts(cfg, data)[: cfg.eval.judge_pairs]
@@ -106,16 +178,24 @@ def judge_final_policies(cfg: Config, records: list[dict]) -> dict:
 
         base_url, started = start_server(cfg.eval.judge_model, port=_free_port()), True
     judge = JudgeClient(base_url, cfg.eval.judge_model, concurrency=cfg.eval.judge_concurrency,
-                        max_tokens=cfg.eval.judge_max_tokens, cache_path=out / "judge" / "cache.jsonl")
+                        max_tokens=cfg.eval.judge_max_tokens, cache_path=out / "judge" / "cache.jsonl",
+                        max_failed_fraction=cfg.eval.judge_max_failed_fraction)
     theirs = answers(last[baseline.name]["policy"])[: len(prompts)]
     summaries = {}
     try:
         for arm, record in last.items():
             if arm == baseline.name:
                 continue
-            judged = judge.judge_pairs(prompts, answers(record["policy"])[: len(prompts)], theirs)
+            failure = None
+            try:
+                judged = judge.judge_pairs(prompts, answers(record["policy"])[: len(prompts)], theirs)
+            except JudgeError as err:  # keep what was asked (failed requests are not cached: a rerun asks them)
+                failure, judged = err, err.records
             (out / "judge").mkdir(exist_ok=True)
             (out / "judge" / f"{arm}.jsonl").write_text("".join(json.dumps(j) + "\n" for j in judged))
+            if failure is not None:
+                raise JudgeError(f"eval.judge, arm {arm}: {failure} (eval.judge_base_url / "
+                                 f"eval.judge_max_failed_fraction)", judged)
             summaries[arm] = summarize_records(judged)
     finally:
         if started:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from apo_ray.config import Config
-from apo_ray.game import Generated, Weights
+from apo_ray.game import Generated, Weights, batch_seed, batches_by_length, in_input_order, merge_generated
 from apo_ray.training import LearnerJob, run_job
 from apo_ray.workers import GeneratorWorker, ScorerWorker
 
@@ -26,16 +26,18 @@ class LocalSystem:
         self.generator = GeneratorWorker(cfg, eager=False)
         self.scorer = ScorerWorker(cfg, eager=False)
 
+    # The same seeded batches as RaySystem's pools, so a run gives the same samples in one process.
     def generate(self, policy: Weights, prompts: list[str], n: int, seed: int) -> Generated:
         start = time.perf_counter()
-        out = self.generator.generate(policy, prompts, n, seed)
-        seconds = time.perf_counter() - start
-        out.stats.update(samples_per_s=out.stats["sequences"] / max(seconds, 1e-9),
-                         tokens_per_s=out.stats["new_tokens"] / max(seconds, 1e-9))
-        return out
+        batches = batches_by_length([len(p) for p in prompts], self.cfg.generation.prompts_per_batch)
+        parts = [self.generator.generate(policy, [prompts[i] for i in b], n, batch_seed(seed, k))
+                 for k, b in enumerate(batches)]
+        return merge_generated(batches, parts, time.perf_counter() - start)
 
     def score(self, rm: Weights, prompts: list[str], responses: list[str]) -> list[float]:
-        return self.scorer.score(rm, prompts, responses)
+        batches = batches_by_length([len(p) + len(r) for p, r in zip(prompts, responses)], self.cfg.rm.score_batch)
+        return in_input_order(batches, [self.scorer.score(rm, [prompts[i] for i in b], [responses[i] for i in b])
+                                        for b in batches])
 
     def train(self, job: LearnerJob, init: Weights, data: list) -> tuple[Any, dict]:
         return run_job(job, init.handle, data, device=self.device)

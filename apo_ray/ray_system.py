@@ -27,7 +27,7 @@ import ray
 import torch
 
 from apo_ray.config import Config
-from apo_ray.game import Generated, Weights
+from apo_ray.game import Generated, Weights, batch_seed, batches_by_length, in_input_order, merge_generated
 from apo_ray.training import LearnerJob
 from apo_ray.workers import GeneratorWorker, ScorerWorker
 
@@ -39,10 +39,10 @@ ScorerActor = ray.remote(ScorerWorker)
 
 
 class ShardedPool:
-    """N actors of one kind; a call is cut into contiguous shards, one per actor, results in order.
+    """N actors of one kind; a list of calls is dealt round-robin over them, results in call order.
 
-    Actors restart after a crash (``max_restarts``) and Ray retries the shard's call on the restarted
-    actor (``max_task_retries``); the versioned-weights protocol of :mod:`apo_ray.workers` makes the
+    Actors restart after a crash (``max_restarts``) and Ray retries the call on the restarted actor
+    (``max_task_retries``); the versioned-weights protocol of :mod:`apo_ray.workers` makes the
     retried call reload the right weights, so nothing is lost.
     """
 
@@ -56,13 +56,10 @@ class ShardedPool:
             for i in range(n)
         ]
 
-    def map(self, method: str, items: list, make_args) -> list:
-        """Split ``items`` into one contiguous shard per actor; ``make_args(shard, shard_no)`` gives
-        the call's arguments. Returns the per-shard results in shard order."""
-        n = min(len(self.actors), max(len(items), 1))
-        size = -(-len(items) // n)
-        shards = [items[i * size:(i + 1) * size] for i in range(n)]
-        refs = [getattr(self.actors[i], method).remote(*make_args(shard, i)) for i, shard in enumerate(shards)]
+    def call_all(self, method: str, calls: list[tuple]) -> list:
+        """``method(*args)`` for each ``args`` of ``calls``, call k on actor k mod N (each actor runs
+        its calls one after another). Returns the results in call order."""
+        refs = [getattr(self.actors[k % len(self.actors)], method).remote(*args) for k, args in enumerate(calls)]
         return ray.get(refs)
 
     def kill(self) -> None:
@@ -274,22 +271,19 @@ class RaySystem:
 
     # -- pools -------------------------------------------------------------------------------------
     def generate(self, policy: Weights, prompts: list[str], n: int, seed: int) -> Generated:
+        """Batches of ``generation.prompts_per_batch`` prompts, one call each, seeded by their batch
+        number (:func:`apo_ray.game.batch_seed`): the same samples however many generators there are."""
         start = time.perf_counter()
-        parts: list[Generated] = self.generators.map(
-            "generate", prompts, lambda shard, i: (policy, shard, n, seed * 1009 + i))
-        seconds = time.perf_counter() - start
-        sequences, tokens = len(prompts) * n, sum(p.stats["new_tokens"] for p in parts)
-        return Generated([s for p in parts for s in p.samples], {
-            "sequences": sequences, "new_tokens": tokens, "seconds": seconds,
-            "samples_per_s": sequences / max(seconds, 1e-9), "tokens_per_s": tokens / max(seconds, 1e-9),
-            "sync_seconds": sum(p.stats["sync_seconds"] for p in parts),
-            "sync_bytes": sum(p.stats["sync_bytes"] for p in parts)})
+        batches = batches_by_length([len(p) for p in prompts], self.cfg.generation.prompts_per_batch)
+        parts = self.generators.call_all("generate", [
+            (policy, [prompts[i] for i in b], n, batch_seed(seed, k)) for k, b in enumerate(batches)])
+        return merge_generated(batches, parts, time.perf_counter() - start)
 
     def score(self, rm: Weights, prompts: list[str], responses: list[str]) -> list[float]:
-        pairs = list(zip(prompts, responses))
-        parts = self.scorers.map(
-            "score", pairs, lambda shard, i: (rm, [p for p, _ in shard], [r for _, r in shard]))
-        return [s for part in parts for s in part]
+        batches = batches_by_length([len(p) + len(r) for p, r in zip(prompts, responses)], self.cfg.rm.score_batch)
+        results = self.scorers.call_all("score", [
+            (rm, [prompts[i] for i in b], [responses[i] for i in b]) for b in batches])
+        return in_input_order(batches, results)
 
     # -- learners ----------------------------------------------------------------------------------
     def train(self, job: LearnerJob, init: Weights, data: list) -> tuple[Any, dict]:

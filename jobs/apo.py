@@ -13,9 +13,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from apo_ray.config import ConfigError, from_omegaconf, register_configs, resolve_paths, validate
+from apo_ray.config import from_omegaconf, register_configs, resolve_paths, validate
 from apo_ray.data import DataError
-from apo_ray.launch import run_in_process, run_on_ray
+from apo_ray.launch import USER_ERRORS, run_in_process, run_on_ray
 
 register_configs()
 
@@ -36,7 +36,7 @@ def main(node: DictConfig) -> None:
     try:
         validate(cfg)  # the cheap checks before any cluster is touched; pool sizes are checked on it
         records = run_in_process(cfg) if cfg.run.in_process else run_on_ray(cfg)
-    except ConfigError as err:
+    except USER_ERRORS as err:  # the message names the field, file or resource at fault
         raise SystemExit(str(err)) from None
     logging.getLogger("apo").info("finished %d records; summary in %s/summary.json", len(records),
                                   cfg.run.output_dir)

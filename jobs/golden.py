@@ -7,8 +7,10 @@ Everything after the options is a Hydra override list, the same one `jobs/apo.py
 config is composed from the same presets and the queries come from the same loader, split and seed
 as the game's (`apo_ray.data.load_apo_splits` + `golden_query_pairs`), so a run with
 `data.golden_path=<out>` finds an answer for every golden query. Rerunning with the same ``--out``
-asks only the queries not yet in the file. Prints the counts by source (model / model+why /
-canned-refusal / chosen-fallback) as JSON.
+asks only the queries not yet answered in the file (failed requests are not written, so they are
+asked again). Prints the counts by source (model / model+why / canned-refusal / chosen-fallback)
+and of failures as JSON; exits non-zero when more than ``--max-failed-fraction`` of the queries
+asked failed.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ sys.path.insert(0, str(ROOT))  # `python jobs/golden.py` from anywhere
 
 from apo_ray.config import compose, resolve_paths
 from apo_ray.data import golden_query_pairs, load_apo_splits
-from apo_ray.golden import collect_golden_answers
+from apo_ray.golden import collect_golden_answers, mostly_failed
 from apo_ray.judge import ChatAPI, add_endpoint_arguments
 
 
@@ -51,6 +53,10 @@ def main(argv: list[str] | None = None) -> dict:
     summary["golden_queries"] = len(queries)
     summary["overrides"] = list(args.overrides)
     print(json.dumps(summary, indent=2))
+    if mostly_failed(summary, args.max_failed_fraction):
+        raise SystemExit(f"golden answers: {summary['failed']} of {summary['asked']} queries failed after retries "
+                         f"({summary['failed_by_error']}); check --base-url, --model and the key in "
+                         f"${args.api_key_env}. Those queries were not written; rerun to ask them again")
     print(f"use it: python jobs/apo.py {' '.join(args.overrides)} data.golden_path={Path(args.out).resolve()}",
           file=sys.stderr)
     return summary

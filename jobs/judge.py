@@ -5,7 +5,9 @@
 
 Inputs are JSON lines with "prompt" and "response"; prompts present in both files are compared
 (in the order of --ours). Writes ``judgements.jsonl`` (one record per comparison, with both raw
-judge answers) and ``summary.json`` (win/tie/loss/inconsistent/invalid counts and rates).
+judge answers) and ``summary.json`` (win/tie/loss/inconsistent/invalid counts and rates). Exits
+non-zero when more than ``--max-failed-fraction`` of the requests failed after retries (the records
+made are still written).
 """
 
 from __future__ import annotations
@@ -19,19 +21,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python jobs/judge.py` from anywhere
 
 from apo_ray.data import query_key
-from apo_ray.judge import JudgeClient, add_endpoint_arguments, summarize_records
+from apo_ray.judge import JudgeClient, JudgeError, add_endpoint_arguments, read_json_line, summarize_records
 
 
 def read_responses(path: str) -> dict[str, tuple[str, str]]:
     """query key -> (prompt, response); a later line for the same prompt wins."""
     rows = {}
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if not raw.strip():
                 continue
-            row = json.loads(line)
-            if not isinstance(row.get("prompt"), str) or not isinstance(row.get("response"), str):
-                raise TypeError(f"{path}:{lineno}: expected string fields 'prompt' and 'response'")
+            row = read_json_line(raw)
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or \
+                    not isinstance(row.get("response"), str):
+                raise SystemExit(f"{path}:{lineno}: expected a JSON object with string fields 'prompt' and "
+                                 f"'response'")
             rows[query_key(row["prompt"])] = (row["prompt"], row["response"])
     return rows
 
@@ -54,11 +58,18 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     judge = JudgeClient(args.base_url, args.model, api_key_env=args.api_key_env, concurrency=args.concurrency,
                         max_retries=args.max_retries, max_tokens=args.max_tokens,
-                        cache_path=args.cache or out_dir / "judge_cache.jsonl")
-    records = judge.judge_pairs([ours[k][0] for k in keys], [ours[k][1] for k in keys],
-                                [theirs[k][1] for k in keys])
+                        cache_path=args.cache or out_dir / "judge_cache.jsonl",
+                        max_failed_fraction=args.max_failed_fraction)
+    failure = None
+    try:
+        records = judge.judge_pairs([ours[k][0] for k in keys], [ours[k][1] for k in keys],
+                                    [theirs[k][1] for k in keys])
+    except JudgeError as err:
+        failure, records = err, err.records
     with open(out_dir / "judgements.jsonl", "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    if failure is not None:
+        raise SystemExit(str(failure))
     summary = {**summarize_records(records), "ours": args.ours, "theirs": args.theirs, "judge_model": args.model,
                "api": dict(judge.api.stats)}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

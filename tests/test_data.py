@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from apo_ray.config import ConfigError
 from apo_ray.data import (
     DEFAULT_DATA,
     DROP_REASONS,
@@ -86,6 +87,25 @@ def test_mixed_formats_in_one_file_and_blank_lines(tmp_path: Path) -> None:
     )
     pairs = load_preference_pairs(f)
     assert [p.chosen for p in pairs] == ["a", "x"]
+
+
+def test_utf8_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    """A file saved with a UTF-8 BOM (as some Windows editors do) reads like one without."""
+    bom = b"\xef\xbb\xbf"
+    rows = [json.dumps({"prompt": "Q\u00e9", "chosen": "a", "rejected": "b"}), json.dumps(hh_row(HISTORY, "c", "d"))]
+    f = tmp_path / "bom.jsonl"
+    f.write_bytes(bom + "\n".join(rows).encode("utf-8") + b"\n")
+    g = tmp_path / "bom.jsonl.gz"
+    g.write_bytes(gzip.compress(f.read_bytes()))
+    for path in (f, g):
+        pairs = load_preference_pairs(path)
+        assert [p.chosen for p in pairs] == ["a", "c"] and pairs[0].prompt == "Q\u00e9"
+    answers = tmp_path / "gold.jsonl"
+    answers.write_bytes(bom + json.dumps({"prompt": "Q", "response": "R"}).encode() + b"\n")
+    assert [a.response for a in load_golden_answers(answers)] == ["R"]
+    queries = tmp_path / "queries.jsonl"
+    queries.write_bytes(bom + json.dumps({"prompt": "Q"}).encode() + b"\n")
+    assert load_queries(queries) == ["Q"]
 
 
 def test_gz_file(tmp_path: Path) -> None:
@@ -267,15 +287,17 @@ def test_split_fractions() -> None:
 
 
 def test_split_oversize_errors() -> None:
+    """Sizes that do not fit are config errors naming the data.* fields (the main job prints them
+    as such, not as a traceback)."""
     pairs = make_pairs(100)
-    with pytest.raises(ValueError, match=r"= 110 exceeds the 100 available pairs") as info:
+    with pytest.raises(ConfigError, match=r"= 110 exceeds the 100 available pairs") as info:
         split_for_apo(pairs, seed=0, rm_pairs=50, llm_queries=50, dev_pairs=0, test_pairs=10)
     assert "data.rm_pairs" in str(info.value)
-    with pytest.raises(ValueError, match=r"data\.dev_pairs = 30 exceeds data\.llm_queries = 20"):
+    with pytest.raises(ConfigError, match=r"data\.dev_pairs = 30 exceeds data\.llm_queries = 20"):
         split_for_apo(pairs, seed=0, rm_pairs=10, llm_queries=20, dev_pairs=30, test_pairs=10)
     with pytest.raises(ValueError, match=r"data\.test_pairs = 1\.5"):
         split_for_apo(pairs, seed=0, rm_pairs=10, llm_queries=20, dev_pairs=0, test_pairs=1.5)
-    with pytest.raises(TypeError, match=r"data\.dev_pairs must be an int count"):
+    with pytest.raises(ConfigError, match=r"data\.dev_pairs must be an int count"):
         split_for_apo(pairs, seed=0, rm_pairs=10, llm_queries=20, dev_pairs="5", test_pairs=1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"data\.rm_pairs = -1"):
         split_for_apo(pairs, seed=0, rm_pairs=-1, llm_queries=20, dev_pairs=0, test_pairs=1)

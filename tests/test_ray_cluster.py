@@ -344,3 +344,104 @@ def test_one_learner_group_serves_every_phase_and_survives_failures(cluster, tmp
     assert after_kill != after_error  # really killed, and a new worker finished the job
     assert result["redone_same"]
     assert result["reloaded_scores_equal"]
+
+
+LAYOUT_SCRIPT = """
+import json, sys
+import ray
+import torch
+from apo_ray.config import Config
+from apo_ray.data import load_preference_pairs
+from apo_ray.game import Weights
+from apo_ray.models import load_reward_model
+from apo_ray.ray_system import RaySystem
+from apo_ray.weights import pack_state_dict
+
+ray.init(address=sys.argv[1])
+pairs = load_preference_pairs(sys.argv[2], limit=12)
+prompts, responses = [p.prompt for p in pairs], [p.chosen for p in pairs]
+torch.manual_seed(0)  # one RM for both layouts (a pretrained backbone's scalar head starts random)
+rm = Weights("rm/seeded", ray.put(pack_state_dict(load_reward_model("tiny-random-llama").state_dict())))
+out = {}
+for n in (1, 2):
+    cfg = Config()
+    cfg.model.policy = cfg.model.reward = "tiny-random-llama"
+    cfg.generation.max_new_tokens, cfg.generation.prompts_per_batch, cfg.rm.score_batch = 6, 4, 5
+    cfg.cluster.num_generators = cfg.cluster.num_scorers = n
+    cfg.cluster.generator_cpus = cfg.cluster.scorer_cpus = 0.5
+    system = RaySystem(cfg, namespace=f"layout-{n}")
+    out[n] = {"samples": system.generate(Weights("policy/init"), prompts, 2, seed=5).samples,
+              "scores": system.score(rm, prompts, responses),
+              "pids": sorted({ray.get(a.generate.remote(Weights("policy/init"), prompts[:1], 1, 0)).stats["pid"]
+                              for a in system.generators.actors})}
+    system.shutdown()
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_samples_and_scores_do_not_depend_on_the_pool_sizes(cluster, tmp_path):
+    """The pools run fixed, seeded batches whatever their size, so a resumed run may use more or
+    fewer generators and scorers (the fingerprint leaves their counts out)."""
+    script = tmp_path / "layout.py"
+    script.write_text(LAYOUT_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), cluster["gcs"], cluster["data"]], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env=cluster["env"], check=False)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one, two = json.loads(line[len("RESULT "):]).values()
+    assert len(two["pids"]) == 2  # the work really was shared by two generators
+    assert len(one["samples"]) == 12 and one["samples"] == two["samples"]
+    assert one["scores"] == two["scores"]
+
+
+def _apo_on_cluster(cluster, tmp_path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(cluster["env"], RAY_ADDRESS=cluster["gcs"])
+    return subprocess.run([sys.executable, "jobs/apo.py", "experiment=smoke", "apo.rounds=1",
+                           f"data.path={cluster['data']}", f"run.output_dir={tmp_path / 'run'}", *overrides],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+
+
+def test_learner_and_scorer_resources_count_against_the_cluster(cluster, tmp_path):
+    """The pools and the learner group are alive at once: 0.5 + 0.5 + 3.5 CPUs do not fit in 4, and
+    a scorer GPU does not fit a cluster without GPUs. Refused before any actor starts."""
+    proc = _apo_on_cluster(cluster, tmp_path, "cluster.learner_cpus=3.5", "cluster.scorer_gpus=1")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert ("cluster.learner_workers=1 x cluster.learner_cpus=3.5 needs 4.5 CPUs at once" in proc.stderr
+            and "the Ray cluster has 4" in proc.stderr)
+    assert "cluster.num_scorers=1 x cluster.scorer_gpus=1 needs 1 GPUs at once" in proc.stderr
+    assert not (tmp_path / "run" / "phases").exists()
+
+
+BUSY_SCRIPT = """
+import subprocess, sys
+import ray
+
+ray.init(address=sys.argv[1])
+
+@ray.remote(num_cpus=3)
+class Blocker:  # another user's actor, holding 3 of the cluster's 4 CPUs
+    def ready(self):
+        return True
+
+blocker = Blocker.remote()
+ray.get(blocker.ready.remote())
+proc = subprocess.run(sys.argv[2:], capture_output=True, text=True, timeout=300)
+print("RC", proc.returncode)
+print(proc.stderr[-4000:])
+"""
+
+
+def test_a_busy_cluster_is_waited_for_then_named_not_hung(cluster, tmp_path):
+    """Resources the cluster has but other actors hold: the run waits cluster.resource_wait_s, then
+    stops with an error that names what is missing (a placed actor would otherwise wait forever)."""
+    script = tmp_path / "busy.py"
+    script.write_text(BUSY_SCRIPT)
+    cmd = [sys.executable, "jobs/apo.py", "experiment=smoke", "apo.rounds=1", f"data.path={cluster['data']}",
+           f"run.output_dir={tmp_path / 'run'}", "cluster.resource_wait_s=5"]
+    proc = subprocess.run([sys.executable, str(script), cluster["gcs"], *cmd], cwd=ROOT, capture_output=True,
+                          text=True, timeout=400, env=dict(cluster["env"], RAY_ADDRESS=cluster["gcs"]), check=False)
+    assert "RC 1" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    assert "waited 5 s (cluster.resource_wait_s)" in proc.stdout
+    assert "CPU: needs 2, 1 of 4 free" in proc.stdout and "cluster.learner_cpus=1" in proc.stdout
+    assert not (tmp_path / "run" / "phases").exists()

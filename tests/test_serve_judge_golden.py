@@ -33,7 +33,7 @@ from apo_ray.golden import (
     collect_golden_answers,
     is_bare_refusal,
 )
-from apo_ray.judge import ChatAPI, JudgeClient, summarize_records
+from apo_ray.judge import ChatAPI, JudgeClient, JudgeError, cache_key, judge_messages, summarize_records
 from apo_ray.metrics import OUTCOMES
 from apo_ray.models import hh_to_messages
 
@@ -284,9 +284,9 @@ def test_judge_swaps_retries_caches_and_keeps_key_secret(scripted, tmp_path, mon
 
 def test_failed_requests_are_invalid_not_dropped(scripted):
     server = scripted(lambda body, n: api_error(400, "malformed"))
-    judge = JudgeClient(server.url, "scripted", max_retries=2, backoff_s=0.01)
+    judge = JudgeClient(server.url, "scripted", max_retries=2, backoff_s=0.01, max_failed_fraction=1.0)
     records = judge.judge_pairs(["\n\nHuman: hi\n\nAssistant:"], ["a"], ["b"])
-    assert records[0]["outcome"] == "invalid" and len(records[0]["errors"]) == 2
+    assert records[0]["outcome"] == "invalid" and records[0]["errors"] == ["BadRequestError (HTTP 400)"] * 2
     assert len(server.requests) == 2  # 400 is not retried
 
 
@@ -342,28 +342,30 @@ def test_golden_fallbacks_and_resume(scripted, tmp_path, hh_pairs):
     with open(out, "a") as fh:  # a crash in the middle of writing the next answer
         fh.write('{"key": "0123456789abcdef", "prompt": "torn')
     second = collect_golden_answers(hh_pairs, out, api, limit=None, seed=1)
-    assert second["skipped_existing"] == 3 and second["written"] == 3
-    assert second["total_by_source"] == {"model": 1, "model+why": 1, "canned-refusal": 2, "chosen-fallback": 2}
-    third = collect_golden_answers(hh_pairs, out, api, seed=1)
-    assert third["written"] == 0 and third["skipped_existing"] == 6
+    assert second["skipped_existing"] == 3 and second["written"] == 2
+    assert second["failed"] == 1 and second["failed_by_error"] == {"InternalServerError (HTTP 503)": 1}
+    assert second["total_by_source"] == {"model": 1, "model+why": 1, "canned-refusal": 2, "chosen-fallback": 1}
+    third = collect_golden_answers(hh_pairs, out, api, seed=1)  # only the failed query is asked again
+    assert third["written"] == 0 and third["skipped_existing"] == 5 and third["failed"] == 1
 
-    # every query asked once (+ its "why?" follow-up; + retries for the failing one), never re-asked
+    # every answered query asked once (+ its "why?" follow-up), never re-asked; the failing one
+    # (503 after its retry) in each run, since a failure is not final
     asks = Counter((which(b), b["messages"][-1]["content"] == WHY_TURN) for b in server.requests)
-    assert asks == {(0, False): 1, (1, False): 1, (1, True): 1, (2, False): 1, (3, False): 2, (4, False): 1,
+    assert asks == {(0, False): 1, (1, False): 1, (1, True): 1, (2, False): 1, (3, False): 4, (4, False): 1,
                     (5, False): 1, (5, True): 1}
     follow_up = next(b for b in server.requests if b["messages"][-1]["content"] == WHY_TURN)
     assert follow_up["messages"][-2] == {"role": "assistant", "content": "Sorry, I can't assist with that."}
     assert "temperature" not in follow_up
 
     answers = {query_key(a.prompt): a for a in load_golden_answers(out)}
-    assert len(answers) == 6
-    got = [answers[query_key(p.prompt)] for p in hh_pairs]
-    assert [a.source for a in got] == ["canned-refusal", "model+why", "model", "chosen-fallback",
-                                       "canned-refusal", "chosen-fallback"]
+    assert len(answers) == 5 and query_key(hh_pairs[3].prompt) not in answers
+    got = [answers.get(query_key(p.prompt)) for p in hh_pairs]
+    assert [a and a.source for a in got] == ["canned-refusal", "model+why", "model", None,
+                                             "canned-refusal", "chosen-fallback"]
     assert got[0].response == canned_refusal(query_key(hh_pairs[0].prompt), seed=1) in CANNED_REFUSALS
     assert got[1].response == f"Sorry, I can't assist with that. {REASON}"
     assert got[2].response == "Here is a careful, helpful answer."
-    assert got[3].response == hh_pairs[3].chosen and got[5].response == hh_pairs[5].chosen
+    assert got[5].response == hh_pairs[5].chosen
 
 
 def test_golden_and_judge_against_ray_serve(server_url, hh_pairs, tmp_path):
@@ -427,3 +429,182 @@ def test_golden_job_and_game_agree_on_the_golden_queries(scripted, tmp_path):
     assert mismatched.gold_source.startswith(f"file: {5 - mismatched.gold_counts['fell_back_to_chosen']} answers, "
                                              f"{mismatched.gold_counts['fell_back_to_chosen']} fell back to chosen")
     assert [g.prompt for g in mismatched.gold] == [g.prompt for g in data.gold]  # the game's queries did not move
+# --------------------------------------------------------------------------------------------------
+# (d) endpoints that fail: nothing transient is final, failures are loud, no provider text on disk
+# --------------------------------------------------------------------------------------------------
+
+LEAKED = "sk-leak-7f3a9c01"  # a provider's error message that echoes part of the key
+
+
+def _closed_port_url() -> str:
+    with socket.socket() as s:  # bound, then closed: nothing listens there, connections are refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+FAILING = {
+    "401": (lambda body, n: api_error(401, f"Incorrect API key provided: {LEAKED}.", "invalid_api_key"),
+            "AuthenticationError (HTTP 401)"),
+    "429": (lambda body, n: api_error(429, f"You exceeded your current quota (key {LEAKED})", "insufficient_quota",
+                                      {"Retry-After": "0"}), "RateLimitError (HTTP 429)"),
+    "500": (lambda body, n: api_error(500, f"internal error for key {LEAKED}"), "InternalServerError (HTTP 500)"),
+    "refused": (None, "APIConnectionError"),
+}
+
+
+def _write_pairs(path: Path, pairs) -> Path:
+    with open(path, "w") as fh:
+        fh.writelines(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n"
+                      for p in pairs)
+    return path
+
+
+def _golden_config(tmp_path: Path, n_gold: int) -> tuple[list[str], list]:
+    """Overrides that give a run exactly ``n_gold`` golden queries from a small data file, and those
+    queries' pairs, in the order jobs/golden.py asks them (the game's own split)."""
+    from apo_ray.config import compose
+    from apo_ray.data import golden_query_pairs, load_apo_splits, load_preference_pairs
+
+    # (this module's hh_pairs fixture holds only 6 pairs: take distinct prompts from the shipped set)
+    pool = load_preference_pairs("embedded:hh-rlhf-harmless-test", limit=200)
+    distinct = list({p.prompt: p for p in pool}.values())[: n_gold + 3]
+    data = _write_pairs(tmp_path / "pairs.jsonl", distinct)
+    overrides = ["experiment=smoke", f"data.path={data}", f"data.rm_pairs={n_gold}", "data.llm_queries=2",
+                 "data.dev_pairs=1", "data.test_pairs=1", "data.eval_rm_pairs=0"]
+    return overrides, golden_query_pairs(load_apo_splits(compose(overrides).data), None)
+
+
+def _no_leak(folder: Path) -> None:
+    written = [p for p in folder.rglob("*") if p.is_file()]
+    assert written
+    for p in written:
+        assert LEAKED not in p.read_text(errors="replace"), p
+
+
+@pytest.mark.parametrize("failure", sorted(FAILING))
+def test_golden_transient_failures_are_retried_next_run_not_final(failure, scripted, tmp_path, hh_pairs):
+    """Connection refused, 401, 429 after retries, 500: nothing written as final, counted, the job
+    exits non-zero (all failed); the next run against a working endpoint asks those queries again."""
+    responder, expected = FAILING[failure]
+    url = scripted(responder).url if responder else _closed_port_url()
+    overrides, _ = _golden_config(tmp_path, 3)
+    out = tmp_path / "gold.jsonl"
+    args = ["--out", str(out), "--model", "m", "--max-retries", "1", "--concurrency", "3"]
+    with pytest.raises(SystemExit) as stop:
+        _load_job("golden").main([*args, "--base-url", url, *overrides])
+    assert "3 of 3 queries failed" in str(stop.value) and expected in str(stop.value)
+    assert not out.exists() or out.read_text() == ""  # no chosen-fallback written for a failure
+
+    good = scripted(lambda body, n: completion("A real, helpful answer."))
+    summary = _load_job("golden").main([*args, "--base-url", good.url, *overrides])
+    assert summary["asked"] == 3 and summary["failed"] == 0 and summary["by_source"]["model"] == 3
+    assert {a.source for a in load_golden_answers(out)} == {"model"}
+    _no_leak(tmp_path)
+
+
+def test_golden_some_failures_exit_zero_and_old_error_fallbacks_are_asked_again(scripted, tmp_path, hh_pairs):
+    overrides, pairs = _golden_config(tmp_path, 4)
+    flaky_prompt = hh_to_messages(pairs[0].prompt)[-1]["content"]
+
+    def respond(body, n):
+        if body["messages"][-1]["content"] == flaky_prompt:
+            return api_error(503, f"overloaded ({LEAKED})")
+        if body["messages"][-1]["content"] == hh_to_messages(pairs[1].prompt)[-1]["content"]:
+            return api_error(400, f"{POLICY_MESSAGE} {LEAKED}", "content_filter")
+        return completion("A real answer.")
+
+    server = scripted(respond)
+    out = tmp_path / "gold.jsonl"
+    # a file from an older version: a connection error recorded as a final chosen-fallback
+    out.write_text(json.dumps({"key": query_key(pairs[2].prompt), "prompt": pairs[2].prompt,
+                               "response": pairs[2].chosen, "source": "chosen-fallback",
+                               "note": "APIConnectionError: Connection error."}) + "\n")
+    summary = _load_job("golden").main(["--out", str(out), "--base-url", server.url, "--model", "m",
+                                        "--max-retries", "0", *overrides])
+    # 1 of 4 failed: not "most", so the job succeeds; the old error row was asked again
+    assert summary["asked"] == 4 and summary["failed"] == 1 and summary["written"] == 3
+    answers = {query_key(a.prompt): a for a in load_golden_answers(out)}  # a later line wins
+    assert answers[query_key(pairs[2].prompt)].source == "model"
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    refusal = next(r for r in rows if r["source"] == "canned-refusal")
+    assert refusal["note"] == "content policy refusal: BadRequestError (HTTP 400)"
+    _no_leak(tmp_path)
+
+
+@pytest.mark.parametrize("failure", ["401", "refused"])
+def test_judge_fails_loudly_when_requests_fail(failure, scripted, tmp_path):
+    responder, expected = FAILING[failure]
+    url = scripted(responder).url if responder else _closed_port_url()
+    prompts = [f"\n\nHuman: question {i}?\n\nAssistant:" for i in range(3)]
+    judge = JudgeClient(url, "m", max_retries=0, backoff_s=0.01)
+    with pytest.raises(JudgeError, match=rf"6 of 6 requests .* failed .*{re.escape(expected)}: 6") as err:
+        judge.judge_pairs(prompts, ["a"] * 3, ["b"] * 3)
+    assert len(err.value.records) == 3 and all(r["outcome"] == "invalid" for r in err.value.records)
+
+    # the job: records written, exit status non-zero, no provider text on disk
+    for name, text in (("ours", "a"), ("theirs", "b")):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": p, "response": text}) + "\n"
+                                                        for p in prompts))
+    with pytest.raises(SystemExit) as stop:
+        _load_job("judge").main(["--ours", str(tmp_path / "ours.jsonl"), "--theirs", str(tmp_path / "theirs.jsonl"),
+                                 "--out-dir", str(tmp_path / "out"), "--base-url", url, "--model", "m",
+                                 "--max-retries", "0"])
+    assert expected in str(stop.value)
+    records = [json.loads(line) for line in (tmp_path / "out" / "judgements.jsonl").read_text().splitlines()]
+    assert [r["errors"] for r in records] == [[expected, expected]] * 3
+    if responder:
+        _no_leak(tmp_path)
+
+
+def test_judge_below_the_threshold_counts_failures_as_invalid(scripted):
+    server = scripted(lambda body, n: api_error(500, "boom") if n == 1 else completion("[A] is better"))
+    judge = JudgeClient(server.url, "m", max_retries=0, concurrency=1, max_failed_fraction=0.5)
+    records = judge.judge_pairs(["\n\nHuman: q?\n\nAssistant:"] * 2, ["a", "c"], ["b", "d"])
+    assert summarize_records(records)["request_errors"] == 1  # 1 of 4 failed: counted, not fatal
+
+
+def test_judge_cache_skips_and_reasks_bad_rows(scripted, tmp_path, caplog):
+    server = scripted(lambda body, n: completion("Fine.\n[A] is better"))
+    prompts = [f"\n\nHuman: cached question {i}?\n\nAssistant:" for i in range(4)]
+    key = [cache_key("m", judge_messages(p, "ours", "theirs"), 0.0, None) for p in prompts]
+    cache = tmp_path / "cache.jsonl"
+    with open(cache, "wb") as fh:
+        fh.write(json.dumps({"key": key[0], "text": "Good.\n[B] is better", "finish_reason": "stop"}).encode() + b"\n")
+        fh.write(json.dumps({"key": key[1], "text": None, "finish_reason": "stop"}).encode() + b"\n")  # null text
+        fh.write(b'{"key": "' + key[2].encode() + b'", "text": "\xff\xfe not utf-8"}\n')  # not UTF-8
+        fh.write(json.dumps({"key": key[3], "finish_reason": "stop"}).encode() + b"\n")  # no text
+    judge = JudgeClient(server.url, "m", max_retries=0, cache_path=cache, concurrency=1)
+    assert judge.api.cache.skipped == 3 and f"{cache}: skipped 3 unreadable answer line(s) (line 2, 3, 4)" in caplog.text
+    records = judge.judge_pairs(prompts, ["ours"] * 4, ["theirs"] * 4)
+    # question 0 in the [A] order came from the cache; the three bad rows and the 4 swapped orders were asked
+    assert judge.api.stats["cache_hits"] == 1 and len(server.requests) == 7
+    assert records[0]["verdict_ours_as_a"] == "B" and all(r["verdict_ours_as_a"] == "A" for r in records[1:])
+    again = JudgeClient(server.url, "m", cache_path=cache)  # the re-asked answers are now cached
+    assert again.api.cache.skipped == 3 and len(again.api.cache) == 8
+
+
+def test_main_job_judge_fails_loudly(scripted, tmp_path, hh_data_path):
+    """``eval.judge`` against an endpoint that refuses every request: the run stops with a
+    JudgeError naming the arm and the error kind (jobs/apo.py prints it), not a table of invalids."""
+    from apo_ray.config import Config
+    from apo_ray.launch import USER_ERRORS, judge_final_policies
+    from apo_ray.store import PhaseStore
+
+    server = scripted(FAILING["401"][0])
+    cfg = Config()
+    cfg.data.path = str(hh_data_path)
+    cfg.data.rm_pairs, cfg.data.llm_queries, cfg.data.dev_pairs, cfg.data.test_pairs = 8, 6, 2, 6
+    cfg.apo.rounds, cfg.apo.arms = 1, ["fixed", "apo"]
+    cfg.eval.judge, cfg.eval.judge_base_url, cfg.eval.judge_model, cfg.eval.judge_pairs = True, server.url, "m", 3
+    cfg.run.output_dir = str(tmp_path)
+    store = PhaseStore(tmp_path / "phases", system=None)
+    for arm in ("fixed", "apo"):
+        store.put(f"samples/policy/{arm}/r1/test", [[f"{arm} answer {i}"] for i in range(6)])
+    records = [{"round": 1, "rm_mode": arm, "policy": f"policy/{arm}/r1"} for arm in ("fixed", "apo")]
+    with pytest.raises(JudgeError, match=r"eval.judge, arm apo: judge: 6 of 6 requests .*AuthenticationError") as err:
+        judge_final_policies(cfg, records)
+    assert isinstance(err.value, USER_ERRORS)
+    written = [json.loads(line) for line in (tmp_path / "judge" / "apo.jsonl").read_text().splitlines()]
+    assert len(written) == 3 and not (tmp_path / "judge_summary.json").exists()
+    _no_leak(tmp_path / "judge")

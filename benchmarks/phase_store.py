@@ -1,0 +1,87 @@
+"""What a durable, checksummed weights phase costs against the plain save it replaced.
+
+Side by side in one run, on a random state dict of a real model shape (``--shape``, ``--dtype`` as in
+``weight_sync.py``), in a temporary folder on the disk that holds ``--dir``:
+
+- ``save``: what a weights phase did before: ``LocalSystem.save_weights`` (``torch.save`` to a
+  temporary name + rename) and a plain JSON marker;
+- ``put_weights``: ``PhaseStore.put_weights`` now: the same save, then fsync of the file and the
+  folder, SHA-256 of the file (read back, mostly from the page cache) and a marker written durably;
+- ``load`` / ``get_weights``: ``torch.load`` alone vs the store's size + checksum check and load.
+
+Median of ``--repeats`` after one warm-up. Prints a table; writes JSON under ``benchmarks/results/``.
+
+    python benchmarks/phase_store.py --shape smollm2-135m --dtype fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from apo_ray.config import Config
+from apo_ray.local import LocalSystem
+from apo_ray.store import PhaseStore
+from benchmarks.weight_sync import DTYPES, random_state_dict
+
+
+def timed(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def old_save(system: LocalSystem, sd: dict, pt: Path) -> None:
+    """A weights phase before: the system's save and a plain marker."""
+    system.save_weights(sd, pt)
+    pt.with_suffix(".json").write_text(json.dumps({"loss": 1.0}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="smollm2-135m")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dir", default=None, help="where the temporary phase folder goes (default: the system's)")
+    parser.add_argument("--out", default="benchmarks/results/phase_store_cpu.json")
+    args = parser.parse_args()
+    args.source_device = "cpu"
+    sd = random_state_dict(args)
+    system = LocalSystem(Config())
+    times: dict[str, list[float]] = {"save": [], "put_weights": [], "load": [], "get_weights": []}
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        store = PhaseStore(Path(tmp) / "phases", system)
+        for i in range(args.repeats + 1):
+            plain, key = Path(tmp) / f"plain{i}.pt", f"rm/r{i}"
+            sample = {"save": timed(old_save, system, sd, plain),
+                      "put_weights": timed(store.put_weights, key, sd, {"loss": 1.0}),
+                      "load": timed(system.load_weights, plain),
+                      "get_weights": timed(store.get_weights, key)}
+            if i:  # the first round warms the page cache and the allocator
+                for k, v in sample.items():
+                    times[k].append(v)
+        size = plain.stat().st_size
+    median = {k: statistics.median(v) for k, v in times.items()}
+    rows = [("write a weights phase", "save", "put_weights"), ("read it back on resume", "load", "get_weights")]
+    print(f"{args.shape} {args.dtype}: {size / 1e9:.3f} GB per .pt, median of {args.repeats}")
+    print("| what | before (s) | now (s) | ratio |\n|---|---|---|---|")
+    for what, before, now in rows:
+        print(f"| {what} | {median[before]:.3f} | {median[now]:.3f} | {median[now] / median[before]:.2f}x |")
+    result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.processor()
+              or platform.machine(), "torch": torch.__version__, "shape": args.shape, "dtype": args.dtype,
+              "bytes": size, "repeats": args.repeats, "seconds": times, "median_seconds": median}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

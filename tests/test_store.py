@@ -1,0 +1,247 @@
+"""The checkpoint (apo_ray.store): durable phase files, corrupt phases recomputed, and the resume
+fingerprint that refuses what would change results."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from apo_ray import store as store_module
+from apo_ray.config import Config
+from apo_ray.local import LocalSystem
+from apo_ray.store import PhaseStore, ResumeError, check_store, file_digest, open_store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def own_digest_cache(tmp_path, monkeypatch):
+    """File digests cached in this test's folder, not in the user's ~/.cache."""
+    monkeypatch.setenv("APO_RAY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(store_module, "_digests", {})
+
+
+def weights_store(root: Path) -> PhaseStore:
+    return PhaseStore(root, LocalSystem(Config()))  # LocalSystem loads no model until asked to generate
+
+
+STATE = {"w": torch.arange(1000, dtype=torch.float32), "b": torch.ones(3)}
+
+
+# ------------------------------------------------------------------------------ durable phase files
+
+
+def test_phase_files_are_fsynced_before_and_after_the_rename(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(store_module.os, "fsync",
+                        lambda fd: (events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}")).name)),
+                                    real_fsync(fd)))
+    monkeypatch.setattr(store_module.os, "replace",
+                        lambda a, b: (events.append(("rename", Path(a).name, Path(b).name)), real_replace(a, b)))
+    store = weights_store(tmp_path / "phases")
+    store.put("samples/policy/init/gold", [["a", "b"]])
+    assert events == [("fsync", "samples__policy__init__gold.json.tmp"),
+                      ("rename", "samples__policy__init__gold.json.tmp", "samples__policy__init__gold.json"),
+                      ("fsync", "phases")]
+    events.clear()
+    store.put_weights("rm/base", STATE, {"loss": 1.0})
+    # the weights (LocalSystem writes them under a temporary name) are on disk, file and folder entry,
+    # before the marker that says they are complete
+    assert events == [("rename", "rm__base.pt.tmp", "rm__base.pt"), ("fsync", "rm__base.pt"), ("fsync", "phases"),
+                      ("fsync", "rm__base.json.tmp"),
+                      ("rename", "rm__base.json.tmp", "rm__base.json"), ("fsync", "phases")]
+
+
+def test_marker_holds_the_size_and_checksum_of_the_weights(tmp_path):
+    store = weights_store(tmp_path)
+    store.put_weights("rm/base", STATE, {"loss": 1.0})
+    marker = json.loads((tmp_path / "rm__base.json").read_text())
+    pt = tmp_path / "rm__base.pt"
+    assert marker["value"] == {"loss": 1.0} and marker["weights"]["bytes"] == pt.stat().st_size
+    assert marker["weights"]["sha256"] == store_module.file_sha256(pt)[1]
+    loaded = store.get_weights("rm/base")
+    assert loaded.id == "rm/base" and torch.equal(loaded.handle["w"], STATE["w"])
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "edited value", "old format"])
+def test_a_corrupt_json_phase_is_moved_aside_and_recomputed(tmp_path, caplog, damage):
+    store = weights_store(tmp_path)
+    store.put("scores/rm/base/dev/chosen", [0.5, 0.25])
+    path = tmp_path / "scores__rm__base__dev__chosen.json"
+    text = path.read_text()
+    path.write_bytes({"truncate": text[: len(text) // 2].encode(), "garbage": b"\xff\xfe\x00 not UTF-8",
+                      "edited value": text.replace("0.25", "0.75").encode(), "old format": b"[0.5, 0.25]"}[damage])
+    assert store.get("scores/rm/base/dev/chosen") is None  # so the game computes it again
+    assert str(path) in caplog.text and "computed again" in caplog.text
+    assert not path.exists() and path.with_name(path.name + ".corrupt").exists()  # kept for a post-mortem
+    store.put("scores/rm/base/dev/chosen", [0.5, 0.25])
+    assert store.get("scores/rm/base/dev/chosen") == [0.5, 0.25]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip a byte", "delete"])
+def test_a_corrupt_weights_file_is_moved_aside_and_recomputed(tmp_path, caplog, damage):
+    store = weights_store(tmp_path)
+    store.put_weights("policy/apo/r1", STATE, {"loss": 1.0})
+    pt = tmp_path / "policy__apo__r1.pt"
+    data = pt.read_bytes()
+    if damage == "truncate":
+        pt.write_bytes(data[: len(data) // 2])
+    elif damage == "flip a byte":
+        pt.write_bytes(data[:-100] + bytes([data[-100] ^ 1]) + data[-99:])
+    else:
+        pt.unlink()
+    assert store.get_weights("policy/apo/r1") is None
+    assert "policy__apo__r1.pt" in caplog.text and "computed again" in caplog.text
+    assert not (tmp_path / "policy__apo__r1.json").exists()
+
+
+def test_game_recomputes_exactly_the_corrupt_phases(tiny_cfg_factory, tmp_path, caplog):
+    from test_game import play  # the recording game runner of the game tests
+
+    cfg = tiny_cfg_factory(apo__arms=["fixed"], apo__rounds=1)
+    first = play(cfg, tmp_path)
+    (tmp_path / "policy__fixed__r1.pt").write_bytes(b"torn")  # a truncated checkpoint
+    answers = tmp_path / "samples__policy__init__test.json"
+    answers.write_text(answers.read_text()[:-20])
+    again = play(cfg, tmp_path)
+    calls = again.system.calls
+    assert [c[1] for c in calls if c[0] == "train_policy"] == ["policy/init"]  # redone, nothing else trained
+    assert [c[1] for c in calls if c[0] == "generate"] == ["policy/init"]  # only the torn test answers
+    assert "samples__policy__init__test.json" in caplog.text and "policy__fixed__r1.pt" in caplog.text
+    for a, b in zip(first.records, again.records):
+        assert a["policy_mean_reward"] == pytest.approx(b["policy_mean_reward"], abs=1e-6)
+    assert torch.equal(first.weights("policy/fixed/r1")["lm_head.weight"],
+                       again.weights("policy/fixed/r1")["lm_head.weight"])
+
+
+# ------------------------------------------------------------------------------ the fingerprint
+
+
+def run_cfg(out: Path, data: Path | None = None, **overrides) -> Config:
+    cfg = Config()
+    cfg.run.output_dir = str(out)
+    cfg.data.path = str(data) if data else str(out / "no-data.jsonl")
+    for dotted, value in overrides.items():
+        section, name = dotted.split("__")
+        setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+def started_run(out: Path, **overrides) -> Config:
+    cfg = run_cfg(out, **overrides)
+    open_store(cfg, system=None).put("samples/policy/init/gold", [["a"]])
+    cfg.run.resume = True
+    return cfg
+
+
+@pytest.mark.parametrize(("field", "value", "named"), [
+    ("cluster__generator_cpus", 2.0, "cluster.generator_cpus"),
+    ("cluster__learner_workers", 2, "cluster.learner_workers"),
+    ("cluster__learner_use_gpu", True, "cluster.learner_use_gpu"),
+    ("run__in_process", True, "in_process"),
+])
+def test_resume_refuses_cluster_layouts_that_change_results(tmp_path, field, value, named):
+    cfg = started_run(tmp_path)
+    section, name = field.split("__")
+    setattr(getattr(cfg, section), name, value)
+    with pytest.raises(ResumeError, match=rf"differ from the run in .*: .*{named}"):
+        check_store(cfg)
+
+
+def test_resume_accepts_what_does_not_change_results(tmp_path):
+    cfg = started_run(tmp_path)
+    # pool sizes (samples are seeded per batch, not per actor), restarts, waits, more rounds, the judge
+    cfg.cluster.num_generators, cfg.cluster.num_scorers, cfg.cluster.max_actor_restarts = 4, 3, 9
+    cfg.cluster.resource_wait_s, cfg.apo.rounds, cfg.eval.judge = 5.0, 7, True
+    assert open_store(cfg, system=None).get("samples/policy/init/gold") == [["a"]]
+
+
+def test_resume_refuses_changed_data_and_golden_files(tmp_path):
+    data, gold = tmp_path / "pairs.jsonl", tmp_path / "gold.jsonl"
+    data.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
+    gold.write_text('{"prompt": "q", "response": "g"}\n')
+    cfg = started_run(tmp_path / "run", data=data, data__golden_path=str(gold))
+    check_store(cfg)
+    with open(gold, "a") as fh:  # the golden file grew: later rounds would see other gold
+        fh.write('{"prompt": "q2", "response": "g2"}\n')
+    with pytest.raises(ResumeError, match=r"files\.data\.golden_path"):
+        check_store(cfg)
+    gold.write_text('{"prompt": "q", "response": "g"}\n')
+    data.write_text('{"prompt": "q", "chosen": "A", "rejected": "b"}\n')  # same size, other content
+    os.utime(data, ns=(data.stat().st_atime_ns, data.stat().st_mtime_ns + 10**9))
+    with pytest.raises(ResumeError, match=r"files\.data\.path"):
+        check_store(cfg)
+
+
+def test_folder_digest_covers_every_data_file(tmp_path):
+    folder = tmp_path / "hh"
+    (folder / "a").mkdir(parents=True)
+    (folder / "a" / "x.jsonl").write_text("{}\n")
+    cfg = started_run(tmp_path / "run", data=folder)
+    (folder / "a" / "y.jsonl").write_text("{}\n")  # a new file in the data folder
+    with pytest.raises(ResumeError, match=r"files\.data\.path"):
+        check_store(cfg)
+
+
+def test_file_digest_is_cached_by_path_size_and_mtime(tmp_path):
+    f = tmp_path / "big.jsonl"
+    f.write_bytes(b"x" * 1000)
+    first = file_digest(f)
+    stat = f.stat()
+    f.write_bytes(b"y" * 1000)  # same size; the old mtime put back: the cached digest is used, no read
+    os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert file_digest(f) == first
+    store_module._digests.clear()  # a new process: the digest comes from the cache file
+    assert file_digest(f) == first
+    os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert file_digest(f) != first  # a new mtime: read again
+
+
+def test_deleted_fingerprint_beside_phases_is_refused_not_rewritten(tmp_path):
+    cfg = started_run(tmp_path)
+    (tmp_path / "phases" / "fingerprint.json").unlink()
+    with pytest.raises(ResumeError, match=r"fingerprint\.json is missing but .* holds 1 phase files"):
+        open_store(cfg, system=None)
+    assert not (tmp_path / "phases" / "fingerprint.json").exists()
+
+
+def test_torn_fingerprint_is_a_clear_error_naming_the_file(tmp_path):
+    cfg = started_run(tmp_path)
+    marker = tmp_path / "phases" / "fingerprint.json"
+    marker.write_text(marker.read_text()[:40])
+    with pytest.raises(ResumeError, match=rf"{marker} is unreadable \(JSONDecodeError"):
+        open_store(cfg, system=None)
+
+
+@pytest.mark.parametrize("folder", ["missing", "empty"])
+def test_resume_of_nothing_is_an_error(tmp_path, folder):
+    out = tmp_path / "out"
+    if folder == "empty":
+        (out / "phases").mkdir(parents=True)
+    cfg = run_cfg(out, run__resume=True)
+    with pytest.raises(ResumeError, match=r"holds no earlier run to continue.*run\.output_dir.*timestamp"):
+        open_store(cfg, system=None)
+
+
+def test_fresh_run_refuses_a_folder_with_phases(tmp_path):
+    cfg = started_run(tmp_path)
+    cfg.run.resume = False
+    with pytest.raises(ResumeError, match=r"pass run\.resume=true"):
+        open_store(cfg, system=None)
+
+
+def test_main_job_resume_without_output_dir_says_how(tmp_path, hh_data_path):
+    """The Hydra entry: a resume into Hydra's fresh timestamped folder stops, no traceback."""
+    proc = subprocess.run([sys.executable, "jobs/apo.py", "experiment=smoke", "run.in_process=true", "run.resume=true",
+                           f"data.path={hh_data_path}", f"hydra.run.dir={tmp_path}/outputs/2026-01-01_00-00-00"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "holds no earlier run to continue" in proc.stderr and "run.output_dir" in proc.stderr
+    assert not (tmp_path / "outputs" / "2026-01-01_00-00-00" / "phases" / "fingerprint.json").exists()
