@@ -18,6 +18,8 @@ GENERATION_BACKENDS = ("transformers", "vllm")
 LEARNER_STRATEGIES = ("ddp", "deepspeed", "fsdp")
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16-autocast", "bf16")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+SAVE_MODELS = ("all", "last", "none")
+TRACKERS = ("tensorboard", "mlflow", "wandb")
 
 
 class ConfigError(ValueError):
@@ -148,6 +150,12 @@ class RunConfig:
     seed: int = 0
     in_process: bool = False  # run the game in this process without Ray (debugging)
     log_level: str = "INFO"
+    # Hugging Face folders under output_dir/models: every version (all), each arm's last round plus
+    # the evaluation RM (last), or none (`python jobs/export.py` writes them later from phases/).
+    save_models: str = "last"
+    tracking: list[str] = field(default_factory=list)  # any of tensorboard, mlflow, wandb (offline)
+    mlflow_tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI or sqlite in output_dir/tracking
+    wandb_project: str = "apo_ray"
 
 
 @dataclass
@@ -225,6 +233,10 @@ def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: fl
     _check(e, d.test_pairs > 0, f"data.test_pairs must be > 0, got {d.test_pairs}")
     if cfg.eval.eval_rm:
         _check(e, d.eval_rm_pairs > 0, "eval.eval_rm=true needs data.eval_rm_pairs > 0")
+    _check(e, cfg.run.save_models in SAVE_MODELS,
+           f"run.save_models must be one of {SAVE_MODELS}, got {cfg.run.save_models!r}")
+    for name in cfg.run.tracking:
+        _check(e, name in TRACKERS, f"run.tracking: unknown tracker {name!r}; choose from {TRACKERS}")
     if cluster_cpus is not None:
         # Every actor of a pool is alive at once, so the whole pool must fit or the run hangs.
         for pool, n, cpus in (("generator", c.num_generators, c.generator_cpus),

@@ -14,6 +14,7 @@ import ray
 
 from apo_ray.config import Config
 from apo_ray.game import APOGame, build_game_data, finish_run, open_store
+from apo_ray.observer import RunObserver
 from apo_ray.ray_system import LearnerMailbox
 
 DRIVER_NAME = "apo-driver"
@@ -41,19 +42,22 @@ class APODriver(LearnerMailbox):
         self.system = RaySystem(cfg, me, namespace=self.namespace)
         system = self.system
 
-        def on_phase(event: dict) -> None:
-            generation = system.last_generation if event["phase"].startswith("sample") else None
-            metrics.on_phase(event, generation, system.last_sync)
-            self._progress = {"state": "running", **{k: v for k, v in event.items() if k != "record"}}
-
         start = time.perf_counter()
         self._progress = {"state": "loading data"}
-        data = build_game_data(cfg)
-        game = APOGame(cfg, system, data, open_store(cfg, system), on_phase=on_phase)
-        try:
-            records = game.run()
-        finally:
-            system.shutdown()
-        finish_run(cfg, game, records, wall_seconds=time.perf_counter() - start)
+        data, store = build_game_data(cfg), open_store(cfg, system)
+        with RunObserver(cfg, store, data) as observer:
+
+            def on_phase(event: dict) -> None:
+                generation = system.last_generation if event["phase"].startswith("sample") else None
+                metrics.on_phase(event, generation, system.last_sync)
+                observer.on_phase(event, generation)
+                self._progress = {"state": "running", **{k: v for k, v in event.items() if k != "record"}}
+
+            game = APOGame(cfg, system, data, store, on_phase=on_phase)
+            try:
+                records = game.run()
+            finally:
+                system.shutdown()
+            finish_run(cfg, game, records, wall_seconds=time.perf_counter() - start)
         self._progress = {"state": "finished", "records": len(records)}
         return records

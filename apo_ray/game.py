@@ -125,6 +125,9 @@ class PhaseStore:
     def _path(self, key: str, suffix: str) -> Path:
         return self.root / (key.replace("/", "__") + suffix)
 
+    def has(self, key: str) -> bool:
+        return self._path(key, ".json").exists()
+
     def get(self, key: str) -> Any | None:
         path = self._path(key, ".json")
         return json.loads(path.read_text()) if path.exists() else None
@@ -148,6 +151,15 @@ class PhaseStore:
 
     def weights_stats(self, key: str) -> dict:
         return self.get(key) or {}
+
+    def weights_path(self, key: str) -> Path:
+        """The ``.pt`` state dict of a finished weights phase."""
+        return self._path(key, ".pt")
+
+    def weights_keys(self) -> list[str]:
+        """Keys of every finished weights phase (a ``.pt`` with its ``.json`` marker)."""
+        return sorted(p.name[:-len(".pt")].replace("__", "/") for p in self.root.glob("*.pt")
+                      if p.with_suffix(".json").exists())
 
 
 def run_fingerprint(cfg: Config) -> dict:
@@ -243,7 +255,7 @@ class APOGame:
     def _scores(self, rm: Weights, prompts: list[str], responses: list[str], what: str, timing: dict,
                 name: str, **event) -> list[float]:
         return self._phase(f"scores/{rm.id}/{what}", lambda: self.system.score(rm, prompts, responses),
-                           timing, name, **event)
+                           timing, name, sequences=len(responses), **event)
 
     # -- the game --------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -322,8 +334,8 @@ class APOGame:
         record.update(apo_pairs=len(apo_pairs), best_of_s_mean_score=sum(max(sc) for sc in per_query) / len(queries),
                       rm_train=self.store.weights_stats(rm.id) if arm != "fixed" else {},
                       policy_train=self.store.weights_stats(policy.id))
-        for train in ("rm_train", "policy_train"):
-            record[train] = {k: v for k, v in record[train].items() if k != "losses"}
+        for train in ("rm_train", "policy_train"):  # per-step lists stay in the phase store
+            record[train] = {k: v for k, v in record[train].items() if k not in ("losses", "lrs")}
         return record
 
     def evaluate(self, r: int, arm: str, policy: Weights, rm: Weights, timing: dict) -> dict:

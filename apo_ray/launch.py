@@ -48,6 +48,7 @@ def run_on_ray(cfg: Config) -> list[dict]:
     try:
         resources = ray.cluster_resources()
         validate(cfg, cluster_cpus=resources.get("CPU", 0.0), cluster_gpus=resources.get("GPU", 0.0))
+        require_trackers(cfg)  # here, not in the driver actor: a clean error before any actor starts
         namespace = run_namespace(cfg)
         driver = ray.remote(APODriver).options(
             name=DRIVER_NAME, namespace=namespace, num_cpus=cfg.cluster.driver_cpus, max_concurrency=8,
@@ -65,16 +66,27 @@ def run_on_ray(cfg: Config) -> list[dict]:
             ray.shutdown()
 
 
+def require_trackers(cfg: Config) -> None:
+    from apo_ray.tracking import require_tracker
+
+    for name in cfg.run.tracking:
+        require_tracker(name)
+
+
 def run_in_process(cfg: Config) -> list[dict]:
     from apo_ray.game import APOGame, build_game_data, finish_run, open_store
     from apo_ray.local import LocalSystem
+    from apo_ray.observer import RunObserver
 
     validate(cfg)
+    require_trackers(cfg)
     start = time.perf_counter()
     system = LocalSystem(cfg)
-    game = APOGame(cfg, system, build_game_data(cfg), open_store(cfg, system))
-    records = game.run()
-    finish_run(cfg, game, records, wall_seconds=time.perf_counter() - start)
+    data, store = build_game_data(cfg), open_store(cfg, system)
+    with RunObserver(cfg, store, data) as observer:
+        game = APOGame(cfg, system, data, store, on_phase=observer.on_phase)
+        records = game.run()
+        finish_run(cfg, game, records, wall_seconds=time.perf_counter() - start)
     if cfg.eval.judge:
         judge_final_policies(cfg, records)
     return records

@@ -111,6 +111,12 @@ class _Stepper:
             self.opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay,
                                          fused=settings.device.startswith("cuda"))
 
+    def lr(self) -> float:
+        """The learning rate of the next step."""
+        if self.engine is not None:
+            return float(self.engine.get_lr()[0])
+        return float(self.opt.param_groups[0]["lr"])
+
     def zero_grad(self) -> None:
         if self.engine is None:
             self.opt.zero_grad(set_to_none=True)
@@ -201,7 +207,7 @@ def _run_steps(model: nn.Module, settings: TrainSettings, n_items: int,
         model = torch.compile(model)
     stepper = _Stepper(model, settings)
     model.train()
-    losses, tokens, start = [], 0, time.perf_counter()
+    losses, lrs, tokens, start = [], [], 0, time.perf_counter()
     steps = _steps(n_items, settings.examples_per_step, settings.seed, settings.epochs)
     log_every = settings.log_every_steps or max(1, len(steps) // 10)
     for step_no, step in enumerate(steps):
@@ -226,6 +232,7 @@ def _run_steps(model: nn.Module, settings: TrainSettings, n_items: int,
         step_loss = float(step_loss)
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"{what}: non-finite loss at step {step_no}")
+        lrs.append(stepper.lr())  # the rate this step applies (for the trackers)
         stepper.step()
         losses.append(step_loss)
         if settings.rank == 0 and (step_no + 1) % log_every == 0:
@@ -237,7 +244,7 @@ def _run_steps(model: nn.Module, settings: TrainSettings, n_items: int,
             "loss_last": losses[-1] if losses else float("nan"),
             "loss_mean": sum(losses) / max(len(losses), 1), "seconds": elapsed,
             "tokens_per_s": tokens / max(elapsed, 1e-9), "skipped_steps": stepper.skipped_steps,
-            "precision": settings.precision, "losses": losses}
+            "precision": settings.precision, "losses": losses, "lrs": lrs}
 
 
 def _load_for_training(load, model_name: str, init_state: dict | None, settings: TrainSettings):
