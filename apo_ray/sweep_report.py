@@ -134,19 +134,21 @@ def write_sweep_report(root: str | Path) -> Path:
         _plot(root / name, setting, rows, swept)
         plots.append((setting, name))
 
-    def fmt(v: Any, digits: int = 3) -> Any:
-        return f"{v:.{digits}f}" if isinstance(v, float) else ("–" if v is None else v)
+    def fmt(v: Any, digits: int = 3, scale: float = 1.0) -> Any:
+        return f"{scale * v:.{digits}f}" if isinstance(v, float) else ("–" if v is None else v)
 
-    table_rows = [[*(r[k] for k in swept), arm_label(r["arm"]), r["round"], fmt(100 * r["rm_test_acc"], 2)
-                   if r["rm_test_acc"] is not None else "–", fmt(r["rm_test_ece"]), fmt(r["rm_test_ace"]),
-                   f"{fmt(r['policy_mean_reward'])} ± {fmt(r['policy_reward_stderr'])}",
-                   Path(r["run"]).relative_to(root) if Path(r["run"]).is_relative_to(root) else r["run"]]
+    def where(run: str) -> str:
+        return str(Path(run).relative_to(root)) if Path(run).is_relative_to(root) else run
+
+    table_rows = [[*(r[k] for k in swept), arm_label(r["arm"]), r["round"], fmt(r["rm_test_acc"], 2, 100),
+                   fmt(r["rm_test_ece"]), fmt(r["rm_test_ace"]),
+                   f"{fmt(r['policy_mean_reward'])} ± {fmt(r['policy_reward_stderr'])}", where(r["run"])]
                   for r in rows]
     headers = [*swept, "arm", "round", "RM test acc (%)", "RM test ECE", "RM test ACE", "policy score ± stderr", "run"]
+    what = ", ".join(f"`{k}`" for k in swept) or "nothing (the runs share every setting)"
     lines = [f"# Sweep report: `{root}`", "",
-             f"{len(points)} runs; swept: {', '.join(f'`{k}`' for k in swept) or 'nothing (the runs share every setting)'}. "
-             "Policy score: mean evaluation-RM score of the policy's test answers.", "",
-             format_markdown_table(headers, table_rows), ""]
+             f"{len(points)} runs; swept: {what}. Policy score: mean evaluation-RM score of the policy's test answers.",
+             "", format_markdown_table(headers, table_rows), ""]
     for setting, name in plots:
         lines += [f"![{setting}]({name})", ""]
     path = root / "sweep_report.md"

@@ -71,14 +71,6 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    def cell(v: Any) -> str:
-        return (f"{v:.4g}" if isinstance(v, float) else str(v)).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
-
-
 class TensorBoardTracker:
     def __init__(self, log_dir: Path):
         require_tracker("tensorboard")
@@ -97,7 +89,10 @@ class TensorBoardTracker:
             self.writer.add_scalar(key, float(value), step)
 
     def log_table(self, name, columns, rows, step):
-        self.writer.add_text(name, markdown_table(columns, rows), step)
+        from apo_ray.report import format_markdown_table
+
+        rows = [[f"{v:.4g}" if isinstance(v, float) else v for v in row] for row in rows]
+        self.writer.add_text(name, format_markdown_table(columns, rows), step)
 
     def close(self, failed=False):
         self.writer.close()

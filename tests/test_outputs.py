@@ -121,7 +121,7 @@ def test_exported_policies_reproduce_our_logits(sweep):
 
     run = sweep["run"]
     cfg = _cfg(run)
-    prompts, answers = _texts(run)
+    _, answers = _texts(run)
     base = load_policy(cfg.model.policy)
     for version in ("policy/fixed/r1", "policy/apo/r1"):
         state = torch.load(_store(run).weights_path(version), weights_only=True)
@@ -183,7 +183,7 @@ def test_vllm_loads_an_exported_policy_folder(smollm2_model, tmp_path):
     script.write_text(VLLM_SCRIPT)
     proc = subprocess.run([sys.executable, str(script), str(folder), json.dumps(prompt_ids)], capture_output=True,
                           text=True, timeout=900, check=False)
-    result = re.search(r"^RESULT (.*)$", proc.stdout, re.M)
+    result = re.search(r"^RESULT (.*)$", proc.stdout, re.MULTILINE)
     assert result, proc.stdout[-3000:] + proc.stderr[-5000:]
     got = json.loads(result.group(1))
     # vLLM took its default sampling parameters from the folder's generation_config.json
@@ -204,6 +204,22 @@ if __name__ == "__main__":  # vLLM spawns its engine process
     print("RESULT " + json.dumps({"max_tokens": d.max_tokens, "temperature": d.temperature, "top_p": d.top_p,
                                   "tokens": list(out[0].outputs[0].token_ids)}), flush=True)
 """
+
+
+def test_save_models_selects_versions_from_the_records():
+    from apo_ray.export import select_versions
+
+    records = [{"round": 0, "rm_mode": "fixed", "policy": "policy/init", "rm": "rm/base", "eval_rm": "rm/eval"},
+               {"round": 1, "rm_mode": "fixed", "policy": "policy/fixed/r1", "rm": "rm/base", "eval_rm": "rm/eval"},
+               {"round": 1, "rm_mode": "apo", "policy": "policy/apo/r1", "rm": "rm/apo/r1", "eval_rm": "rm/eval"},
+               {"round": 1, "rm_mode": "apo_seq", "policy": "policy/apo/r1", "rm": "rm/apo/r1", "eval_rm": "rm/eval"},
+               {"round": 2, "rm_mode": "apo", "policy": "policy/apo/r2", "rm": "rm/apo/r2", "eval_rm": "rm/eval"}]
+    every = dict(select_versions(records, "all", last_round=2))
+    assert sorted(every) == ["policy/apo/r1", "policy/apo/r2", "policy/fixed/r1", "rm/apo/r1", "rm/apo/r2",
+                             "rm/base", "rm/eval"]  # never the starting checkpoints
+    assert every["policy/apo/r1"]["arms"] == ["apo", "apo_seq"] and every["rm/eval"]["role"] == "eval_rm"
+    assert sorted(dict(select_versions(records, "last", last_round=2))) == ["policy/apo/r2", "rm/apo/r2", "rm/eval"]
+    assert select_versions(records, "none", last_round=2) == []
 
 
 def test_rm_pad_token_never_ends_a_scored_text(tiny_tokenizer):
@@ -235,7 +251,9 @@ def test_tensorboard_event_files_hold_the_scalars(sweep):
 
     base = _store(run).get("rm/base")
     assert values("learner/rm/base/loss") == pytest.approx(dict(enumerate(base["losses"], start=1)))
-    assert set(values("learner/rm/base/lr").values()) == {pytest.approx(_cfg(run).rm.base_lr)}
+    lrs = values("learner/rm/base/lr")
+    assert sorted(lrs) == sorted(values("learner/rm/base/loss"))
+    assert all(lr == pytest.approx(_cfg(run).rm.base_lr) for lr in lrs.values())
     assert "learner/policy/apo/r1/loss" in scalars
     record = _summary(run)[(1, "apo")]
     assert values("rm/apo/test_acc")[1] == pytest.approx(record["rm_test_acc"])
@@ -303,7 +321,9 @@ def test_wandb_offline_run_holds_the_history(sweep):
     record = _summary(run)[(1, "apo")]
     assert record["rm_test_acc"] in history["rm/apo/test_acc"]
     assert history["learner/rm/base/loss"] == pytest.approx(_store(run).get("rm/base")["losses"])
-    assert "answers/round_1/apo" in history  # the table of sample answers
+    # the table of sample answers: logged as a W&B table file of 8 rows x 5 columns
+    assert history["answers/round_1/apo/_type"] == ["table-file"]
+    assert (history["answers/round_1/apo/nrows"], history["answers/round_1/apo/ncols"]) == ([8], [5])
 
 
 def test_a_missing_tracker_package_names_the_extra(tiny_cfg_factory, tmp_path, monkeypatch):
@@ -390,7 +410,7 @@ def test_multirun_writes_the_sweep_report(sweep):
     root = sweep["root"]
     report = (root / "sweep_report.md").read_text()
     assert "swept: `apo.beta2`" in report
-    rows = [line for line in report.splitlines() if line.startswith("| 1.0 |") or line.startswith("| 10.0 |")]
+    rows = [line for line in report.splitlines() if line.startswith(("| 1.0 |", "| 10.0 |"))]
     assert len(rows) == 2 * 4  # per point: rounds 0 and 1 of two arms
     csv_rows = (root / "sweep_summary.csv").read_text().splitlines()
     assert csv_rows[0].startswith("apo.beta2,arm,round,rm_test_acc,rm_test_ece")
