@@ -18,6 +18,8 @@ GENERATION_BACKENDS = ("transformers", "vllm")
 LEARNER_STRATEGIES = ("ddp", "deepspeed", "fsdp")
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16-autocast", "bf16")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+SAVE_MODELS = ("all", "last", "none")
+TRACKERS = ("tensorboard", "mlflow", "wandb")
 
 
 class ConfigError(ValueError):
@@ -190,6 +192,12 @@ class RunConfig:
     seed: int = 0
     in_process: bool = False  # run the game in this process without Ray (debugging)
     log_level: str = "INFO"
+    # Hugging Face folders under output_dir/models: every version (all), each arm's last round plus
+    # the evaluation RM (last), or none (`python jobs/export.py` writes them later from phases/).
+    save_models: str = "last"
+    tracking: list[str] = field(default_factory=list)  # any of tensorboard, mlflow, wandb (offline)
+    mlflow_tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI or sqlite in output_dir/tracking
+    wandb_project: str = "apo_ray"
 
 
 @dataclass
@@ -354,6 +362,10 @@ def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: fl
         if name == "data.test_path" and value is None:
             ok = True
         _check(e, ok, f"{name} must be a path or a non-empty list of paths, got {value!r}")
+    _check(e, cfg.run.save_models in SAVE_MODELS,
+           f"run.save_models must be one of {SAVE_MODELS}, got {cfg.run.save_models!r}")
+    for name in cfg.run.tracking:
+        _check(e, name in TRACKERS, f"run.tracking: unknown tracker {name!r}; choose from {TRACKERS}")
     if not e and (cluster_cpus is not None or cluster_gpus is not None or node_resources):
         e.extend(resource_problems(cfg, cluster_cpus=cluster_cpus, cluster_gpus=cluster_gpus,
                                    node_resources=node_resources))

@@ -257,7 +257,7 @@ class APOGame:
     def _scores(self, rm: Weights, prompts: list[str], responses: list[str], what: str, timing: dict,
                 name: str, **event) -> list[float]:
         return self._phase(f"scores/{rm.id}/{what}", lambda: self.system.score(rm, prompts, responses),
-                           timing, name, **event)
+                           timing, name, sequences=len(responses), **event)
 
     def _train_rm(self, key: str, init: Weights, pairs: list[RankedPair], *, lr: float, epochs: int, seed: int,
                   loss: RMLoss, timing: dict, name: str, **event) -> Weights:
@@ -351,7 +351,7 @@ class APOGame:
                       queries_skipped=len(queries) - len(examples),
                       rm_train=self.store.weights_stats(rm.id) if mode.trains_rm else {},
                       policy_train=self.store.weights_stats(policy.id))
-        for train in ("rm_train", "policy_train"):
+        for train in ("rm_train", "policy_train"):  # per-step lists stay in the phase store
             record[train] = {k: v for k, v in record[train].items() if k not in ("losses", "lrs")}
         return record
 
@@ -412,15 +412,27 @@ def eval_prompts(cfg: Config, data: GameData) -> list[str]:
 def play_game(cfg: Config, system: GameSystem, on_phase: Callable[[dict], None] | None = None) -> list[dict]:
     """A whole run on ``system`` (in process or on Ray): the data, the phase store (resuming what an
     earlier run of the same settings finished), every round of every arm, then ``summary.json`` and
-    the report. The system is shut down at the end, also when a phase fails."""
+    the report. Every phase event goes to the run's observer (progress lines with the run's ETA,
+    trackers, model export: :mod:`apo_ray.observer`) and to ``on_phase``. The system is shut down
+    at the end, also when a phase fails."""
+    from apo_ray.observer import RunObserver
+
     start = time.perf_counter()
     try:
         data = build_game_data(cfg)
-        game = APOGame(cfg, system, data, open_store(cfg, system), on_phase=on_phase)
-        records = game.run()
+        store = open_store(cfg, system)
+        with RunObserver(cfg, store, data) as observer:
+
+            def each_phase(event: dict) -> None:
+                observer.on_phase(event)
+                if on_phase is not None:
+                    on_phase(event)
+
+            game = APOGame(cfg, system, data, store, on_phase=each_phase)
+            records = game.run()
+            finish_run(cfg, game, records, wall_seconds=time.perf_counter() - start)
     finally:
         system.shutdown()
-    finish_run(cfg, game, records, wall_seconds=time.perf_counter() - start)
     return records
 
 

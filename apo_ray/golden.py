@@ -219,7 +219,7 @@ def collect_golden_answers(pairs: Sequence[PreferencePair], out_path: str | os.P
 
     log.info("golden answers: %d queries, %d already in %s, %d to ask", len(todo_all), len(todo_all) - len(todo),
              out, len(todo))
-    api.map(work, todo)
+    api.map(work, todo, desc="golden answers", unit="query")
     summary = {
         "out": str(out), "queries": len(todo_all), "skipped_existing": len(todo_all) - len(todo),
         "asked": len(todo), "written": len(todo) - sum(failed.values()), "failed": sum(failed.values()),

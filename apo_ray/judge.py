@@ -35,7 +35,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -255,12 +255,20 @@ class ChatAPI:
             self.cache.put(key, text, finish)
         return Completion(text, finish)
 
-    def map(self, fn, items: Sequence[Any]) -> list[Any]:
-        """``[fn(x) for x in items]`` on ``concurrency`` threads, in input order."""
+    def map(self, fn, items: Sequence[Any], *, desc: str | None = None, unit: str = "request") -> list[Any]:
+        """``[fn(x) for x in items]`` on ``concurrency`` threads, in input order. ``desc``: show a
+        progress bar (count, rate, ETA) on stderr under that name."""
         if not items:
             return []
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(fn, items))
+        from tqdm import tqdm
+
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool, \
+                tqdm(total=len(items), desc=desc, unit=unit, disable=desc is None, mininterval=1.0) as bar:
+            futures = [pool.submit(fn, item) for item in items]
+            for future in as_completed(futures):
+                future.exception()  # wait; the result (or error) is read in order below
+                bar.update(1)
+            return [future.result() for future in futures]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -363,7 +371,7 @@ class JudgeClient:
         for p, a, b in zip(prompts, ours, theirs):
             jobs.append(judge_messages(p, a, b))  # ours as [A]
             jobs.append(judge_messages(p, b, a))  # ours as [B]
-        answers = self.api.map(self._ask, jobs)
+        answers = self.api.map(self._ask, jobs, desc="judge", unit="answer")
         records = []
         for i, (p, a, b) in enumerate(zip(prompts, ours, theirs)):
             (raw_a, v_a, err_a), (raw_b, v_b, err_b) = answers[2 * i], answers[2 * i + 1]

@@ -173,6 +173,19 @@ class PhaseStore:
     def weights_stats(self, key: str) -> dict:
         return self.get(key) or {}
 
+    def has(self, key: str) -> bool:
+        """Whether ``key`` has a marker (checked for integrity when it is read)."""
+        return self._path(key, ".json").exists()
+
+    def weights_path(self, key: str) -> Path:
+        """The ``.pt`` state dict of a finished weights phase."""
+        return self._path(key, ".pt")
+
+    def weights_keys(self) -> list[str]:
+        """Keys of every finished weights phase (a ``.pt`` with its ``.json`` marker)."""
+        return sorted(p.name[:-len(".pt")].replace("__", "/") for p in self.root.glob("*.pt")
+                      if p.with_suffix(".json").exists())
+
 
 # --------------------------------------------------------------------------------------------------
 # The resume fingerprint

@@ -1,11 +1,8 @@
-"""Progress for people (log lines) and for the Ray dashboard (``ray.util.metrics``, exported to
-Prometheus when the cluster exports metrics). Fed by the game's phase events."""
+"""Progress for the Ray dashboard (``ray.util.metrics``, exported to Prometheus when the cluster
+exports metrics). Fed by the game's phase events; the log line per phase comes from
+:mod:`apo_ray.observer`."""
 
 from __future__ import annotations
-
-import logging
-
-log = logging.getLogger("apo_ray.progress")
 
 
 class APOMetrics:
@@ -46,15 +43,10 @@ class APOMetrics:
             return
         self.phase_seconds.set(event["seconds"], tags=tags | {"phase": phase})
         self.phases_done.inc(1, tags=tags | {"phase": phase})
-        line = f"round {event.get('round', 0)} arm {tags['arm']}: {phase} done in {event['seconds']:.1f}s"
         if phase.startswith("sample") and generation:
             self.samples.inc(generation["sequences"], tags=tags)
             self.samples_per_s.set(generation["samples_per_s"], tags=tags)
             self.tokens_per_s.set(generation["tokens_per_s"], tags=tags)
-            line += f" ({generation['sequences']} samples, {generation['samples_per_s']:.1f} samples/s, " \
-                    f"{generation['tokens_per_s']:.0f} tokens/s)"
         if generation and generation.get("sync_bytes"):
             self.sync_seconds.set(generation["sync_seconds"], tags=tags)
             self.sync_bytes.inc(generation["sync_bytes"], tags=tags)
-        if phase != "evaluate":  # evaluation is many small scoring calls; its total is in the round line
-            log.info(line)

@@ -120,8 +120,15 @@ def test_job_submit_writes_the_results_contract(reference_run):
     config = json.loads((out / "resolved_config.json").read_text())
     assert config["apo"]["samples_per_query"] == 2 and config["run"]["output_dir"] == str(out)
     assert config["data"]["path"] == DEFAULT_DATA  # no data.path given: the package's own copy was read
-    # progress lines reach `ray job logs`
-    assert "apo_ray.progress" in proc.stdout + proc.stderr and "train_rm done" in proc.stdout + proc.stderr
+    # progress lines (rate, % done, ETA) reach `ray job logs`
+    logs = proc.stdout + proc.stderr
+    assert re.search(r"apo_ray\.progress: \[\d+/(\d+)\] round 1 arm apo: train_rm [\d.]+s \(48 examples, "
+                     r"[\d.]+ examples/s\) \| run \d+% done, elapsed \S+, ETA", logs), logs[-3000:]
+    assert re.search(r"\[(\d+)/\1\] round 1 arm apo: evaluated .* run 100% done", logs)
+    # the default run.save_models=last: HF folders of the last round's models, written by the driver actor
+    index = json.loads((out / "models" / "index.json").read_text())
+    assert sorted(index["versions"]) == ["policy/apo/r1", "rm/apo/r1", "rm/base"] and not index["errors"]
+    assert (out / "models" / "policy" / "apo" / "r1" / "model.safetensors").exists()
 
 
 STOP_SCRIPT = """
@@ -186,6 +193,7 @@ def test_hydra_multirun_runs_each_point_on_the_cluster(cluster, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     configs = sorted(json.loads(p.read_text())["apo"]["beta2"] for p in tmp_path.glob("*/resolved_config.json"))
     assert configs == [1.0, 10.0]
+    assert "swept: `apo.beta2`" in (tmp_path / "sweep_report.md").read_text()
     # actors of a point are torn down before the next: no APO actor is left alive on the cluster
     listing = _ray("list", "actors", "--address", cluster["gcs"], "--filter", "state=ALIVE", "--format", "json",
                    env=env, check=False)
@@ -200,6 +208,8 @@ def test_sweep_submits_each_point_as_a_job(cluster, tmp_path):
     assert proc.stdout.count("SUCCEEDED") == 2
     lrs = sorted(json.loads(p.read_text())["rm"]["lr"] for p in tmp_path.glob("*/resolved_config.json"))
     assert lrs == [1e-4, 1e-3]
+    report = (tmp_path / "sweep_report.md").read_text()  # --wait ends with the sweep report
+    assert "swept: `rm.lr`" in report and (tmp_path / "sweep_rm_lr.png").exists()
 
 
 FAULT_SCRIPT = """
