@@ -12,13 +12,10 @@ from pathlib import Path
 from apo_ray.config import Config, ConfigError, resource_demand, total_demand, validate
 from apo_ray.data import DataError
 from apo_ray.judge import JudgeError
+from apo_ray.ray_system import ResourceWaitError
 from apo_ray.store import ResumeError
 
 log = logging.getLogger(__name__)
-
-
-class ResourceWaitError(RuntimeError):
-    """The cluster did not free, within ``cluster.resource_wait_s``, what the run's actors need at once."""
 
 
 # Errors in what the user asked for (config, data, output folder, cluster, endpoint): the entry points

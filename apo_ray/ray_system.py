@@ -82,6 +82,7 @@ class LearnerQueue:
         self._outcomes: dict[int, tuple] = {}  # seq -> ("ok", [weights ref], stats) | ("error", text)
         self._finished: set[int] = set()
         self._closed = False
+        self._ranks_started = False  # a rank has asked for work: the worker group was placed
         self._changed = asyncio.Condition()
 
     def _first_open(self, after: int) -> int | None:
@@ -95,6 +96,7 @@ class LearnerQueue:
 
     async def next_job(self, after: int) -> tuple[int, dict] | None:
         """The first unfinished job after ``after``: ``(seq, job)``, or None once the queue is closed."""
+        self._ranks_started = True
         async with self._changed:
             await self._changed.wait_for(lambda: self._closed or self._first_open(after) is not None)
             if self._closed:
@@ -113,6 +115,9 @@ class LearnerQueue:
         async with self._changed:
             await self._changed.wait_for(lambda: seq in self._outcomes or self._closed)
             return self._outcomes.pop(seq, ("error", "the learner queue was closed before the job finished"))
+
+    async def started(self) -> bool:
+        return self._ranks_started
 
     async def close(self) -> None:
         async with self._changed:
@@ -205,6 +210,10 @@ class LearnerError(RuntimeError):
     """A learner job failed; the message holds the worker's traceback."""
 
 
+class ResourceWaitError(RuntimeError):
+    """The cluster did not free, within ``cluster.resource_wait_s``, what the run's actors need."""
+
+
 class LearnerGroup:
     """A Ray Train worker group that trains the run's RM and policy jobs in turn.
 
@@ -214,7 +223,12 @@ class LearnerGroup:
     """
 
     def __init__(self, cfg: Config, storage_path: str):
+        c = cfg.cluster
         self.name = f"apo-learners-{uuid.uuid4().hex[:8]}"
+        self.start_timeout_s = c.resource_wait_s
+        self.started = False
+        self.demand = (f"cluster.learner_workers={c.learner_workers} x cluster.learner_cpus={c.learner_cpus:g}"
+                       + (f" + cluster.learner_gpus={c.learner_gpus:g}" if c.learner_use_gpu else ""))
         self.queue = LearnerQueue.remote()
         self.served = _serve_learner_group.remote(cfg, self.queue, self.name, storage_path)
         self.ended = False
@@ -224,6 +238,15 @@ class LearnerGroup:
         (or the group's end): (weights ref owned by rank 0, stats)."""
         seq = ray.get(self.queue.submit.remote({"spec": spec, "init": init, "data": data_ref}))
         outcome = self.queue.outcome.remote(seq)
+        if not self.started:  # the group's workers wait for resources: bounded, so a run never hangs
+            ready, _ = ray.wait([outcome, self.served], num_returns=1, timeout=self.start_timeout_s)
+            self.started = bool(ready) or ray.get(self.queue.started.remote())
+            if not self.started:
+                self.stop(timeout_s=10.0)
+                raise ResourceWaitError(
+                    f"the learner group's workers ({self.demand} each) were not placed within "
+                    f"cluster.resource_wait_s={self.start_timeout_s:g} s: other jobs or actors hold those "
+                    f"resources; wait for them, lower those settings or raise cluster.resource_wait_s")
         ready, _ = ray.wait([outcome, self.served], num_returns=1)
         if outcome not in ready:
             self.ended = True

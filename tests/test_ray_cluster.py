@@ -455,3 +455,52 @@ def test_a_busy_cluster_is_waited_for_then_named_not_hung(cluster, tmp_path):
     assert "waited 5 s (cluster.resource_wait_s)" in proc.stdout
     assert "CPU: needs 2, 1 of 4 free" in proc.stdout and "cluster.learner_cpus=1" in proc.stdout
     assert not (tmp_path / "run" / "phases").exists()
+
+
+HOG_SCRIPT = """
+import json, sys, time
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from apo_ray.config import Config
+from apo_ray.data import RankedPair, load_preference_pairs
+from apo_ray.game import Weights
+from apo_ray.ray_system import RaySystem, ResourceWaitError
+from apo_ray.training import LearnerJob, RMLoss
+
+cfg = Config()
+cfg.model.policy = cfg.model.reward = "tiny-random-llama"
+cfg.model.train_precision = "fp32"
+cfg.cluster.generator_cpus = cfg.cluster.scorer_cpus = 0.0
+cfg.cluster.learner_cpus, cfg.cluster.resource_wait_s = 1.0, 5.0
+cfg.run.output_dir = sys.argv[3]
+ray.init(address=sys.argv[1])
+system = RaySystem(cfg, namespace="hog-test")
+# Another job takes every free CPU after the run's start-up checks: the learners can never be placed.
+hog = placement_group([{"CPU": ray.available_resources()["CPU"]}])
+ray.get(hog.ready(), timeout=60)
+pairs = [RankedPair.from_preference(p) for p in load_preference_pairs(sys.argv[2], limit=4)]
+start, message = time.monotonic(), ""
+try:
+    system.train(LearnerJob.rm(cfg, lr=1e-3, epochs=1, seed=0, loss=RMLoss()), Weights("rm/pretrained"), pairs)
+except ResourceWaitError as exc:
+    message = str(exc)
+waited = time.monotonic() - start
+remove_placement_group(hog)
+system.shutdown()
+print("RESULT " + json.dumps({"message": message, "waited": waited}))
+"""
+
+
+def test_learners_that_cannot_be_placed_fail_within_the_resource_wait(cluster, tmp_path):
+    """Resources taken by someone else after the run's checks: the learner group's first job gives
+    up after cluster.resource_wait_s with an error naming the settings, instead of waiting forever."""
+    script = tmp_path / "hog.py"
+    script.write_text(HOG_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), cluster["gcs"], cluster["data"], str(tmp_path / "out")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=cluster["env"], check=False)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(line[len("RESULT "):])
+    assert "cluster.learner_workers=1 x cluster.learner_cpus=1" in result["message"]
+    assert "cluster.resource_wait_s=5" in result["message"]
+    assert 5 <= result["waited"] < 60
