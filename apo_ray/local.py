@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from apo_ray.config import Config
+from apo_ray.config import Config, DecodingConfig
 from apo_ray.game import Weights
 from apo_ray.generation import make_generator
 from apo_ray.scoring import RewardScorer
@@ -21,10 +21,10 @@ from apo_ray.training import RankedPair, TrainSettings, train_policy, train_rewa
 
 def generator_kwargs(cfg: Config) -> dict:
     g = cfg.generation
-    return dict(max_new_tokens=g.max_new_tokens, max_prompt_tokens=g.max_prompt_tokens, temperature=g.temperature,
-                top_p=g.top_p, prompts_per_batch=g.prompts_per_batch, seed=g.seed, dtype=cfg.model.dtype,
-                fast=g.fast_sampler,
-                engine_kwargs=dict(g.engine_kwargs))
+    longest = max(g.sampling.max_new_tokens, g.testing.max_new_tokens)
+    return dict(decoding=g.sampling, stop=list(g.stop), max_prompt_tokens=g.max_prompt_tokens,
+                prompts_per_batch=g.prompts_per_batch, seed=g.seed, dtype=cfg.model.dtype, fast=g.fast_sampler,
+                max_model_len=g.max_prompt_tokens + longest, engine_kwargs=dict(g.engine_kwargs))
 
 
 def scorer_kwargs(cfg: Config) -> dict:
@@ -60,7 +60,9 @@ class _Reloading:
         if self._obj is None:
             self._obj, self._loaded = self._build(), self._pretrained_id
         if weights.id != self._loaded:
-            if weights.handle is None:
+            if weights.handle is None and hasattr(self._obj, "load_pretrained"):
+                self._obj.load_pretrained()  # e.g. vLLM: reload in place rather than start an engine
+            elif weights.handle is None:
                 self._obj = self._build()
             else:
                 self._obj.load_weights(weights.handle)
@@ -76,8 +78,9 @@ class LocalSystem:
                                                             **generator_kwargs(cfg)), "policy/init")
         self._scorer = _Reloading(lambda: RewardScorer(cfg.model.reward, **scorer_kwargs(cfg)), "rm/pretrained")
 
-    def generate(self, policy: Weights, prompts: list[str], n: int, seed: int) -> list[list[str]]:
-        return self._generator.get(policy).generate(prompts, n, seed=seed)
+    def generate(self, policy: Weights, prompts: list[str], n: int, seed: int,
+                 decoding: DecodingConfig | None = None) -> list[list[str]]:
+        return self._generator.get(policy).generate(prompts, n, seed=seed, decoding=decoding)
 
     def score(self, rm: Weights, prompts: list[str], responses: list[str]) -> list[float]:
         return self._scorer.get(rm).score(prompts, responses)

@@ -26,7 +26,7 @@ from typing import Any
 import ray
 import torch
 
-from apo_ray.config import Config
+from apo_ray.config import Config, DecodingConfig
 from apo_ray.game import Weights
 from apo_ray.training import RankedPair
 from apo_ray.workers import GeneratorWorker, ScorerWorker
@@ -57,15 +57,24 @@ class ShardedPool:
         ]
 
     def map(self, method: str, items: list, make_args) -> list[dict]:
-        """Split ``items`` into one contiguous shard per actor; ``make_args(shard, shard_no)`` gives
-        the call's arguments. Returns the per-shard result dicts in shard order."""
+        """Split ``items`` into one contiguous shard per actor; ``make_args(shard, first_index)`` gives
+        the call's arguments (``first_index``: the shard's position in ``items``). Returns the
+        per-shard result dicts in shard order."""
         n = min(len(self.actors), max(len(items), 1))
         size = -(-len(items) // n)
-        shards = [items[i * size:(i + 1) * size] for i in range(n)]
-        refs = [getattr(self.actors[i], method).remote(*make_args(shard, i)) for i, shard in enumerate(shards)]
+        refs = [getattr(self.actors[i], method).remote(*make_args(items[i * size:(i + 1) * size], i * size))
+                for i in range(n)]
         return ray.get(refs)
 
-    def kill(self) -> None:
+    def kill(self, close_timeout_s: float = 60.0) -> None:
+        """``close`` each actor where it has one (stops child processes such as vLLM's engine, which
+        ``ray.kill``'s SIGKILL would orphan), then kill it."""
+        closing = [actor.close.remote() for actor in self.actors if hasattr(actor, "close")]
+        if closing:
+            try:
+                ray.get(closing, timeout=close_timeout_s)
+            except Exception as exc:  # noqa: BLE001 - a dead actor or a slow close: kill anyway
+                log.warning("%s: close before kill failed: %r", self.name, exc)
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
 
@@ -284,10 +293,11 @@ class RaySystem:
         self.last_sync: dict[str, float] = {}
 
     # -- pools -------------------------------------------------------------------------------------
-    def generate(self, policy: Weights, prompts: list[str], n: int, seed: int) -> list[list[str]]:
+    def generate(self, policy: Weights, prompts: list[str], n: int, seed: int,
+                 decoding: DecodingConfig | None = None) -> list[list[str]]:
         start = time.perf_counter()
         results = self.generators.map(
-            "generate", prompts, lambda shard, i: (policy.id, [policy.handle], shard, n, seed * 1009 + i))
+            "generate", prompts, lambda shard, first: (policy.id, [policy.handle], shard, n, seed, decoding, first))
         seconds = time.perf_counter() - start
         tokens = sum(r["new_tokens"] for r in results)
         self.last_generation = {"sequences": len(prompts) * n, "new_tokens": tokens, "seconds": seconds,
@@ -300,7 +310,7 @@ class RaySystem:
     def score(self, rm: Weights, prompts: list[str], responses: list[str]) -> list[float]:
         pairs = list(zip(prompts, responses))
         results = self.scorers.map(
-            "score", pairs, lambda shard, i: (rm.id, [rm.handle], [p for p, _ in shard], [r for _, r in shard]))
+            "score", pairs, lambda shard, first: (rm.id, [rm.handle], [p for p, _ in shard], [r for _, r in shard]))
         return [s for r in results for s in r["scores"]]
 
     # -- learners ----------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from apo_ray.config import Config
+from apo_ray.config import Config, DecodingConfig
 from apo_ray.generation import make_generator
 from apo_ray.local import generator_kwargs, scorer_kwargs
 from apo_ray.scoring import RewardScorer
@@ -49,18 +49,20 @@ class VersionedModel:
             return
         start = time.perf_counter()
         ref = ref_box[0]
-        if ref is None:
+        if ref is None and hasattr(self.obj, "load_pretrained"):
+            self.obj.load_pretrained()  # e.g. vLLM: reload in place rather than start a new engine
+        elif ref is None:
             self.obj = self._build()
         else:
             import ray
 
-            from apo_ray.weights import load_packed_into, unpack_state_dict
+            from apo_ray.weights import load_packed_into
 
-            packed = ray.get(ref)
-            if isinstance(getattr(self.obj, "model", None), torch.nn.Module):
+            packed = ray.get(ref)  # zero-copy view of the object store on this node
+            if hasattr(self.obj, "load_packed"):
+                self.obj.load_packed(packed)  # generators: in place (HF) or via shared memory (vLLM)
+            else:
                 load_packed_into(self.obj.model, packed)  # in place: one host->device copy
-            else:  # e.g. vLLM: the engine loads from a state dict of CPU views
-                self.obj.load_weights(unpack_state_dict(packed))
             self.sync_bytes = packed.total_bytes
         self.loaded_id = weights_id
         self.sync_seconds = time.perf_counter() - start
@@ -72,13 +74,21 @@ class GeneratorWorker:
         self.model = VersionedModel(
             lambda: make_generator(cfg.generation.backend, cfg.model.policy, **generator_kwargs(cfg)), "policy/init")
 
-    def generate(self, weights_id: str, ref_box: list, prompts: list[str], n: int, seed: int) -> dict[str, Any]:
+    def generate(self, weights_id: str, ref_box: list, prompts: list[str], n: int, seed: int,
+                 decoding: DecodingConfig | None = None, first_index: int = 0) -> dict[str, Any]:
+        """Samples of ``prompts``, the shard of the caller's list that starts at ``first_index``."""
         self.model.ensure(weights_id, ref_box)
-        samples = self.model.obj.generate(prompts, n, seed=seed)
+        samples = self.model.obj.generate(prompts, n, seed=seed, decoding=decoding, first_index=first_index)
         stats = self.model.obj.last_stats
         return {"samples": samples, "sequences": stats.sequences, "new_tokens": stats.new_tokens,
                 "seconds": stats.seconds, "sync_seconds": self.model.sync_seconds,
                 "sync_bytes": self.model.sync_bytes, "pid": os.getpid()}
+
+    def close(self) -> None:
+        """Stop what the generator runs outside this process (vLLM's engine), before the actor goes."""
+        close = getattr(self.model.obj, "close", None)
+        if close is not None:
+            close()
 
 
 class ScorerWorker:

@@ -145,9 +145,11 @@ def test_min_new_tokens_masks_eos(model):
 
 
 def test_hf_generator_fast_path_gives_the_same_samples(tiny_model):
+    from apo_ray.config import DecodingConfig
     from apo_ray.generation import HFGenerator
 
-    gen = HFGenerator(tiny_model, max_new_tokens=6, temperature=0.7, top_p=0.9, fast=True, device="cpu")
+    gen = HFGenerator(tiny_model, decoding=DecodingConfig(max_new_tokens=6, temperature=0.7, top_p=0.9), fast=True,
+                      device="cpu")
     assert not gen.fast  # the flag only takes effect on CUDA...
     prompts = ["\n\nHuman: hi\n\nAssistant:", "\n\nHuman: what is two plus two?\n\nAssistant:"]
     ref = gen.generate(prompts, n=2, seed=0)
