@@ -373,7 +373,7 @@ def _transformers_app(model: str, served_name: str, *, num_replicas: int, cpus: 
 # --- Ray's OpenAI app on vLLM ---------------------------------------------------------------------------
 
 def _vllm_app(model: str, served_name: str, *, num_replicas: int, cpus: float, gpus: float, dtype: str,
-              max_model_len: int, key_sha256: str | None, max_body_bytes: int, engine_kwargs: dict | None):
+              max_model_len: int | None, key_sha256: str | None, max_body_bytes: int, engine_kwargs: dict | None):
     """``ray.serve.llm``'s OpenAI application for one model, with our :class:`RequestGuard` in front:
     the documented pieces (``LLMConfig``, ``build_llm_deployment``, ``OpenAiIngress`` and
     ``make_fastapi_ingress`` with our own FastAPI app), assembled as ``build_openai_app`` does."""
@@ -384,16 +384,19 @@ def _vllm_app(model: str, served_name: str, *, num_replicas: int, cpus: float, g
     from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 
     from apo_ray.models import resolve_dtype, resolve_model
-    from apo_ray.vllm_engine import CPU_KV_CACHE_BYTES
+    from apo_ray.vllm_engine import CPU_KV_CACHE_BYTES, cpu_engine_defaults
 
     path = resolve_model(model)
-    engine = {"max_model_len": max_model_len}
+    engine = {} if max_model_len is None else {"max_model_len": max_model_len}  # None: the model's own
     if gpus > 0:
         engine["dtype"] = dtype  # "auto": vLLM picks on the GPU's node
         placement = None  # the library's default: the model's GPUs (tensor_parallel_size) per replica
     else:
-        engine |= {"dtype": resolve_dtype(dtype, "cpu"), "enforce_eager": True,
-                   "kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}
+        from transformers import AutoConfig
+
+        context = max_model_len or getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", 4096)
+        engine |= {"dtype": resolve_dtype(dtype, "cpu"), "kv_cache_memory_bytes": CPU_KV_CACHE_BYTES,
+                   **cpu_engine_defaults(context)}
         placement = {"bundles": [{"CPU": cpus}]}
     engine |= dict(engine_kwargs or {})
     llm_config = LLMConfig(model_loading_config={"model_id": served_name, "model_source": path},
@@ -477,14 +480,15 @@ def start_server(model: str = "smollm2-135m-instruct", *, backend: str = "auto",
                  host: str = "127.0.0.1", app_name: str | None = None, route_prefix: str | None = None,
                  served_name: str | None = None, num_replicas: int = 1, num_cpus_per_replica: float = 1.0,
                  num_gpus_per_replica: float = 0.0, dtype: str = "auto", max_new_tokens_cap: int = 512,
-                 max_model_len: int = 4096, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 max_model_len: int | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                  engine_kwargs: dict | None = None, ready_timeout_s: float = 900.0) -> Served:
     """Serve ``model`` over HTTP as its own Serve application and wait until it answers.
 
     ``backend``: ``auto`` (vLLM where installed), ``vllm`` or ``transformers``. ``app_name``
     (default ``apo-chat-<random>``) and ``route_prefix`` (default ``/<app_name>``) are unique per
     call unless given, so several servers and a user's own Serve apps coexist on one cluster.
-    ``max_new_tokens_cap``: our server's cap on ``max_tokens``; vLLM's is ``max_model_len``.
+    ``max_new_tokens_cap``: our server's cap on ``max_tokens``; vLLM's is ``max_model_len`` (prompt +
+    answer tokens; default: the model's context length).
     ``engine_kwargs``: extra ``vllm`` engine arguments. Uses the Ray already initialised in this
     process, or starts a local one.
     """
@@ -507,10 +511,14 @@ def start_server(model: str = "smollm2-135m-instruct", *, backend: str = "auto",
     else:
         application = _transformers_app(model, served_name, max_new_tokens_cap=max_new_tokens_cap, dtype=dtype,
                                         **common)
-    serve.run(application, name=app_name, route_prefix=route_prefix)
     prefix = "" if route_prefix in ("", "/") else "/" + route_prefix.strip("/")
     base_url = f"http://{_client_host(host)}:{_serve_http_port(port)}{prefix}/v1"
-    _wait_ready(base_url, api_key, ready_timeout_s)
+    try:
+        serve.run(application, name=app_name, route_prefix=route_prefix)
+        _wait_ready(base_url, api_key, ready_timeout_s)
+    except BaseException:
+        serve.delete(app_name)  # a failed or half-started app would keep its replicas retrying
+        raise
     log.info("serving %s at %s as Serve app %s (%s, %d replica(s), key %s)", model, base_url, app_name, backend,
              num_replicas, "required" if api_key else "not required")
     return Served(base_url=base_url, app_name=app_name, backend=backend)

