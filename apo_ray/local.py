@@ -22,9 +22,10 @@ from apo_ray.training import RankedPair, TrainSettings, train_policy, train_rewa
 def generator_kwargs(cfg: Config) -> dict:
     g = cfg.generation
     longest = max(g.sampling.max_new_tokens, g.testing.max_new_tokens)
-    return dict(decoding=g.sampling, stop=list(g.stop), max_prompt_tokens=g.max_prompt_tokens,
-                prompts_per_batch=g.prompts_per_batch, seed=g.seed, dtype=cfg.model.dtype, fast=g.fast_sampler,
-                max_model_len=g.max_prompt_tokens + longest, engine_kwargs=dict(g.engine_kwargs))
+    return {"decoding": g.sampling, "stop": list(g.stop), "max_prompt_tokens": g.max_prompt_tokens,
+            "prompts_per_batch": g.prompts_per_batch, "seed": g.seed, "dtype": cfg.model.dtype,
+            "fast": g.fast_sampler, "max_model_len": g.max_prompt_tokens + longest,
+            "engine_kwargs": dict(g.engine_kwargs)}
 
 
 def scorer_kwargs(cfg: Config) -> dict:

@@ -378,6 +378,7 @@ def _vllm_app(model: str, served_name: str, *, num_replicas: int, cpus: float, g
     the documented pieces (``LLMConfig``, ``build_llm_deployment``, ``OpenAiIngress`` and
     ``make_fastapi_ingress`` with our own FastAPI app), assembled as ``build_openai_app`` does."""
     from fastapi.exceptions import RequestValidationError
+
     # Ray's own example for a hand-built OpenAiIngress imports the model card helper from here.
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
     from ray.serve.llm import LLMConfig, build_llm_deployment
@@ -503,8 +504,8 @@ def start_server(model: str = "smollm2-135m-instruct", *, backend: str = "auto",
     api_key = os.environ.get(API_KEY_ENV) or None
     key_sha256 = _key_hash(api_key) if api_key else None
     serve.start(http_options={"host": host, "port": port})
-    common = dict(num_replicas=num_replicas, cpus=num_cpus_per_replica, gpus=num_gpus_per_replica,
-                  key_sha256=key_sha256, max_body_bytes=max_body_bytes)
+    common = {"num_replicas": num_replicas, "cpus": num_cpus_per_replica, "gpus": num_gpus_per_replica,
+              "key_sha256": key_sha256, "max_body_bytes": max_body_bytes}
     if backend == "vllm":
         application = _vllm_app(model, served_name, dtype=dtype, max_model_len=max_model_len,
                                 engine_kwargs=engine_kwargs, **common)

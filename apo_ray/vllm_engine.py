@@ -83,8 +83,7 @@ class WeightReloadExtension:
                 consumed += 1
                 yield name, flat[offset:offset + nbytes].view(getattr(torch, dtype)).view(shape)
 
-        self.model_runner.reload_weights(weights_iterator=tensors())
-        del flat
+        self.model_runner.reload_weights(weights_iterator=tensors())  # copies into the model's parameters
         if consumed != len(meta):
             raise RuntimeError(f"vLLM's model took {consumed} of the {len(meta)} tensors sent")
         return consumed
@@ -191,18 +190,19 @@ class VLLMGenerator:
         self.decoding = decoding or DecodingConfig()
         self.stop = list(stop)
         self.max_prompt_tokens, self.seed = max_prompt_tokens, seed
-        self.max_model_len = max_model_len or max_prompt_tokens + self.decoding.max_new_tokens
+        user = dict(engine_kwargs or {})
+        self.max_model_len = (user.get("max_model_len") or max_model_len
+                              or max_prompt_tokens + self.decoding.max_new_tokens)
         args = {"model": path, "tokenizer": path, "dtype": resolve_dtype(dtype, self.device), "seed": seed,
                 "max_model_len": self.max_model_len, "enable_prefix_caching": True}
         if self.device == "cpu":
             args |= cpu_engine_defaults(self.max_model_len)
-            if not {"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(engine_kwargs or {}):
+            if not {"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(user):
                 args["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
-        args |= dict(engine_kwargs or {})
+        args |= user
         if args.setdefault("worker_extension_cls", EXTENSION) != EXTENSION:
             raise ValueError(f"generation.engine_kwargs.worker_extension_cls must be left to apo_ray ({EXTENSION}): "
                              f"weight reloads need it")
-        self.max_model_len = args["max_model_len"]
         remove_stale_weight_files()
         before = self._child_pids()
         start = time.perf_counter()

@@ -4,12 +4,13 @@
     python benchmarks/vllm_vs_hf.py --model tiny-random-llama --prompts 8 32   # quick
 
 For each batch size: the same HH prompts (chat template, cut to ``--prompt-tokens``), S samples each,
-``--new-tokens`` at most, temperature 1; one warm-up call, then ``--repeats`` timed calls per backend.
+``--new-tokens`` at most, temperature 1; one warm-up call, then ``--repeats`` timed calls per backend,
+the backends taking turns.
 Reports samples/s and generated tokens/s (the backends stop at EOS alike, so tokens differ a little).
 Then one weight reload of the vLLM engine from a packed buffer (as the generator actor does after
 ``ray.get``): seconds and GB/s, split into the copy into shared memory and the engine's
 ``reload_weights``; beside it the transformers generator's in-place load of the same buffer.
-Prints a table and writes ``benchmarks/results/vllm_vs_hf_cpu.json``.
+Prints a table and writes ``benchmarks/results/vllm_vs_hf_cpu_<dtype>.json``.
 """
 
 from __future__ import annotations
@@ -26,16 +27,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _timed(gen, prompts, samples, decoding, repeats) -> dict:
-    gen.generate(prompts[:2], samples, seed=0, decoding=decoding)  # warm-up
-    seconds, tokens = 0.0, 0
+def _timed(gens: dict, prompts, samples, decoding, repeats) -> list[dict]:
+    """Each backend's samples/s on the same prompts. The backends take turns call by call, so a
+    change in the machine's load (it is shared) hits both alike."""
+    totals = {name: [0.0, 0] for name in gens}
+    for gen in gens.values():
+        gen.generate(prompts[:2], samples, seed=0, decoding=decoding)  # warm-up
     for r in range(repeats):
-        start = time.perf_counter()
-        gen.generate(prompts, samples, seed=r + 1, decoding=decoding)
-        seconds += time.perf_counter() - start
-        tokens += gen.last_stats.new_tokens
+        for name, gen in gens.items():
+            start = time.perf_counter()
+            gen.generate(prompts, samples, seed=r + 1, decoding=decoding)
+            totals[name][0] += time.perf_counter() - start
+            totals[name][1] += gen.last_stats.new_tokens
     n = len(prompts) * samples * repeats
-    return {"seconds": seconds / repeats, "samples_per_s": n / seconds, "new_tokens_per_s": tokens / seconds}
+    return [{"backend": name, "seconds": sec / repeats, "samples_per_s": n / sec, "new_tokens_per_s": tok / sec}
+            for name, (sec, tok) in totals.items()]
 
 
 def main() -> None:
@@ -48,7 +54,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=56, help="the demo: 56")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/vllm_vs_hf_cpu.json"))
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/vllm_vs_hf_cpu_<dtype>.json")
     args = ap.parse_args()
 
     import torch
@@ -65,7 +71,7 @@ def main() -> None:
     dtype = resolve_dtype(args.dtype, "cpu")
     decoding = DecodingConfig(max_new_tokens=args.new_tokens, temperature=1.0)
     prompts = list(dict.fromkeys(p.prompt for p in load_preference_pairs(args.data, limit=4 * max(args.prompts))))
-    common = dict(decoding=decoding, max_prompt_tokens=args.prompt_tokens, dtype=dtype)
+    common = {"decoding": decoding, "max_prompt_tokens": args.prompt_tokens, "dtype": dtype}
 
     hf = HFGenerator(args.model, prompts_per_batch=max(args.prompts), device="cpu", **common)
     start = time.perf_counter()
@@ -73,12 +79,12 @@ def main() -> None:
     engine_start = time.perf_counter() - start
 
     rows = []
+    load_before = os.getloadavg()
     for n in args.prompts:
-        batch = prompts[:n]
         hf.prompts_per_batch = n
-        for name, gen in (("transformers (shared prefill)", hf), ("vLLM", vllm_gen)):
-            rows.append({"backend": name, "prompts": n, "samples": args.samples,
-                         **_timed(gen, batch, args.samples, decoding, args.repeats)})
+        for row in _timed({"transformers (shared prefill)": hf, "vLLM": vllm_gen}, prompts[:n], args.samples,
+                          decoding, args.repeats):
+            rows.append({"prompts": n, "samples": args.samples, **row})
 
     # One reload, the way a generator actor gets new weights: a packed buffer.
     state = load_policy(args.model, dtype=dtype).state_dict()
@@ -98,6 +104,7 @@ def main() -> None:
         "model": args.model, "dtype": dtype, "threads": threads, "cpu": platform.processor() or platform.machine(),
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
         "vllm_engine_start_s": engine_start, "sampling": rows,
+        "load_average_before_after": [load_before[0], os.getloadavg()[0]],  # a shared machine
         "reload": {"bytes": packed.total_bytes, "vllm_seconds": reload["seconds"],
                    "vllm_gb_per_s": gb / reload["seconds"], "vllm_shm_write_s": reload["write_seconds"],
                    "vllm_engine_reload_s": reload["engine_seconds"], "hf_in_place_seconds": hf_reload,
@@ -116,9 +123,10 @@ def main() -> None:
     print(f"reload {gb:.3f} GB: vLLM {rl['vllm_seconds']:.3f} s = {rl['vllm_gb_per_s']:.2f} GB/s "
           f"(shared-memory copy {rl['vllm_shm_write_s']:.3f} s, engine reload {rl['vllm_engine_reload_s']:.3f} s); "
           f"transformers in place {hf_reload:.3f} s = {rl['hf_in_place_gb_per_s']:.2f} GB/s")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    out = Path(args.out or ROOT / f"benchmarks/results/vllm_vs_hf_cpu_{dtype}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def engine(tiny_model):
     children = [p for p in map(psutil.Process, gen._child_pids()) if p.name().startswith("VLLM")]
     assert children  # the engine core and its worker
     gen.close()
-    gone, alive = psutil.wait_procs(children, timeout=30)
+    _, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, alive  # close() stopped vLLM's engine and worker processes
 
 

@@ -101,7 +101,7 @@ while time.time() < deadline:  # Ray restarts it (cluster.max_actor_restarts)
 
 
 @pytest.mark.cluster
-def test_job_submit_with_vllm_survives_a_killed_generator(cluster, tmp_path, tiny_model, hh_data_path):
+def test_job_submit_with_vllm_survives_a_killed_generator(cluster, tmp_path, tiny_model, hh_data_path):  # noqa: F811
     out = tmp_path / "run"
     namespace = "apo-vllm-kill"
     # _submit adds experiment=smoke apo.rounds=1 and the data / output paths
