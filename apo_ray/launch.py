@@ -179,11 +179,14 @@ def judge_final_policies(cfg: Config, records: list[dict]) -> dict:
 
     data = build_game_data(cfg)
     prompts = eval_prompts(cfg, data)[: cfg.eval.judge_pairs]
-    base_url, started = cfg.eval.judge_base_url, False
+    base_url, served = cfg.eval.judge_base_url, None
     if not base_url:
         from apo_ray.serve import start_server
 
-        base_url, started = start_server(cfg.eval.judge_model, port=_free_port()), True
+        # Its own Serve application under a unique name and route, deleted afterwards: a user's
+        # Serve apps on the same cluster are left alone.
+        served = start_server(cfg.eval.judge_model, port=_free_port())
+        base_url = served.base_url
     judge = JudgeClient(base_url, cfg.eval.judge_model, concurrency=cfg.eval.judge_concurrency,
                         max_tokens=cfg.eval.judge_max_tokens, cache_path=out / "judge" / "cache.jsonl",
                         max_failed_fraction=cfg.eval.judge_max_failed_fraction)
@@ -205,12 +208,12 @@ def judge_final_policies(cfg: Config, records: list[dict]) -> dict:
                                  f"eval.judge_max_failed_fraction)", judged)
             summaries[arm] = summarize_records(judged)
     finally:
-        if started:
+        if served is not None:
             from apo_ray.serve import stop_server
 
-            stop_server()
+            stop_server(served.app_name)
     (out / "judge_summary.json").write_text(json.dumps(summaries, indent=2))
-    where = "a local Ray Serve server" if started else base_url
+    where = f"a local Ray Serve server ({served.backend})" if served is not None else base_url
     previous = out / "report.json"
     notes = json.loads(previous.read_text()).get("notes", []) if previous.exists() else []
     notes.append(f"Judge: `{cfg.eval.judge_model}` at {where}, {len(prompts)} test prompts per arm, each asked "

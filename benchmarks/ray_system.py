@@ -40,7 +40,7 @@ def pool_scaling(data: str, model: str, prompts_n: int, samples: int, new_tokens
     for actors in (1, 2):
         cfg = Config()
         cfg.model.policy = cfg.model.reward = model
-        cfg.generation.max_new_tokens = new_tokens
+        cfg.generation.sampling.max_new_tokens = new_tokens
         cfg.generation.prompts_per_batch = 8
         cfg.cluster.num_generators, cfg.cluster.generator_cpus, cfg.cluster.scorer_cpus = actors, 1.0, 0.0
         system = RaySystem(cfg, namespace=f"bench-{actors}")

@@ -73,7 +73,8 @@ def demo_config(args):
     cfg.data.path = args.data
     d, g, rm, p = cfg.data, cfg.generation, cfg.rm, cfg.policy
     d.rm_pairs, d.gold_queries, d.llm_queries, d.dev_pairs, d.test_pairs = 32, 16, 64, 32, 48
-    g.max_new_tokens, g.max_prompt_tokens, g.prompts_per_batch = 32, 96, 16
+    g.sampling.max_new_tokens = g.testing.max_new_tokens = 32
+    g.max_prompt_tokens, g.prompts_per_batch = 96, 16
     rm.base_lr, rm.base_epochs, rm.lr, rm.pairs_per_batch, rm.micro_pairs = 2e-5, 2, 5e-6, 16, 8
     rm.max_length, rm.score_batch = 160, 32
     p.lrs, p.sequences_per_batch, p.micro_sequences, p.max_length = [1e-5], 16, 8, 160
@@ -82,7 +83,8 @@ def demo_config(args):
     cfg.eval.eval_rm, cfg.eval.test_queries = False, 48
     if args.small:  # CPU smoke sizes
         d.rm_pairs, d.gold_queries, d.llm_queries, d.dev_pairs, d.test_pairs = 16, 8, 12, 8, 8
-        g.max_new_tokens, g.max_prompt_tokens = 8, 64
+        g.sampling.max_new_tokens = g.testing.max_new_tokens = 8
+        g.max_prompt_tokens = 64
         rm.max_length = p.max_length = 96
         cfg.apo.samples_per_query, cfg.eval.test_queries, rm.base_epochs = 2, 8, 1
     validate(cfg)

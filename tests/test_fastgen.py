@@ -57,6 +57,26 @@ def test_greedy_equals_hf_generate_on_left_padded_prompts(model):
     assert torch.equal(got, ref)
 
 
+def test_repetition_penalty_equals_hf_generate(model):
+    # Equal-length prompts: HF also penalises the pad id of left-padded rows, FastSampler does not.
+    ids, mask = _left_padded(pad=0, lengths=(6, 6, 6, 6))
+    plain = FastSampler(model, max_batch=4, max_len=64).generate(ids, mask, max_new_tokens=12, temperature=0)
+    ref = _hf(model, ids, mask, 12, do_sample=False, eos_token_id=None, repetition_penalty=5.0)
+    got = FastSampler(model, max_batch=4, max_len=64).generate(ids, mask, max_new_tokens=12, temperature=0,
+                                                                repetition_penalty=5.0)
+    assert torch.equal(got, ref)
+    assert not torch.equal(got, plain)  # the random model repeats itself: the penalty changes that
+
+
+def test_apply_repetition_penalty_arithmetic():
+    from apo_ray.fastgen import apply_repetition_penalty
+
+    logits = torch.tensor([[2.0, -2.0, 2.0, -2.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    # seen and positive: / 2; seen and negative: * 2; unseen: unchanged
+    assert apply_repetition_penalty(logits, seen, 2.0).tolist() == [[1.0, -4.0, 2.0, -2.0]]
+
+
 @pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (0.7, 0.9, 0), (1.3, 0.8, 50)])
 def test_sampling_equals_hf_generate_for_the_same_seed(model, temperature, top_p, top_k):
     ids, mask = _left_padded(pad=0, seed=1)
@@ -145,9 +165,11 @@ def test_min_new_tokens_masks_eos(model):
 
 
 def test_hf_generator_fast_path_gives_the_same_samples(tiny_model):
+    from apo_ray.config import DecodingConfig
     from apo_ray.generation import HFGenerator
 
-    gen = HFGenerator(tiny_model, max_new_tokens=6, temperature=0.7, top_p=0.9, fast=True, device="cpu")
+    gen = HFGenerator(tiny_model, decoding=DecodingConfig(max_new_tokens=6, temperature=0.7, top_p=0.9), fast=True,
+                      device="cpu")
     assert not gen.fast  # the flag only takes effect on CUDA...
     prompts = ["\n\nHuman: hi\n\nAssistant:", "\n\nHuman: what is two plus two?\n\nAssistant:"]
     ref = gen.generate(prompts, n=2, seed=0)

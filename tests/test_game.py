@@ -10,6 +10,7 @@ same records as the uninterrupted run; and the DPO policy updater plays a round.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -19,7 +20,9 @@ from typing import Any
 import pytest
 import torch
 
-from apo_ray.game import APOGame, PhaseStore, Weights, build_game_data, write_summary
+from apo_ray.config import DecodingConfig
+from apo_ray.game import APOGame, PhaseStore, Weights, build_game_data, eval_prompts, write_summary
+from apo_ray.generation import HFGenerator
 from apo_ray.local import LocalSystem
 from apo_ray.models import load_policy
 
@@ -27,6 +30,8 @@ ARMS = ["apo", "apo_seq", "fixed", "ablation"]
 ROUNDS = 2
 SUMMARY_FIELDS = ("round", "rm_mode", "rm_dev_acc", "rm_test_acc", "rm_test_ece", "rm_test_ace",
                   "policy_mean_reward", "phase_seconds")
+# Test answers greedy and shorter than the game's samples: each call must use its own settings.
+GREEDY_TESTS = {"generation__testing": DecodingConfig(max_new_tokens=4, temperature=0.0)}
 COMPARED = ("rm", "policy", "rm_dev_acc", "rm_test_acc", "rm_test_ece", "rm_test_ace", "policy_mean_reward")
 
 
@@ -43,9 +48,9 @@ class RecordingSystem:
     crash_policy_from: str | None = None
     calls: list[tuple] = field(default_factory=list)
 
-    def generate(self, policy: Weights, prompts, n, seed):
-        self.calls.append(("generate", policy.id, n, seed, tuple(prompts)))
-        return self.inner.generate(policy, prompts, n, seed)
+    def generate(self, policy: Weights, prompts, n, seed, decoding):
+        self.calls.append(("generate", policy.id, n, seed, tuple(prompts), dataclasses.astuple(decoding)))
+        return self.inner.generate(policy, prompts, n, seed, decoding)
 
     def score(self, rm: Weights, prompts, responses):
         self.calls.append(("score", rm.id, len(prompts)))
@@ -108,7 +113,7 @@ def lineage(arm: str, r: int) -> str:
 
 @pytest.fixture(scope="module")
 def game(tiny_cfg_factory, tmp_path_factory) -> GameRun:
-    cfg = tiny_cfg_factory(apo__arms=list(ARMS), apo__rounds=ROUNDS)
+    cfg = tiny_cfg_factory(apo__arms=list(ARMS), apo__rounds=ROUNDS, **GREEDY_TESTS)
     return play(cfg, tmp_path_factory.mktemp("game") / "phases")
 
 
@@ -260,11 +265,29 @@ def test_samples_are_shared_not_recomputed(game):
     assert sorted(g[0] for g in gold_calls) == ["policy/apo/r1", "policy/init"]
 
 
+def test_test_answers_use_the_testing_settings_and_game_samples_the_sampling_ones(game):
+    g = game.cfg.generation
+    test_prompts = tuple(eval_prompts(game.cfg, game.data))
+    gens = game.system.of("generate")
+    tests = [c for c in gens if c[3] == test_prompts]
+    samples = [c for c in gens if c[3] != test_prompts]
+    assert tests and samples
+    assert {c[4] for c in tests} == {dataclasses.astuple(g.testing)}
+    assert {c[4] for c in samples} == {dataclasses.astuple(g.sampling)}
+    # The stored round-0 test answers are what a generator with those (greedy) settings answers.
+    gen = HFGenerator(game.cfg.model.policy, decoding=g.testing, max_prompt_tokens=g.max_prompt_tokens,
+                      dtype=game.cfg.model.dtype, device="cpu")
+    stored = [a[0] for a in game.store.get("samples/policy/init/test")]
+    assert gen.generate(list(test_prompts), 1) == [[a] for a in stored]
+    sampled = gen.generate(list(test_prompts), 1, decoding=g.sampling, seed=7)
+    assert sampled != [[a] for a in stored]  # (and the sampling settings would have answered otherwise)
+
+
 # ------------------------------------------------------------------------------ resume
 
 
 def test_crashed_run_resumes_without_recomputing_and_matches(game, tiny_cfg_factory, tmp_path):
-    cfg = tiny_cfg_factory(apo__arms=["apo_seq"], apo__rounds=ROUNDS)
+    cfg = tiny_cfg_factory(apo__arms=["apo_seq"], apo__rounds=ROUNDS, **GREEDY_TESTS)
     root = tmp_path / "phases"
     crashing = RecordingSystem(LocalSystem(cfg), crash_policy_from="policy/apo/r1")  # round 2's update
     with pytest.raises(Crash):

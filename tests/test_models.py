@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from apo_ray.config import DecodingConfig
 from apo_ray.generation import HFGenerator
 from apo_ray.models import (
     Encoded,
@@ -207,8 +208,8 @@ def test_reward_forward_alone_equals_in_a_padded_batch(tiny_rm, tiny_tokenizer, 
 
 @pytest.fixture(scope="module")
 def tiny_generator(tiny_model):
-    return HFGenerator(TINY, max_new_tokens=6, max_prompt_tokens=48, temperature=1.0, prompts_per_batch=2,
-                       dtype="float32", device="cpu")
+    return HFGenerator(TINY, decoding=DecodingConfig(max_new_tokens=6, temperature=1.0), max_prompt_tokens=48,
+                       prompts_per_batch=2, dtype="float32", device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +292,10 @@ def test_shared_prefill_runs_each_prompt_once_and_samples_as_separate_prefills_w
                                                                                      monkeypatch):
     gen = HFGenerator.__new__(HFGenerator)
     gen.__dict__.update(tiny_generator.__dict__)
-    gen.temperature, gen.prompts_per_batch = 0.0, 8  # greedy: samples are comparable token for token
+    gen.prompts_per_batch = 8
+    # Sampling at a temperature so low that it is greedy in effect: samples comparable token for
+    # token (temperature 0 would decode once per prompt and skip the shared prefill).
+    gen.decoding = DecodingConfig(max_new_tokens=6, temperature=1e-6)
     alone = gen.generate(prompts, n=1, seed=0)  # n = 1: generate's own prefill
     shapes = []
     forward = type(gen.model).forward
@@ -309,8 +313,8 @@ def test_shared_prefill_runs_each_prompt_once_and_samples_as_separate_prefills_w
 
 
 def test_real_smollm2_greedy_generation_is_english_and_in_prompt_order(smollm2_model):
-    gen = HFGenerator("smollm2-135m-instruct", max_new_tokens=8, max_prompt_tokens=128, temperature=0.0,
-                      prompts_per_batch=2, dtype="float32", device="cpu")
+    gen = HFGenerator("smollm2-135m-instruct", decoding=DecodingConfig(max_new_tokens=8, temperature=0.0),
+                      max_prompt_tokens=128, prompts_per_batch=2, dtype="float32", device="cpu")
     questions = [
         ("\n\nHuman: Hi!\n\nAssistant: Hello! How can I help you today?"
          "\n\nHuman: What is the capital city of France?\n\nAssistant:"),

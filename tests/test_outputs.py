@@ -138,7 +138,7 @@ def test_exported_policies_reproduce_our_logits(sweep):
         torch.testing.assert_close(theirs, ours, rtol=1.6e-2, atol=1e-2)
         assert (ours - start).abs().max() > 1e-3  # the trained weights, not the base model's
         generation = GenerationConfig.from_pretrained(folder)
-        assert generation.max_new_tokens == cfg.generation.max_new_tokens
+        assert generation.max_new_tokens == cfg.generation.testing.max_new_tokens
         assert generation.top_k == 0 and generation.do_sample and generation.eos_token_id == tokenizer.eos_token_id
 
 

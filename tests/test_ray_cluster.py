@@ -188,7 +188,7 @@ def test_rerun_without_resume_refuses_to_overwrite(cluster, reference_run):
 
 def test_hydra_multirun_runs_each_point_on_the_cluster(cluster, tmp_path):
     env = dict(cluster["env"], RAY_ADDRESS=cluster["gcs"])
-    cmd = [sys.executable, "jobs/apo.py", "-m", "experiment=smoke", "apo.rounds=1", "apo.beta2=1,10", f"hydra.sweep.dir={tmp_path}", "generation.max_new_tokens=4"]
+    cmd = [sys.executable, "jobs/apo.py", "-m", "experiment=smoke", "apo.rounds=1", "apo.beta2=1,10", f"hydra.sweep.dir={tmp_path}", "generation.sampling.max_new_tokens=4", "generation.testing.max_new_tokens=4"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     configs = sorted(json.loads(p.read_text())["apo"]["beta2"] for p in tmp_path.glob("*/resolved_config.json"))
@@ -202,7 +202,7 @@ def test_hydra_multirun_runs_each_point_on_the_cluster(cluster, tmp_path):
 
 def test_sweep_submits_each_point_as_a_job(cluster, tmp_path):
     cmd = [sys.executable, "jobs/sweep.py", "--address", cluster["dashboard"], "--output-root", str(tmp_path),
-           "--wait", "rm.lr=1e-4,1e-3", "--", "experiment=smoke", "apo.rounds=1", "generation.max_new_tokens=4"]
+           "--wait", "rm.lr=1e-4,1e-3", "--", "experiment=smoke", "apo.rounds=1", "generation.sampling.max_new_tokens=4", "generation.testing.max_new_tokens=4"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=cluster["env"], check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("SUCCEEDED") == 2
@@ -222,7 +222,7 @@ from apo_ray.ray_system import RaySystem
 
 cfg = Config()
 cfg.model.policy = cfg.model.reward = "tiny-random-llama"
-cfg.generation.max_new_tokens = 48
+cfg.generation.sampling.max_new_tokens = 48
 cfg.generation.prompts_per_batch = 1
 cfg.cluster.num_generators, cfg.cluster.generator_cpus = 2, 0.5
 cfg.cluster.scorer_cpus = 0.5
@@ -376,7 +376,7 @@ out = {}
 for n in (1, 2):
     cfg = Config()
     cfg.model.policy = cfg.model.reward = "tiny-random-llama"
-    cfg.generation.max_new_tokens, cfg.generation.prompts_per_batch, cfg.rm.score_batch = 6, 4, 5
+    cfg.generation.sampling.max_new_tokens, cfg.generation.prompts_per_batch, cfg.rm.score_batch = 6, 4, 5
     cfg.cluster.num_generators = cfg.cluster.num_scorers = n
     cfg.cluster.generator_cpus = cfg.cluster.scorer_cpus = 0.5
     system = RaySystem(cfg, namespace=f"layout-{n}")
