@@ -364,3 +364,36 @@ def test_learners_follow_the_schedule(tiny_model, rm_init, pref_pairs, sft_examp
         lr=1e-3, examples_per_step=1, micro_examples=1, schedule="cosine", warmup_ratio=0.25))
     assert policy_stats["lrs"] == pytest.approx([0.0, 1e-3, 0.5e-3 * (1 + math.cos(math.pi / 3)),
                                                  0.5e-3 * (1 + math.cos(2 * math.pi / 3))])
+
+
+# ------------------------------------------------------------------------------ gradient checkpointing
+
+
+@pytest.mark.parametrize("role", ["rm", "policy"])
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model, tiny_tokenizer, rm_init, pref_pairs, role):
+    """cluster.gradient_checkpointing recomputes activations in the backward pass instead of keeping
+    them: the learner's model has it on, and its gradients equal those without it."""
+    from apo_ray.models import reward_forward
+    from apo_ray.training import _load_for_training
+
+    tok = tiny_tokenizer
+    enc = [encode_prompt_response(tok, format_prompt(tok, p.prompt), p.good, 64) for p in pref_pairs[:4]]
+    batch = pad_batch(enc, tok.pad_token_id, side="right")
+    grads = {}
+    for on in (False, True):
+        load = load_reward_model if role == "rm" else load_policy
+        _, model = _load_for_training(load, TINY, rm_init if role == "rm" else None,
+                                      settings(gradient_checkpointing=on))
+        assert model.is_gradient_checkpointing is on
+        model.train()
+        if role == "rm":
+            loss = reward_forward(model, batch["input_ids"], batch["attention_mask"]).square().sum()
+        else:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = masked_lm_loss(logits, batch["input_ids"], batch["loss_mask"])
+        loss.backward()
+        grads[on] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys() and len(grads[True]) > 10
+    assert any(g.abs().max() > 0 for g in grads[False].values())
+    for name in grads[False]:
+        assert torch.allclose(grads[True][name], grads[False][name], rtol=1e-5, atol=1e-7), name
