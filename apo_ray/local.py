@@ -50,5 +50,10 @@ class LocalSystem:
     def load_weights(self, path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
 
+    def resource_usage(self) -> dict[str, float]:
+        """Nothing to report: versions are state dicts in this process (the game keeps only the
+        live ones, as on Ray)."""
+        return {}
+
     def shutdown(self) -> None:
         """Nothing to stop: the models go with the process."""

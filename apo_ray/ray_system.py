@@ -336,6 +336,12 @@ class RaySystem:
 
         return ray.put(pack_state_dict(torch.load(path, map_location="cpu", weights_only=True)))
 
+    def resource_usage(self) -> dict[str, float]:
+        """The cluster's object-store bytes and objects now (:func:`apo_ray.telemetry.object_store_usage`)."""
+        from apo_ray.telemetry import object_store_usage
+
+        return object_store_usage()
+
     def shutdown(self) -> None:
         if self.learners is not None:
             self.learners.stop()

@@ -125,6 +125,23 @@ def test_every_rank_runs_the_same_number_of_micro_batches(tiny_model, rm_init, p
     assert counted[0].forwards == counted[1].forwards
 
 
+def test_trained_weights_stream_the_whole_state_dict_to_rank_0_only(tiny_model):
+    from apo_ray.training import TrainedWeights
+
+    model = load_policy(TINY)
+    expected = model.state_dict()
+    on_0 = TrainedWeights(model, rank=0)
+    assert [s.name for s in on_0.specs] == list(expected)  # tied lm_head included: loads with strict names
+    assert [s.shape for s in on_0.specs] == [tuple(v.shape) for v in expected.values()]
+    state = on_0.state_dict()
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
+    assert state["model.embed_tokens.weight"].data_ptr() != expected["model.embed_tokens.weight"].data_ptr()  # a copy
+    on_1 = TrainedWeights(model, rank=1)
+    assert on_1.state_dict() is None
+    with pytest.raises(RuntimeError, match="only rank 0"):
+        next(on_1.tensors())
+
+
 # ------------------------------------------------------------------------------ reward model
 
 

@@ -466,6 +466,29 @@ def test_sharded_learners_match_ddp_and_zero3_survives_a_killed_worker(cluster, 
     assert result["redone_losses_equal"] and result["redone_diff"] == 0.0
 
 
+def test_object_store_stays_flat_across_rounds(cluster, tmp_path):
+    """Three rounds of apo and apo_seq through the driver actor: after each round the run holds
+    RM_Base and each arm's current RM and policy, and nothing else, so the cluster's object-store
+    bytes stop growing once every arm has its own versions (round 2; in round 1 apo_seq shares
+    apo's). The reading after every round is in the log and in summary.json."""
+    out = tmp_path / "run"
+    env = dict(cluster["env"], RAY_ADDRESS=cluster["gcs"])
+    proc = subprocess.run([sys.executable, "jobs/apo.py", "experiment=smoke", "apo.rounds=3", "apo.arms=[apo,apo_seq]",
+                           f"run.output_dir={out}", "run.save_models=none"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900, env=env, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    after = {r["round"]: r["resources_after_round"] for r in _summary(out)}
+    assert sorted(after) == [0, 1, 2, 3]
+    assert [after[r]["model_versions_alive"] for r in range(4)] == [1, 3, 5, 5]
+    used = [after[r]["object_store_bytes"] for r in range(4)]
+    version_bytes = used[0]  # RM_Base alone (an RM; a policy is as big, plus its tied head)
+    assert version_bytes > 1e6
+    assert used[1] > used[0] and used[2] > used[1] + version_bytes  # apo_seq's own RM and policy from round 2
+    assert abs(used[3] - used[2]) < 2**20, used  # flat: round 2's versions were released in round 3
+    assert re.search(r"round 3 done: 5 model versions alive \(.*\); object store [\d.]+ MiB in \d+ objects",
+                     proc.stderr), proc.stderr[-3000:]
+
+
 LAYOUT_SCRIPT = """
 import json, sys
 import ray
