@@ -7,6 +7,7 @@ when a call asks for another version.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ class LocalSystem:
                                         for b in batches])
 
     def train(self, job: LearnerJob, init: Weights, data: list) -> tuple[Any, dict]:
+        # One process: the cluster's learner strategy (sharding over ranks) plays no part.
+        job = dataclasses.replace(job, settings=dataclasses.replace(job.settings, strategy="ddp"))
         return run_job(job, init.handle, data, device=self.device)
 
     def save_weights(self, handle: Any, path: Path) -> None:

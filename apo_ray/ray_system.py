@@ -221,7 +221,7 @@ def _serve_learner_group(cfg: Config, queue, name: str, storage_path: str) -> No
         _learner_service,
         train_loop_config={"queue": [queue], "cpus_per_worker": c.learner_cpus},
         scaling_config=ScalingConfig(num_workers=c.learner_workers, use_gpu=c.learner_use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources, placement_strategy=c.learner_placement),
         torch_config=TorchConfig(backend="nccl" if c.learner_use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=c.max_actor_restarts)),

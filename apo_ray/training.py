@@ -450,11 +450,16 @@ def _run_steps(model: nn.Module, settings: TrainSettings, n_items: int,
 
 def _load_for_training(load, model_name: str, init_state: dict | None, settings: TrainSettings):
     """Seeded load of a model (``load``: load_policy or load_reward_model) and its right-padding
-    tokenizer, with the given initial weights and the settings' memory options."""
+    tokenizer, with the given initial weights and the settings' memory options.
+
+    Every rank loads the whole model here, before any sharding: in bf16 for ``bf16`` and for
+    DeepSpeed's bf16 modes (its engine casts the module to bf16 anyway and keeps the fp32 master
+    copy in its optimiser partitions, so loading fp32 first would only double this peak), else fp32."""
     assert settings.precision != "auto", "resolve_precision first"
     torch.manual_seed(settings.seed)
     tokenizer = load_tokenizer(model_name, padding_side="right")
-    model = load(model_name, dtype="bfloat16" if settings.precision == "bf16" else "float32")
+    bf16 = settings.precision == "bf16" or (settings.strategy == "deepspeed" and settings.precision.startswith("bf16"))
+    model = load(model_name, dtype="bfloat16" if bf16 else "float32")
     if init_state is not None:
         model.load_state_dict(init_state)
     trainable = freeze_lower_layers(model, settings.trainable_layers)

@@ -371,6 +371,7 @@ cfg = Config()
 cfg.model.policy = cfg.model.reward = "tiny-random-llama"
 cfg.model.dtype, cfg.model.train_precision = "float32", "fp32"
 cfg.rm.pairs_per_batch, cfg.rm.micro_pairs, cfg.rm.max_length = 8, 2, 64
+cfg.rm.schedule, cfg.rm.warmup_steps = "linear", 1  # lr 0, 1e-3, 2e-3/3, 1e-3/3: each strategy must follow it
 cfg.policy.sequences_per_batch, cfg.policy.micro_sequences, cfg.policy.max_length = 4, 2, 64
 cfg.generation.max_new_tokens, cfg.generation.prompts_per_batch = 6, 8
 cfg.cluster.learner_workers = 2
@@ -400,7 +401,7 @@ def diff(a, b):
 out, reference = {}, None
 for name, c in (("ddp", under("ddp")), ("zero2", under("deepspeed", 2)),
                 ("zero3", under("deepspeed", 3, checkpointing=True)), ("fsdp", under("fsdp", checkpointing=True))):
-    rm_ref, rm_stats = system.train(LearnerJob.rm(c, lr=1e-3, epochs=1, seed=0, loss=RMLoss()),
+    rm_ref, rm_stats = system.train(LearnerJob.rm(c, lr=1e-3, epochs=2, seed=0, loss=RMLoss()),
                                     Weights("rm/pretrained"), pairs)
     policy_ref, policy_stats = system.train(LearnerJob.policy(c, lr=1e-3, seed=0), Weights("policy/init"), examples)
     # through the real pools: the scorer scores with the trained RM, the generator samples the policy
@@ -436,10 +437,11 @@ print("RESULT " + json.dumps({
 
 def test_sharded_learners_match_ddp_and_zero3_survives_a_killed_worker(cluster, tmp_path):
     """Two Ray Train workers (gloo) run the same RM and policy jobs under DDP, ZeRO-2, ZeRO-3 and
-    FSDP2 (the last two with gradient checkpointing): the same losses and trained weights as DDP's
-    to float tolerance, and the weights they hand back load into the scorer and generator pools
-    (same scores and samples). Then rank 1 is SIGKILLed mid-job under ZeRO-3: Ray Train restarts the
-    group and the job is redone with the same result."""
+    FSDP2 (the last two with gradient checkpointing; the RM job on a warmup + linear-decay
+    schedule): the same losses and trained weights as DDP's to float tolerance, and the weights they
+    hand back load into the scorer and generator pools (same scores and samples). Then rank 1 is
+    SIGKILLed mid-job under ZeRO-3: Ray Train restarts the group and the job is redone with the same
+    result."""
     pytest.importorskip("deepspeed")
     script = tmp_path / "strategies.py"
     script.write_text(STRATEGY_SCRIPT)
@@ -450,7 +452,7 @@ def test_sharded_learners_match_ddp_and_zero3_survives_a_killed_worker(cluster, 
     result = json.loads(line[len("RESULT "):])
     runs = result["strategies"]
     ddp = runs["ddp"]
-    assert len(ddp["rm_losses"]) == 2 and len(ddp["policy_losses"]) == 2
+    assert len(ddp["rm_losses"]) == 4 and len(ddp["policy_losses"]) == 2
     assert len(set(ddp["pids"])) == 2  # two workers
     for name in ("zero2", "zero3", "fsdp"):
         run = runs[name]
