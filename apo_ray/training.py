@@ -158,7 +158,8 @@ class _Stepper:
       and clipping; we mark the step boundaries (``set_gradient_accumulation_boundary``).
     """
 
-    def __init__(self, model: nn.Module, settings: TrainSettings, total_steps: int):
+    def __init__(self, model: nn.Module, settings: TrainSettings, total_steps: int,
+                 master_weights: Callable[[], Iterator[tuple[nn.Parameter, torch.Tensor]]] | None = None):
         self.settings = settings
         self.engine = None
         self.skipped_steps = 0
@@ -182,6 +183,13 @@ class _Stepper:
             }
             self.engine, _, _, _ = _deepspeed().initialize(model=model, optimizer=self.opt, config=config)
             self.model = self.engine
+            if config["bf16"]["enabled"] and master_weights is not None:
+                # DeepSpeed made its fp32 master copies from the bf16 working weights; start them from
+                # the job's fp32 initial weights instead, so a lineage of phases keeps its precision.
+                from deepspeed.utils import safe_set_full_fp32_param
+
+                for param, value in master_weights():
+                    safe_set_full_fp32_param(param, value.to(param.device, torch.float32))
 
     def lr(self) -> float:
         """The learning rate the next optimiser step uses."""
@@ -244,24 +252,40 @@ class TrainedWeights:
     asked for, so *every* rank must iterate to the end (the others get nothing: use :meth:`drain`),
     and no rank holds more than one gathered tensor at a time besides its shards. Rank 0 copies each
     into wherever it packs (the object-store buffer), so the full state dict exists only there.
+
+    ``deepspeed_master``: read each trainable parameter from DeepSpeed's fp32 master copy (gathered
+    from the optimiser partitions, a collective under every ZeRO stage) instead of the module's
+    bf16 working copy, so a DeepSpeed learner hands back what a DDP or FSDP one does under
+    ``bf16-autocast``: fp32 weights that keep updates smaller than bf16 can represent (the paper's
+    RM learning rate, 1e-8, moves weights far below bf16's resolution).
     """
 
-    def __init__(self, hf_model: nn.Module, rank: int):
+    def __init__(self, hf_model: nn.Module, rank: int, *, deepspeed_master: bool = False):
         self.rank = rank
         self._state = hf_model.state_dict(keep_vars=True)  # tensors or parameters (sharded or not)
-        self.specs = [TensorSpec(name, t.dtype, tuple(getattr(t, "ds_shape", None) or t.shape))
-                      for name, t in self._state.items()]
+        self._master = deepspeed_master
+        self.collective = deepspeed_master or any(
+            hasattr(t, "full_tensor") or hasattr(t, "ds_id") for t in self._state.values())
+        self.specs = [TensorSpec(name, torch.float32 if self._from_master(t) else t.dtype,
+                                 tuple(getattr(t, "ds_shape", None) or t.shape)) for name, t in self._state.items()]
+
+    def _from_master(self, t: torch.Tensor) -> bool:
+        return self._master and isinstance(t, nn.Parameter) and t.requires_grad  # frozen ones have no master
 
     def _full_tensors(self) -> Iterator[torch.Tensor]:
         for t in self._state.values():
-            if hasattr(t, "full_tensor"):  # an FSDP2 DTensor shard: all-gather (a collective)
+            if self._from_master(t):
+                from deepspeed.utils import safe_get_full_fp32_param
+
+                yield safe_get_full_fp32_param(t)  # a collective (all-reduce / all-gather of the partitions)
+            elif hasattr(t, "full_tensor"):  # an FSDP2 DTensor shard: all-gather (a collective)
                 yield t.full_tensor()
             elif hasattr(t, "ds_id"):  # a ZeRO-3 partitioned parameter: gather it (a collective)
                 import deepspeed
 
                 with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
                     yield t.data
-            else:  # whole on every rank (DDP, ZeRO-1/2, buffers)
+            else:  # whole on every rank (DDP, ZeRO-1/2 working copies, buffers)
                 yield t.data if isinstance(t, nn.Parameter) else t
 
     def tensors(self) -> Iterator[torch.Tensor]:
@@ -272,9 +296,9 @@ class TrainedWeights:
             yield t.detach()
 
     def drain(self) -> None:
-        """What a rank other than 0 does with the stream: take part in every gather (no-op where
-        nothing is sharded)."""
-        if any(hasattr(t, "full_tensor") or hasattr(t, "ds_id") for t in self._state.values()):
+        """What a rank other than 0 does with the stream: take part in every gather (nothing to do
+        where nothing is sharded)."""
+        if self.collective:
             for _ in self._full_tensors():
                 pass
 
@@ -289,6 +313,13 @@ class TrainedWeights:
 
 def _publish_state_dict(trained: TrainedWeights) -> dict[str, torch.Tensor] | None:
     return trained.state_dict()
+
+
+def _trained_weights(hf_model: nn.Module, settings: TrainSettings) -> TrainedWeights:
+    """The stream of what a learner hands back: its weights in the precision it keeps its master
+    copy in (fp32 unless ``bf16``, whatever the strategy)."""
+    return TrainedWeights(hf_model, settings.rank,
+                          deepspeed_master=settings.strategy == "deepspeed" and settings.precision != "bf16")
 
 
 @dataclass(frozen=True)
@@ -397,7 +428,9 @@ def run_job(job: LearnerJob, init_state: dict[str, torch.Tensor] | None, data: S
 
 def _run_steps(model: nn.Module, settings: TrainSettings, n_items: int,
                micro_loss: Callable[[nn.Module, list[int], dict[str, int]], tuple[torch.Tensor, int]],
-               step_counts: Callable[[list[int]], dict[str, int]], what: str) -> tuple[nn.Module, dict]:
+               step_counts: Callable[[list[int]], dict[str, int]], what: str,
+               master_weights: Callable[[], Iterator[tuple[nn.Parameter, torch.Tensor]]] | None = None,
+               ) -> tuple[nn.Module, dict]:
     """The shared optimiser loop: this rank's slice of each step, in micro-batches, one update.
 
     ``micro_loss(model, indices, step_counts)`` returns (this micro-batch's share of the step's
@@ -407,7 +440,7 @@ def _run_steps(model: nn.Module, settings: TrainSettings, n_items: int,
     if settings.compile:
         model = torch.compile(model)
     steps = _steps(n_items, settings.examples_per_step, settings.seed, settings.epochs)
-    stepper = _Stepper(model, settings, total_steps=len(steps))
+    stepper = _Stepper(model, settings, total_steps=len(steps), master_weights=master_weights)
     model.train()
     losses, lrs, tokens, start = [], [], 0, time.perf_counter()
     log_every = settings.log_every_steps or max(1, len(steps) // 10)
@@ -446,6 +479,16 @@ def _run_steps(model: nn.Module, settings: TrainSettings, n_items: int,
                            "loss_mean": sum(losses) / max(len(losses), 1), "seconds": elapsed,
                            "tokens_per_s": tokens / max(elapsed, 1e-9), "skipped_steps": stepper.skipped_steps,
                            "precision": settings.precision, "losses": losses, "lrs": lrs}
+
+
+def _fp32_init(hf_model: nn.Module, init_state: dict[str, torch.Tensor] | None):
+    """(trainable parameter, its fp32 initial value) pairs, when the job starts from fp32 weights
+    (a previous phase's): what DeepSpeed's fp32 master copies should start from."""
+    if init_state is None or not any(v.dtype == torch.float32 for v in init_state.values()):
+        return None
+    return lambda: ((param, init_state[name]) for name, param in hf_model.named_parameters()
+                    if param.requires_grad and init_state.get(name) is not None
+                    and init_state[name].dtype == torch.float32)
 
 
 def _load_for_training(load, model_name: str, init_state: dict | None, settings: TrainSettings):
@@ -505,9 +548,10 @@ def train_reward_model(model_name: str, init_state: dict[str, torch.Tensor] | No
                             samples_per_query=loss.samples_per_query, n_apo=counts["apo"], n_pref=counts["pref"])
         return value, int(batch["attention_mask"].sum())
 
-    model, stats = _run_steps(model, settings, len(pairs), micro_loss, step_counts, "rm")
+    model, stats = _run_steps(model, settings, len(pairs), micro_loss, step_counts, "rm",
+                              _fp32_init(hf_model, init_state))
     stats.update(pairs=len(pairs), apo_pairs=sum(p.kind == "apo" for p in pairs))
-    return publish(TrainedWeights(hf_model, settings.rank)), stats
+    return publish(_trained_weights(hf_model, settings)), stats
 
 
 @torch.no_grad()
@@ -576,6 +620,7 @@ def train_policy(model_name: str, init_state: dict[str, torch.Tensor] | None,
                                reference_logps=ref)
         return value, int(batch["attention_mask"].sum())
 
-    model, stats = _run_steps(model, settings, len(examples), micro_loss, step_counts, f"policy[{objective.name}]")
+    model, stats = _run_steps(model, settings, len(examples), micro_loss, step_counts, f"policy[{objective.name}]",
+                              _fp32_init(hf_model, init_state))
     stats.update(examples=len(examples))
-    return publish(TrainedWeights(hf_model, settings.rank)), stats
+    return publish(_trained_weights(hf_model, settings)), stats
