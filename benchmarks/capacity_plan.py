@@ -19,7 +19,8 @@ What is measured and what is assumed (each number in the JSON says which):
   50% efficiency: our own 0.5B measurement (``generate_speed``) runs at ~9% of its roofline, which
   is overhead-bound and does not carry to a memory-bound 7B; vLLM at 7B was not measured here;
 - weight exchange: the packed object-store path measured at 6.1 GB/s into a GPU actor (0.5B state
-  dict) scaled linearly with bytes.
+  dict) scaled linearly with bytes; a version is handed back in fp32 (27 GB at 7B);
+- checkpoint: ``PhaseStore.put_weights`` measured at 0.18 GB/s on the CPU machine's disk.
 
     python benchmarks/capacity_plan.py
 """
@@ -173,11 +174,21 @@ KINDS = {"train": ("train_rm_apo", "train_rm_dp", "train_policy", "train_rm_test
          "score": ("score_samples", "evaluate_rm", "evaluate_score")}
 
 
-def later_round_by_kind(work: dict) -> dict[str, float]:
-    """GPU-seconds of a later round of the four arms, by kind of work."""
-    count = {"sample_gold": 2, "train_rm_apo": 2, "train_rm_dp": 1, "sample_queries": 4, "score_samples": 4,
-             "train_policy": 4, "evaluate_rm": 3, "evaluate_answers": 4, "evaluate_score": 4, "train_rm_test": 0}
-    return {kind: sum(count[name] * work[name]["gpu_s"] for name in names) for kind, names in KINDS.items()}
+# How often each phase runs: in the setup (RM_Base, RM_Test, round-0 evaluation), in round 1 (every
+# arm samples the initial policy, computed once; apo_seq is apo) and in every later round.
+PHASE_COUNTS = {
+    "setup": {"train_rm_dp": 1, "train_rm_test": 1, "evaluate_rm": 1, "evaluate_answers": 1, "evaluate_score": 1},
+    "round1": {"sample_gold": 1, "train_rm_apo": 1, "train_rm_dp": 1, "sample_queries": 1, "score_samples": 3,
+               "train_policy": 3, "evaluate_rm": 2, "evaluate_answers": 3, "evaluate_score": 3},
+    "later_round": {"sample_gold": 2, "train_rm_apo": 2, "train_rm_dp": 1, "sample_queries": 4, "score_samples": 4,
+                    "train_policy": 4, "evaluate_rm": 3, "evaluate_answers": 4, "evaluate_score": 4},
+}
+
+
+def by_kind(work: dict, part: str) -> dict[str, float]:
+    """GPU-seconds of a part of the run (``PHASE_COUNTS``), by kind of work."""
+    count = PHASE_COUNTS[part]
+    return {kind: sum(count.get(name, 0) * work[name]["gpu_s"] for name in names) for kind, names in KINDS.items()}
 
 
 # Layouts: GPUs for the learner group and for the pools (generators and scorers share theirs), and
@@ -198,18 +209,24 @@ LAYOUTS = [
 ]
 
 
-def layout_hours(m: dict, t: dict, mfu: dict, save_s_per_version: float) -> list[dict]:
-    """Wall hours of a later round per layout: the game runs its phases one after another, each on
-    the GPUs of its role (learner phases scale with the learner GPUs, pools with the pool GPUs)."""
+def layout_hours(m: dict, t: dict, mfu: dict, save_s_per_version: float, rounds: int = 3) -> list[dict]:
+    """Wall hours per layout: the game runs its phases one after another, each on the GPUs of its
+    role (learner phases scale with the learner GPUs, pools with the pool GPUs); every trained
+    version is checkpointed (3 RMs and 4 policies in a later round)."""
+    versions = {"setup": 2, "round1": 5, "later_round": 7}
     rows = []
     for layout in LAYOUTS:
-        by_kind = later_round_by_kind(phase_work(m, t, mfu, layout["kv_budget_gb"]))
-        compute_h = (by_kind["train"] / layout["learner_gpus"] + (by_kind["generate"] + by_kind["score"])
-                     / layout["pool_gpus"]) / 3600
-        versions = 7  # a later round trains 3 RMs and 4 policies
-        overhead_h = versions * save_s_per_version / 3600
-        rows.append(layout | {"compute_h": compute_h, "checkpoint_h": overhead_h, "round_h": compute_h + overhead_h,
-                              "gpu_busy_share": sum(by_kind.values()) / 3600 / layout["gpus"] / compute_h})
+        work = phase_work(m, t, mfu, layout["kv_budget_gb"])
+        hours = {}
+        for part in PHASE_COUNTS:
+            kinds = by_kind(work, part)
+            compute = (kinds["train"] / layout["learner_gpus"]
+                       + (kinds["generate"] + kinds["score"]) / layout["pool_gpus"]) / 3600
+            hours[part] = {"compute_h": compute, "checkpoint_h": versions[part] * save_s_per_version / 3600,
+                           "gpu_busy_share": sum(kinds.values()) / 3600 / layout["gpus"] / compute}
+            hours[part]["wall_h"] = hours[part]["compute_h"] + hours[part]["checkpoint_h"]
+        total = hours["setup"]["wall_h"] + hours["round1"]["wall_h"] + (rounds - 1) * hours["later_round"]["wall_h"]
+        rows.append(layout | {"hours": hours, "run_h": total, "rounds": rounds})
     return rows
 
 
@@ -253,7 +270,8 @@ def main() -> None:
     packed = next(r for r in sync["results"] if r["method"] == "packed")["gb_per_s"]
     store = json.loads((RESULTS / "phase_store_cpu.json").read_text())  # the checkpoint's write, on the CPU box
     save_gb_s = store["bytes"] / 1e9 / store["median_seconds"]["put_weights"]
-    save_s = 2 * m["params"] / 1e9 / save_gb_s
+    version_gb = 4 * m["params"] / 1e9  # learners hand back fp32 (their master weights)
+    save_s = version_gb / save_gb_s
     layouts = layout_hours(m, t, mfu, save_s)
     print(f"{args.shape}: {m['params'] / 1e9:.2f}B parameters, KV cache {m['kv_bytes_per_token_bf16'] / 2**20:.2f} MiB/token")
     print(f"tokens (mean, {t['pairs']} HH pairs): prompt {t['prompt_mean']:.0f}, chosen {t['chosen_mean']:.0f}; padded "
@@ -263,12 +281,15 @@ def main() -> None:
         print(f"{name:<18} {w['tokens'] / 1e6:>9.1f}M {w['gpu_s'] / 3600:>11.2f}")
     print(f"\nGPU-hours: setup {hours['setup_h']:.1f}, round 1 {hours['round1_h']:.1f}, later rounds {hours['round_h']:.1f} "
           f"({', '.join(f'{k} {v:.1f}' for k, v in hours['per_arm_h'].items())})")
-    print(f"weights per version {mem['weights_bf16_gb']:.1f} GB bf16; into a GPU actor ~{mem['weights_bf16_gb'] / packed:.1f} s "
-          f"at the measured {packed:.1f} GB/s; checkpointed in ~{save_s:.0f} s at {save_gb_s:.2f} GB/s")
-    print(f"\n{'layout':<40} {'compute h':>9} {'ckpt h':>7} {'round h':>8} {'GPUs busy':>9}")
+    print(f"a version as handed back: {version_gb:.1f} GB (fp32); into a GPU actor ~{version_gb / packed:.1f} s at the "
+          f"measured {packed:.1f} GB/s; checkpointed in ~{save_s:.0f} s at {save_gb_s:.2f} GB/s")
+    print(f"\n{'layout (wall hours)':<40} {'setup':>6} {'round 1':>8} {'later':>6} {'ckpt':>5} {'busy':>5} "
+          f"{'3 rounds':>9}")
     for row in layouts:
-        print(f"{row['name']:<40} {row['compute_h']:>9.2f} {row['checkpoint_h']:>7.2f} {row['round_h']:>8.2f} "
-              f"{100 * row['gpu_busy_share']:>8.0f}%")
+        h = row["hours"]
+        print(f"{row['name']:<40} {h['setup']['wall_h']:>6.2f} {h['round1']['wall_h']:>8.2f} "
+              f"{h['later_round']['wall_h']:>6.2f} {h['later_round']['checkpoint_h']:>5.2f} "
+              f"{100 * h['later_round']['gpu_busy_share']:>4.0f}% {row['run_h']:>9.1f}")
     result = {"benchmark": "capacity_plan", "date": time.strftime("%Y-%m-%d"), "model": m, "tokens": t, "mfu": mfu,
               "decode_efficiency_assumed": DECODE_EFFICIENCY, "sizes": SIZES, "limits": LIMITS, "micro": MICRO,
               "work": work, "gpu_hours": hours, "memory": mem, "weight_sync_gb_per_s": packed,
