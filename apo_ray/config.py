@@ -16,6 +16,7 @@ from typing import Any
 LR_SCHEDULES = ("constant", "linear", "cosine")
 GENERATION_BACKENDS = ("transformers", "vllm")
 LEARNER_STRATEGIES = ("ddp", "deepspeed", "fsdp")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement group strategies
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16-autocast", "bf16")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SAVE_MODELS = ("all", "last", "none")
@@ -151,8 +152,11 @@ class ClusterConfig:
     learner_cpus: float = 1.0
     learner_use_gpu: bool = False
     learner_gpus: float = 1.0  # per learner worker; < 1 shares a GPU with the pools
-    learner_strategy: str = "ddp"  # ddp | deepspeed | fsdp
+    learner_strategy: str = "ddp"  # ddp | deepspeed (ZeRO, deepspeed_stage) | fsdp (PyTorch FSDP2)
     deepspeed_stage: int = 2
+    # How Ray Train places the learner workers (its placement group's strategy): PACK (default: as
+    # few nodes as possible), STRICT_PACK (one node: NVLink for the gathers), SPREAD, STRICT_SPREAD.
+    learner_placement: str = "PACK"
     gradient_checkpointing: bool = False
     learner_compile: bool = False  # torch.compile the learner's model (benchmarks/train_mfu.py)
     max_actor_restarts: int = 3
@@ -374,6 +378,8 @@ def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: fl
         e.extend(vllm_errors(cfg, cluster_gpus))
     _check(e, c.learner_strategy in LEARNER_STRATEGIES,
            f"cluster.learner_strategy must be one of {LEARNER_STRATEGIES}, got {c.learner_strategy!r}")
+    _check(e, c.learner_placement in PLACEMENT_STRATEGIES,
+           f"cluster.learner_placement must be one of {PLACEMENT_STRATEGIES}, got {c.learner_placement!r}")
     _check(e, cfg.model.dtype in DTYPES, f"model.dtype must be one of {DTYPES}, got {cfg.model.dtype!r}")
     _check(e, cfg.model.train_precision in TRAIN_PRECISIONS,
            f"model.train_precision must be one of {TRAIN_PRECISIONS}, got {cfg.model.train_precision!r}")

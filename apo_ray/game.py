@@ -102,6 +102,10 @@ class GameSystem(Protocol):
 
     def load_weights(self, path: Path) -> Any: ...
 
+    def resource_usage(self) -> dict[str, float]:
+        """What the system holds now, e.g. ``{"object_store_bytes": ...}`` on Ray; ``{}`` where there
+        is nothing to report. Read after every round (the log line and the metrics)."""
+
     def shutdown(self) -> None: ...
 
 
@@ -209,6 +213,10 @@ class APOGame:
         self.cfg, self.system, self.data, self.store = cfg, system, data, store
         self.on_phase = on_phase or (lambda event: None)
         self.records: list[dict] = []
+        # The versions the game holds (set up by setup(), then replaced round by round).
+        self.rm_base: Weights | None = None
+        self.eval_rms: dict[str, Weights] = {}
+        self.state: dict[str, dict[str, Weights]] = {}
         a = cfg.apo
         self.apo_loss = RMLoss(beta2=a.beta2, apo_weight=a.apo_weight, reduction=a.loss_reduction,
                                samples_per_query=a.samples_per_query)
@@ -233,8 +241,23 @@ class APOGame:
         self.on_phase({"phase": name, "key": key, "seconds": seconds, **event})
         return value
 
+    def live_versions(self) -> list[Weights]:
+        """The model versions a later phase can still read, which is all the run keeps alive (in
+        the object store on Ray): RM_Base, the evaluation RMs and each arm's current RM and policy.
+        A version superseded in every arm is referenced nowhere else, so it is released (its
+        checkpoint stays on disk)."""
+        versions = [self.rm_base, *self.eval_rms.values()]
+        for held in self.state.values():
+            versions += [held["rm"], held["policy"]]
+        return [w for w in versions if w is not None]
+
     def _weights_phase(self, key: str, compute: Callable[[], tuple[Any, dict]], timing: dict, name: str,
                        **event) -> Weights:
+        # A version another arm holds already (apo_seq's round 1 is apo's) is shared, not loaded again.
+        live = next((w for w in self.live_versions() if w.id == key and w.handle is not None), None)
+        if live is not None:
+            timing.setdefault(name, 0.0)
+            return live
         cached = self.store.get_weights(key)
         if cached is not None:
             timing.setdefault(name, 0.0)
@@ -277,7 +300,7 @@ class APOGame:
                                       seed=self.cfg.run.seed, loss=RMLoss(), timing=timing, name="train_rm_base")
         # Evaluation RMs, trained once; the last one that is on scores `policy_mean_reward` (the
         # paper's Table 3 uses RM_All), every one of them lands in `policy_rewards`.
-        self.eval_rms: dict[str, Weights] = {}
+        self.eval_rms = {}
         for key, on, pairs, seed in (
                 ("rm/eval", self.cfg.eval.eval_rm, self.data.eval_rm_pairs, 1),
                 ("rm/eval_test", self.cfg.eval.rm_test, self.data.train_pairs, 2),
@@ -397,6 +420,7 @@ class APOGame:
     def run(self) -> list[dict]:
         self.records = []
         self.setup()
+        self.round_end(0)
         for r in range(1, self.cfg.apo.rounds + 1):
             for arm in self.cfg.arms:
                 log.info("round %d/%d arm %s: start", r, self.cfg.apo.rounds, arm)
@@ -405,7 +429,33 @@ class APOGame:
                 log.info("round %d arm %s: rm test acc %.3f ece %.3f, policy mean reward %.3f, phases %s", r, arm,
                          record.get("rm_test_acc", float("nan")), record.get("rm_test_ece", float("nan")),
                          record["policy_mean_reward"], record["phase_seconds"])
+            self.round_end(r)
         return self.records
+
+    def round_end(self, r: int) -> None:
+        """After every arm's round ``r`` (0: setup): what the system holds now (on Ray, the object
+        store's bytes, flat from round 1 on: :meth:`live_versions`), logged, sent as a
+        ``round_end`` event and kept in the round's records."""
+        usage = self.system.resource_usage()
+        if not usage:
+            return
+        live = {w.id for w in self.live_versions() if w.handle is not None}
+        log.info("round %d done: %d model versions alive (%s); %s", r, len(live), ", ".join(sorted(live)),
+                 format_usage(usage))
+        for record in self.records:
+            if record["round"] == r:
+                record["resources_after_round"] = usage | {"model_versions_alive": len(live)}
+        self.on_phase({"phase": "round_end", "round": r, "live_versions": sorted(live), **usage})
+
+
+def format_usage(usage: dict[str, float]) -> str:
+    """``object store 12.3 MiB in 7 objects`` (the parts ``usage`` has)."""
+    if "object_store_bytes" not in usage:
+        return ", ".join(f"{k} {v}" for k, v in usage.items())
+    text = f"object store {usage['object_store_bytes'] / 2**20:.1f} MiB"
+    if "object_store_objects" in usage:
+        text += f" in {int(usage['object_store_objects'])} objects"
+    return text
 
 
 def eval_prompts(cfg: Config, data: GameData) -> list[str]:

@@ -59,7 +59,7 @@ def run_on_ray(cfg: Config) -> list[dict]:
         nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
         validate(cfg, cluster_cpus=resources.get("CPU", 0.0), cluster_gpus=resources.get("GPU", 0.0),
                  node_resources=nodes)
-        require_trackers(cfg)  # here, not in the driver actor: a clean error before any actor starts
+        require_extras(cfg)  # here, not in the driver actor: a clean error before any actor starts
         preflight(cfg)
         wait_for_resources(cfg, cfg.cluster.resource_wait_s)
         namespace = run_namespace(cfg)
@@ -129,12 +129,20 @@ def wait_for_resources(cfg: Config, timeout_s: float) -> None:
         f"cluster.resource_wait_s")
 
 
-def require_trackers(cfg: Config) -> None:
-    """Each tracker of ``run.tracking`` importable, or an error naming the extra to install."""
+def require_extras(cfg: Config) -> None:
+    """The optional packages the run asks for: each tracker of ``run.tracking``, and
+    DeepSpeed for ``cluster.learner_strategy=deepspeed`` (on Ray); an error names the extra to install."""
+    import importlib.util
+
     from apo_ray.tracking import require_tracker
 
     for name in cfg.run.tracking:
         require_tracker(name)
+    if cfg.cluster.learner_strategy == "deepspeed" and not cfg.run.in_process \
+            and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("cluster.learner_strategy=deepspeed needs DeepSpeed, which is not installed: "
+                          "pip install 'apo-ray[deepspeed]' (tested with deepspeed==0.19.8), or choose "
+                          "cluster.learner_strategy=fsdp (PyTorch's own sharding)")
 
 
 def run_in_process(cfg: Config) -> list[dict]:
@@ -142,7 +150,7 @@ def run_in_process(cfg: Config) -> list[dict]:
     from apo_ray.local import LocalSystem
 
     validate(cfg)
-    require_trackers(cfg)
+    require_extras(cfg)
     records = play_game(cfg, LocalSystem(cfg))  # LocalSystem loads no model before the data checks pass
     if cfg.eval.judge:
         judge_final_policies(cfg, records)

@@ -7,6 +7,7 @@ when a call asks for another version.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,8 @@ class LocalSystem:
                                         for b in batches])
 
     def train(self, job: LearnerJob, init: Weights, data: list) -> tuple[Any, dict]:
+        # One process: the cluster's learner strategy (sharding over ranks) plays no part.
+        job = dataclasses.replace(job, settings=dataclasses.replace(job.settings, strategy="ddp"))
         return run_job(job, init.handle, data, device=self.device)
 
     def save_weights(self, handle: Any, path: Path) -> None:
@@ -50,6 +53,11 @@ class LocalSystem:
 
     def load_weights(self, path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
+
+    def resource_usage(self) -> dict[str, float]:
+        """Nothing to report: versions are state dicts in this process (the game keeps only the
+        live ones, as on Ray)."""
+        return {}
 
     def shutdown(self) -> None:
         """Nothing to stop: the models go with the process."""

@@ -109,8 +109,9 @@ def _build_tiny(out: Path) -> None:
 
 
 def shape_config(shape: str):
-    """The architecture of a real model with no weights: ``smollm2-135m`` or ``qwen2.5-0.5b``
-    (random-init stand-ins for speed work and for machines that cannot get the weights)."""
+    """The architecture of a real model with no weights: ``smollm2-135m``, ``qwen2.5-0.5b`` or
+    ``llama-7b`` (the paper's LLaMA-7B / Alpaca-7B; random-init stand-ins for speed work, capacity
+    planning and machines that cannot get the weights)."""
     from transformers import LlamaConfig, Qwen2Config
 
     if shape == "smollm2-135m":
@@ -125,7 +126,13 @@ def shape_config(shape: str):
             num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rope_theta=1000000.0,
             max_position_embeddings=32768, bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,
         )
-    raise ValueError(f"unknown model shape {shape!r}; known: smollm2-135m, qwen2.5-0.5b")
+    if shape == "llama-7b":
+        return LlamaConfig(
+            hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+            num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False, rope_theta=10000.0,
+            max_position_embeddings=2048, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        )
+    raise ValueError(f"unknown model shape {shape!r}; known: smollm2-135m, qwen2.5-0.5b, llama-7b")
 
 
 def _build_smollm2_shape(out: Path) -> None:

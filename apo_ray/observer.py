@@ -74,6 +74,11 @@ class RunObserver:
         if phase == "round_done":
             self._round_done(event["round"], event["arm"], event["record"])
             return
+        if phase == "round_end":  # what the system holds after the round (the game logs the line)
+            self._log({f"system/{k}": v for k, v in event.items() if isinstance(v, (int, float))
+                       and k != "round"} | {"system/live_versions": len(event.get("live_versions", ()))},
+                      event["round"], "round")
+            return
         self._phase_no += 1
         count, scalars = event.get("sequences"), {}
         stats = self.store.get(event["key"]) if phase.startswith("train") else None

@@ -47,6 +47,9 @@ class PlanningSystem:
     def load_weights(self, path):
         return None
 
+    def resource_usage(self) -> dict:
+        return {}
+
     def shutdown(self) -> None:
         pass
 
@@ -76,7 +79,7 @@ def plan_phases(cfg, data) -> list[dict]:
     planned: list[dict] = []
 
     def on_phase(event: dict) -> None:
-        if event["phase"] != "round_done":
+        if event["phase"] not in ("round_done", "round_end"):
             planned.append({k: v for k, v in event.items() if k in ("phase", "key", "round", "arm")})
 
     game_log = logging.getLogger(game_module.__name__)

@@ -117,6 +117,7 @@ class LearnerQueue:
             if seq not in self._finished:
                 self._finished.add(seq)
                 self._outcomes[seq] = outcome
+                self._jobs[seq] = None  # a finished job is never handed out again: release its weights and data
                 self._changed.notify_all()
 
     async def outcome(self, seq: int) -> tuple:
@@ -133,7 +134,7 @@ class LearnerQueue:
             self._changed.notify_all()
 
 
-def _run_learner_job(job: dict, *, parallel: str, device: str) -> tuple[Any, dict]:
+def _run_learner_job(job: dict, *, device: str) -> tuple[Any, dict]:
     """One learner phase on this Ray Train rank; returns (rank 0: the weights ref, else None; stats)."""
     import ray.train
     import ray.train.torch
@@ -143,28 +144,53 @@ def _run_learner_job(job: dict, *, parallel: str, device: str) -> tuple[Any, dic
     from apo_ray.workers import fetch_weights
 
     ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     spec: LearnerJob = job["spec"]
     init = fetch_weights(job["init"])
     if isinstance(init, PackedWeights):
-        init = unpack_state_dict(init, copy=True)
+        # Read-only views of the object-store buffer (one copy per node, mapped by every rank on
+        # it): loading them copies each tensor into the model, no full copy per rank on the way.
+        init = unpack_state_dict(init)
     data = ray.get(job["data"])
 
-    def prepare(model):
-        if spec.settings.strategy == "deepspeed":
-            return model  # deepspeed.initialize wraps it (training._Stepper)
-        return ray.train.torch.prepare_model(model, move_to_device=device, parallel_strategy=parallel)
+    def prepare(model):  # DDP (the strategy "ddp"); FSDP and DeepSpeed wrap in training.py
+        return ray.train.torch.prepare_model(model, move_to_device=device, parallel_strategy="ddp")
 
-    state, stats = run_job(spec, init, data, device=device, rank=ctx.get_world_rank(),
-                           world_size=ctx.get_world_size(), prepare_model=prepare)
-    stats["worker_pid"] = os.getpid()  # the same process serves every job of a run
-    # Put by rank 0, so rank 0 owns the one copy (see the module docstring).
-    return (put_weights(state) if state is not None else None), stats
+    def publish(trained):
+        # Rank 0 packs the weights into its buffer as they are gathered and puts them in the
+        # object store itself, so it owns the one copy (see the module docstring).
+        if rank == 0:
+            return put_weights(trained)
+        trained.drain()
+        return None
+
+    ref, stats = run_job(spec, init, data, device=device, rank=rank, world_size=world_size,
+                         prepare_model=prepare, publish=publish)
+    del init, data
+    pids = [os.getpid()]
+    if world_size > 1:
+        pids = [None] * world_size
+        torch.distributed.all_gather_object(pids, os.getpid())
+    stats["worker_pid"] = pids[0]  # the same processes serve every job of a run
+    stats["worker_pids"] = pids  # by rank
+    return ref, stats
+
+
+def _is_peer_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from a collective whose peer went away (a killed or restarted rank)
+    rather than from the job itself: then the job is redone on the restarted group, not failed."""
+    text = f"{type(exc).__name__}: {exc}"
+    return isinstance(exc, torch.distributed.DistError) or any(
+        marker in text for marker in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                                      "Socket Timeout", "NCCL communicator was aborted", "ProcessGroupNCCL"))
 
 
 def _learner_service(config: dict) -> None:
     """Runs on every Ray Train rank for the group's whole life: does the queue's jobs one after
     another until the queue is closed. A failing job is reported and re-raised, so Ray Train
-    restarts the group (a rank that failed mid-step may have left the others in a collective)."""
+    restarts the group (a rank that failed mid-step may have left the others in a collective);
+    a failure of a collective because a peer died is only re-raised, so the restarted group redoes
+    the job."""
     import gc
     import traceback
 
@@ -180,13 +206,15 @@ def _learner_service(config: dict) -> None:
     while (item := ray.get(queue.next_job.remote(done))) is not None:
         seq, job = item
         try:
-            ref, stats = _run_learner_job(job, parallel=config["parallel"], device=device)
-        except Exception:
-            ray.get(queue.finish.remote(seq, ("error", traceback.format_exc())))
+            ref, stats = _run_learner_job(job, device=device)
+        except Exception as exc:
+            if not _is_peer_failure(exc):
+                ray.get(queue.finish.remote(seq, ("error", traceback.format_exc())))
             raise
         if rank == 0:
             ray.get(queue.finish.remote(seq, ("ok", [ref], stats)))  # [ref]: the reference, not the value
-        del ref
+        # Hold nothing of a finished job: its input weights and data may be released by the run.
+        del ref, item, job
         done = seq
         gc.collect()  # the job's model and optimiser state go before the next job loads its own
         if torch.cuda.is_available():
@@ -204,10 +232,9 @@ def _serve_learner_group(cfg: Config, queue, name: str, storage_path: str) -> No
     resources = {"CPU": c.learner_cpus} | ({"GPU": c.learner_gpus} if c.learner_use_gpu else {})
     TorchTrainer(
         _learner_service,
-        train_loop_config={"queue": [queue], "cpus_per_worker": c.learner_cpus,
-                           "parallel": "fsdp" if c.learner_strategy == "fsdp" else "ddp"},
+        train_loop_config={"queue": [queue], "cpus_per_worker": c.learner_cpus},
         scaling_config=ScalingConfig(num_workers=c.learner_workers, use_gpu=c.learner_use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources, placement_strategy=c.learner_placement),
         torch_config=TorchConfig(backend="nccl" if c.learner_use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=c.max_actor_restarts)),
@@ -340,6 +367,12 @@ class RaySystem:
         from apo_ray.weights import pack_state_dict
 
         return ray.put(pack_state_dict(torch.load(path, map_location="cpu", weights_only=True)))
+
+    def resource_usage(self) -> dict[str, float]:
+        """The cluster's object-store bytes and objects now (:func:`apo_ray.telemetry.object_store_usage`)."""
+        from apo_ray.telemetry import object_store_usage
+
+        return object_store_usage()
 
     def shutdown(self) -> None:
         if self.learners is not None:

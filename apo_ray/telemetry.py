@@ -1,8 +1,50 @@
 """Progress for the Ray dashboard (``ray.util.metrics``, exported to Prometheus when the cluster
 exports metrics). Fed by the game's phase events; the log line per phase comes from
-:mod:`apo_ray.observer`."""
+:mod:`apo_ray.observer`. :func:`object_store_usage` reads what the cluster's object stores hold."""
 
 from __future__ import annotations
+
+import gc
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def object_store_usage(stable_s: float = 2.0, max_wait_s: float = 8.0) -> dict[str, float]:
+    """The bytes and objects in the object stores of every node of the connected cluster now (what
+    ``ray memory --stats-only`` prints: Ray's ``internal_api`` asks one raylet, which gathers every
+    node's plasma store stats). ``{}`` when Ray cannot tell (logged).
+
+    A reference dropped just before the call is released asynchronously: its object's owner (often
+    another process, e.g. learner rank 0) frees it when the borrowers report back, which was seen
+    to take about a second on a busy machine. So after a garbage collection the stats are read every 0.25 s
+    until they have not changed for ``stable_s`` (at most ``max_wait_s``)."""
+    import time
+
+    import ray
+    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+    def read():
+        return get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address)).store_stats
+
+    gc.collect()
+    try:
+        start = time.monotonic()
+        stats, since = read(), start
+        while time.monotonic() - since < stable_s and time.monotonic() - start < max_wait_s:
+            time.sleep(0.25)
+            again = read()
+            if (again.object_store_bytes_used, again.num_local_objects) != (
+                    stats.object_store_bytes_used, stats.num_local_objects):
+                stats, since = again, time.monotonic()
+    except Exception as exc:  # noqa: BLE001 - a metric must never stop a run
+        log.warning("cannot read the object store's usage: %s: %s", type(exc).__name__, exc)
+        return {}
+    return {"object_store_bytes": float(stats.object_store_bytes_used),
+            "object_store_objects": float(stats.num_local_objects),
+            "object_store_primary_bytes": float(stats.object_store_bytes_primary_copy),
+            "object_store_capacity_bytes": float(stats.object_store_bytes_avail),
+            "object_store_spilled_bytes": float(stats.spilled_bytes_total)}
 
 
 class APOMetrics:
@@ -24,6 +66,10 @@ class APOMetrics:
         self.sync_seconds = Gauge("apo_weight_sync_seconds", "Seconds pool actors spent loading new weights",
                                   tag_keys=tags)
         self.sync_bytes = Counter("apo_weight_sync_bytes", "Bytes of weights loaded by pool actors", tag_keys=tags)
+        self.object_store_bytes = Gauge("apo_object_store_bytes", "Bytes in the cluster's object stores after a round",
+                                        tag_keys=("run",))
+        self.live_versions = Gauge("apo_live_model_versions", "Model versions the run holds after a round",
+                                   tag_keys=("run",))
 
     def on_phase(self, event: dict) -> None:
         """Export one phase event of the game (``game.APOGame.on_phase``); sampling phases carry
@@ -31,6 +77,12 @@ class APOMetrics:
         tags = {"run": self.default_tags["run"], "arm": str(event.get("arm", "setup"))}
         generation = event.get("generation")
         phase = event["phase"]
+        if phase == "round_end":
+            run = {"run": self.default_tags["run"]}
+            if "object_store_bytes" in event:
+                self.object_store_bytes.set(event["object_store_bytes"], tags=run)
+            self.live_versions.set(len(event.get("live_versions", ())), tags=run)
+            return
         if "round" in event:
             self.round.set(event["round"], tags=tags)
         if phase == "round_done":

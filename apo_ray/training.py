@@ -9,9 +9,18 @@
   every rank of a Ray Train worker group.
 
 Both learners run the same on one process and inside a Ray Train worker: each rank takes its slice
-of every optimiser step, and ``prepare_model`` wraps the model for the strategy (DDP through Ray
-Train; the default leaves it as it is). Rank 0 returns a CPU state dict of the trained weights
-(other ranks ``None``) and every rank a stats dict.
+of every optimiser step under the job's strategy (``TrainSettings.strategy``):
+
+- ``ddp``: every rank holds the whole model; ``prepare_model`` wraps it (Ray Train's DDP; in one
+  process it is left as it is);
+- ``fsdp``: PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``) on every decoder block and
+  the root: parameters, gradients and AdamW state sharded over the ranks (CPU/gloo and GPU/NCCL);
+- ``deepspeed``: DeepSpeed ZeRO stage 1, 2 or 3 around the same torch AdamW.
+
+After the last step the trained weights are read once, as a :class:`TrainedWeights` stream (under
+FSDP/ZeRO-3 each tensor is gathered from its shards in turn), and handed to ``publish``: by default
+rank 0 returns a CPU state dict (other ranks ``None``); the Ray learners pack the stream straight
+into the object-store buffer. Every rank also returns a stats dict.
 
 Gradient accumulation is exact: each micro-batch's loss is its share of the step's mean (the loss
 functions take the item counts of the whole step, across ranks), so the accumulated gradient is
@@ -26,9 +35,9 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -37,6 +46,7 @@ from apo_ray.data import RankedPair
 from apo_ray.losses import apo_rm_loss, sequence_logprobs
 from apo_ray.models import (
     Encoded,
+    decoder_layers,
     encode_prompt_response,
     format_prompt,
     freeze_lower_layers,
@@ -49,6 +59,7 @@ from apo_ray.models import (
     reward_forward,
 )
 from apo_ray.objectives import policy_objective
+from apo_ray.weights import TensorSpec
 
 if TYPE_CHECKING:
     from apo_ray.config import Config
@@ -91,40 +102,94 @@ def make_lr_schedule(optimizer: torch.optim.Optimizer, settings: TrainSettings, 
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-class _Stepper:
-    """Backward and optimiser step for one strategy. Plain/DDP: torch AdamW, and DDP's gradient
-    all-reduce only on the last micro-batch of a step (``no_sync`` before). DeepSpeed ZeRO: the
-    engine owns the optimiser and the (partitioned) gradient reduction. Both follow the settings'
-    learning-rate schedule over ``total_steps`` optimiser steps."""
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
-    def __init__(self, model: nn.Module, settings: TrainSettings, total_steps: int):
+
+def _deepspeed():
+    """Import DeepSpeed for a CPU or GPU learner. On CPU its communication layer would JIT-compile a
+    shared-memory all-reduce kernel at the first ``initialize`` (minutes of C++ compilation, once
+    per machine); it is marked unavailable there so DeepSpeed keeps to gloo (DeepSpeed recomputes
+    its table of usable kernels once per process and keeps edits to it)."""
+    import deepspeed
+    import deepspeed.ops
+
+    if not torch.cuda.is_available():
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
+def shard_fsdp(model: nn.Module, blocks: Sequence[nn.Module], precision: str) -> nn.Module:
+    """FSDP2 over the current process group: each decoder block is its own unit (gathered for its
+    forward and backward, resharded after), the root holds the rest (embedding, norm, heads).
+    ``bf16-autocast``: fp32 shards, bf16 gathers and compute, fp32 gradient reduction."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy()
+    if precision == "bf16-autocast":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in blocks:
+        fully_shard(block, mp_policy=mp)
+    return fully_shard(model, mp_policy=mp)
+
+
+def wrap_for_strategy(model: nn.Module, hf_model: nn.Module, settings: TrainSettings,
+                      prepare_model: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """The module to train (``model``, which holds ``hf_model``) under the settings' strategy:
+    DDP through ``prepare_model``, FSDP2 sharded here, DeepSpeed left to :class:`_Stepper` (its
+    engine wraps the model). Without a process group (one process) FSDP leaves the model whole."""
+    if settings.strategy == "ddp":
+        return prepare_model(model)
+    if settings.strategy == "fsdp":
+        return shard_fsdp(model, decoder_layers(hf_model), settings.precision) if _distributed() else model
+    if settings.strategy == "deepspeed":
+        return model
+    raise ValueError(f"strategy must be one of ddp, deepspeed, fsdp; got {settings.strategy!r}")
+
+
+class _Stepper:
+    """Backward and optimiser step for one strategy, all with torch AdamW and the settings'
+    learning-rate schedule over ``total_steps`` optimiser steps (stepped here, so every strategy
+    follows it identically).
+
+    - DDP: gradient all-reduce only on the last micro-batch of a step (``no_sync`` before).
+    - FSDP2: gradient reduce-scatter only on the last micro-batch (``set_requires_gradient_sync``).
+    - DeepSpeed ZeRO: the engine wraps the optimiser and owns the (partitioned) gradient reduction
+      and clipping; we mark the step boundaries (``set_gradient_accumulation_boundary``).
+    """
+
+    def __init__(self, model: nn.Module, settings: TrainSettings, total_steps: int,
+                 master_weights: Callable[[], Iterator[tuple[nn.Parameter, torch.Tensor]]] | None = None):
         self.settings = settings
         self.engine = None
         self.skipped_steps = 0
         params = [p for p in model.parameters() if p.requires_grad]
         self.params = params
+        # fused AdamW on CUDA; FSDP's DTensor parameters take the default (foreach) implementation
+        fused = settings.device.startswith("cuda") and settings.strategy != "fsdp"
+        self.opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay,
+                                     **({"fused": True} if fused else {}))
+        self.scheduler = make_lr_schedule(self.opt, settings, total_steps)
+        self.model = model
         if settings.strategy == "deepspeed":
-            import deepspeed
-
             config = {
                 "train_micro_batch_size_per_gpu": settings.micro_examples,
                 "gradient_accumulation_steps": 1,  # we mark step boundaries ourselves (ragged last steps)
-                "zero_optimization": {"stage": settings.zero_stage, "overlap_comm": True},
+                "zero_optimization": {"stage": settings.zero_stage,
+                                      "overlap_comm": settings.device.startswith("cuda")},
                 "bf16": {"enabled": settings.precision.startswith("bf16")},
-                "optimizer": {"type": "AdamW", "params": {"lr": settings.lr, "weight_decay": settings.weight_decay}},
                 "gradient_clipping": settings.max_grad_norm or 0.0,
                 "steps_per_print": 10**9,
             }
-            # DeepSpeed builds the schedule on its optimiser and steps it in engine.step().
-            self.engine, _, _, self.scheduler = deepspeed.initialize(
-                model=model, model_parameters=params, config=config,
-                lr_scheduler=lambda opt: make_lr_schedule(opt, settings, total_steps))
+            self.engine, _, _, _ = _deepspeed().initialize(model=model, optimizer=self.opt, config=config)
             self.model = self.engine
-        else:
-            self.model = model
-            self.opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay,
-                                         fused=settings.device.startswith("cuda"))
-            self.scheduler = make_lr_schedule(self.opt, settings, total_steps)
+            if config["bf16"]["enabled"] and master_weights is not None:
+                # DeepSpeed made its fp32 master copies from the bf16 working weights; start them from
+                # the job's fp32 initial weights instead, so a lineage of phases keeps its precision.
+                from deepspeed.utils import safe_set_full_fp32_param
+
+                for param, value in master_weights():
+                    safe_set_full_fp32_param(param, value.to(param.device, torch.float32))
 
     def lr(self) -> float:
         """The learning rate the next optimiser step uses."""
@@ -141,23 +206,29 @@ class _Stepper:
             self.engine.set_gradient_accumulation_boundary(last)
             self.engine.backward(loss)
             return
+        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
+            self.model.set_requires_gradient_sync(last)
+            loss.backward()
+            return
         sync = last or not hasattr(self.model, "no_sync")
         with contextlib.nullcontext() if sync else self.model.no_sync():
             loss.backward()
 
     def step(self) -> None:
         if self.engine is not None:
-            self.engine.step()
-            return
-        # Clip, and skip a step whose gradients are not finite (as AMP's loss scaler does) rather
-        # than let one bad batch turn every weight into NaN.
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm or float("inf"))
-        if not torch.isfinite(norm):
-            self.skipped_steps += 1
-            log.warning("skipping an optimiser step: gradient norm is %s", float(norm))
-            self.opt.zero_grad(set_to_none=True)
+            self.engine.step()  # clips to gradient_clipping, steps AdamW over this rank's partition
         else:
-            self.opt.step()
+            # Clip, and skip a step whose gradients are not finite (as AMP's loss scaler does) rather
+            # than let one bad batch turn every weight into NaN.
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm or float("inf"))
+            if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
+                norm = norm.full_tensor()
+            if not torch.isfinite(norm):
+                self.skipped_steps += 1
+                log.warning("skipping an optimiser step: gradient norm is %s", float(norm))
+                self.opt.zero_grad(set_to_none=True)
+            else:
+                self.opt.step()
         self.scheduler.step()  # a skipped step still counts: the schedule follows the step index
 
 
@@ -171,23 +242,84 @@ def _steps(n_items: int, per_step: int, seed: int, epochs: int) -> list[list[int
     return steps
 
 
-def _trained_state(model: nn.Module, rank: int) -> dict[str, torch.Tensor] | None:
-    """The trained weights as a CPU state dict on rank 0, ``None`` on the other ranks (one full copy
-    per group, not per rank). ZeRO-3 partitions the parameters, so every rank takes part in the
-    gather and rank 0 receives the result."""
-    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
-    if hasattr(model, "_zero3_consolidated_16bit_state_dict") and model.zero_optimization_stage() == 3:
-        full = model._zero3_consolidated_16bit_state_dict()  # a collective: every rank calls it
-        if rank != 0:
+class TrainedWeights:
+    """The trained weights of a learner job, read once after its last step: a
+    :class:`apo_ray.weights.TensorStream` of ``hf_model``'s state dict.
+
+    ``specs`` (name, dtype, full shape of every tensor) are known on every rank without
+    communication. :meth:`tensors` yields the full tensors in turn on rank 0; under FSDP2 (DTensor
+    shards) and ZeRO-3 (partitioned parameters) each one is gathered from the ranks' shards as it is
+    asked for, so *every* rank must iterate to the end (the others get nothing: use :meth:`drain`),
+    and no rank holds more than one gathered tensor at a time besides its shards. Rank 0 copies each
+    into wherever it packs (the object-store buffer), so the full state dict exists only there.
+
+    ``deepspeed_master``: read each trainable parameter from DeepSpeed's fp32 master copy (gathered
+    from the optimiser partitions, a collective under every ZeRO stage) instead of the module's
+    bf16 working copy, so a DeepSpeed learner hands back what a DDP or FSDP one does under
+    ``bf16-autocast``: fp32 weights that keep updates smaller than bf16 can represent (the paper's
+    RM learning rate, 1e-8, moves weights far below bf16's resolution).
+    """
+
+    def __init__(self, hf_model: nn.Module, rank: int, *, deepspeed_master: bool = False):
+        self.rank = rank
+        self._state = hf_model.state_dict(keep_vars=True)  # tensors or parameters (sharded or not)
+        self._master = deepspeed_master
+        self.collective = deepspeed_master or any(
+            hasattr(t, "full_tensor") or hasattr(t, "ds_id") for t in self._state.values())
+        self.specs = [TensorSpec(name, torch.float32 if self._from_master(t) else t.dtype,
+                                 tuple(getattr(t, "ds_shape", None) or t.shape)) for name, t in self._state.items()]
+
+    def _from_master(self, t: torch.Tensor) -> bool:
+        return self._master and isinstance(t, nn.Parameter) and t.requires_grad  # frozen ones have no master
+
+    def _full_tensors(self) -> Iterator[torch.Tensor]:
+        for t in self._state.values():
+            if self._from_master(t):
+                from deepspeed.utils import safe_get_full_fp32_param
+
+                yield safe_get_full_fp32_param(t)  # a collective (all-reduce / all-gather of the partitions)
+            elif hasattr(t, "full_tensor"):  # an FSDP2 DTensor shard: all-gather (a collective)
+                yield t.full_tensor()
+            elif hasattr(t, "ds_id"):  # a ZeRO-3 partitioned parameter: gather it (a collective)
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
+                    yield t.data
+            else:  # whole on every rank (DDP, ZeRO-1/2 working copies, buffers)
+                yield t.data if isinstance(t, nn.Parameter) else t
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        """Rank 0: each full tensor in ``specs`` order, valid until the next one is asked for."""
+        if self.rank != 0:
+            raise RuntimeError("only rank 0 receives the trained weights; other ranks call drain()")
+        for t in self._full_tensors():
+            yield t.detach()
+
+    def drain(self) -> None:
+        """What a rank other than 0 does with the stream: take part in every gather (nothing to do
+        where nothing is sharded)."""
+        if self.collective:
+            for _ in self._full_tensors():
+                pass
+
+    def state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Rank 0: the weights as a CPU state dict (one copy); other ranks: ``None`` (after
+        :meth:`drain`). The default ``publish`` of the learners."""
+        if self.rank != 0:
+            self.drain()
             return None
-        prefix = "model." if isinstance(model.module, ScalarRewardModel) else ""
-        return {k[len(prefix):]: v.detach().cpu().contiguous() for k, v in (full or {}).items()}
-    if rank != 0:
-        return None
-    inner = getattr(model, "module", model)  # unwrap DDP / DeepSpeed
-    if isinstance(inner, ScalarRewardModel):
-        inner = inner.model
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in inner.state_dict().items()}
+        return {spec.name: t.to("cpu", copy=True).contiguous() for spec, t in zip(self.specs, self.tensors())}
+
+
+def _publish_state_dict(trained: TrainedWeights) -> dict[str, torch.Tensor] | None:
+    return trained.state_dict()
+
+
+def _trained_weights(hf_model: nn.Module, settings: TrainSettings) -> TrainedWeights:
+    """The stream of what a learner hands back: its weights in the precision it keeps its master
+    copy in (fp32 unless ``bf16``, whatever the strategy)."""
+    return TrainedWeights(hf_model, settings.rank,
+                          deepspeed_master=settings.strategy == "deepspeed" and settings.precision != "bf16")
 
 
 @dataclass(frozen=True)
@@ -214,8 +346,8 @@ class TrainSettings:
     schedule: str = "constant"  # learning rate after warmup: constant | linear | cosine (decay to 0)
     warmup_steps: int = 0  # linear warmup from 0 over these optimiser steps
     warmup_ratio: float = 0.0  # ... or over this fraction of the phase's steps (when warmup_steps is 0)
-    strategy: str = "ddp"  # ddp (also plain, one process) | deepspeed
-    zero_stage: int = 2
+    strategy: str = "ddp"  # ddp (also plain, one process) | fsdp (FSDP2) | deepspeed (ZeRO)
+    zero_stage: int = 2  # deepspeed only
     log_every_steps: int = 0  # 0: about ten progress lines per run
 
     @classmethod
@@ -224,7 +356,7 @@ class TrainSettings:
         c = cfg.cluster
         common = {"lr": lr, "seed": seed, "precision": cfg.model.train_precision,
                   "gradient_checkpointing": c.gradient_checkpointing, "compile": c.learner_compile,
-                  "strategy": "deepspeed" if c.learner_strategy == "deepspeed" else "ddp",
+                  "strategy": c.learner_strategy,
                   "zero_stage": c.deepspeed_stage}
         if role == "rm":
             r = cfg.rm
@@ -284,17 +416,21 @@ class LearnerJob:
 
 def run_job(job: LearnerJob, init_state: dict[str, torch.Tensor] | None, data: Sequence, *, device: str = "cpu",
             rank: int = 0, world_size: int = 1,
-            prepare_model: Callable[[nn.Module], nn.Module] = lambda m: m) -> tuple[dict | None, dict]:
+            prepare_model: Callable[[nn.Module], nn.Module] = lambda m: m,
+            publish: Callable[[TrainedWeights], Any] = _publish_state_dict) -> tuple[Any, dict]:
     """Run ``job`` on ``data`` (RankedPairs for an RM, (prompt, response...) tuples for a policy)
-    as ``rank`` of ``world_size``; returns (rank 0: the trained state dict, else None; stats)."""
+    as ``rank`` of ``world_size``; returns (``publish(trained weights)``: by default rank 0's CPU
+    state dict, else None; stats)."""
     settings = dataclasses.replace(job.settings, device=device, rank=rank, world_size=world_size)
     train = train_reward_model if job.role == "rm" else train_policy
-    return train(job.model, init_state, data, settings, loss=job.loss, prepare_model=prepare_model)
+    return train(job.model, init_state, data, settings, loss=job.loss, prepare_model=prepare_model, publish=publish)
 
 
 def _run_steps(model: nn.Module, settings: TrainSettings, n_items: int,
                micro_loss: Callable[[nn.Module, list[int], dict[str, int]], tuple[torch.Tensor, int]],
-               step_counts: Callable[[list[int]], dict[str, int]], what: str) -> tuple[nn.Module, dict]:
+               step_counts: Callable[[list[int]], dict[str, int]], what: str,
+               master_weights: Callable[[], Iterator[tuple[nn.Parameter, torch.Tensor]]] | None = None,
+               ) -> tuple[nn.Module, dict]:
     """The shared optimiser loop: this rank's slice of each step, in micro-batches, one update.
 
     ``micro_loss(model, indices, step_counts)`` returns (this micro-batch's share of the step's
@@ -304,7 +440,7 @@ def _run_steps(model: nn.Module, settings: TrainSettings, n_items: int,
     if settings.compile:
         model = torch.compile(model)
     steps = _steps(n_items, settings.examples_per_step, settings.seed, settings.epochs)
-    stepper = _Stepper(model, settings, total_steps=len(steps))
+    stepper = _Stepper(model, settings, total_steps=len(steps), master_weights=master_weights)
     model.train()
     losses, lrs, tokens, start = [], [], 0, time.perf_counter()
     log_every = settings.log_every_steps or max(1, len(steps) // 10)
@@ -345,13 +481,28 @@ def _run_steps(model: nn.Module, settings: TrainSettings, n_items: int,
                            "precision": settings.precision, "losses": losses, "lrs": lrs}
 
 
+def _fp32_init(hf_model: nn.Module, init_state: dict[str, torch.Tensor] | None):
+    """(trainable parameter, its fp32 initial value) pairs, when the job starts from fp32 weights
+    (a previous phase's): what DeepSpeed's fp32 master copies should start from."""
+    if init_state is None or not any(v.dtype == torch.float32 for v in init_state.values()):
+        return None
+    return lambda: ((param, init_state[name]) for name, param in hf_model.named_parameters()
+                    if param.requires_grad and init_state.get(name) is not None
+                    and init_state[name].dtype == torch.float32)
+
+
 def _load_for_training(load, model_name: str, init_state: dict | None, settings: TrainSettings):
     """Seeded load of a model (``load``: load_policy or load_reward_model) and its right-padding
-    tokenizer, with the given initial weights and the settings' memory options."""
+    tokenizer, with the given initial weights and the settings' memory options.
+
+    Every rank loads the whole model here, before any sharding: in bf16 for ``bf16`` and for
+    DeepSpeed's bf16 modes (its engine casts the module to bf16 anyway and keeps the fp32 master
+    copy in its optimiser partitions, so loading fp32 first would only double this peak), else fp32."""
     assert settings.precision != "auto", "resolve_precision first"
     torch.manual_seed(settings.seed)
     tokenizer = load_tokenizer(model_name, padding_side="right")
-    model = load(model_name, dtype="bfloat16" if settings.precision == "bf16" else "float32")
+    bf16 = settings.precision == "bf16" or (settings.strategy == "deepspeed" and settings.precision.startswith("bf16"))
+    model = load(model_name, dtype="bfloat16" if bf16 else "float32")
     if init_state is not None:
         model.load_state_dict(init_state)
     trainable = freeze_lower_layers(model, settings.trainable_layers)
@@ -364,7 +515,8 @@ def _load_for_training(load, model_name: str, init_state: dict | None, settings:
 
 def train_reward_model(model_name: str, init_state: dict[str, torch.Tensor] | None,
                        pairs: Sequence[RankedPair], settings: TrainSettings, *, loss: RMLoss = RMLoss(),
-                       prepare_model: Callable[[nn.Module], nn.Module] = lambda m: m) -> tuple[dict | None, dict]:
+                       prepare_model: Callable[[nn.Module], nn.Module] = lambda m: m,
+                       publish: Callable[[TrainedWeights], Any] = _publish_state_dict) -> tuple[Any, dict]:
     """One run of RM training: each step minimises ``losses.apo_rm_loss`` over the step's pairs
     ("apo" pairs: gold vs sample; "pref": chosen vs rejected). With only "pref" pairs and the
     default loss this is plain Bradley-Terry (RM_Base, evaluation RMs)."""
@@ -374,7 +526,7 @@ def train_reward_model(model_name: str, init_state: dict[str, torch.Tensor] | No
     tokenizer, hf_model = _load_for_training(load_reward_model, model_name, init_state, settings)
     if hf_model.config.pad_token_id is None:
         hf_model.config.pad_token_id = tokenizer.pad_token_id
-    model = prepare_model(ScalarRewardModel(hf_model).to(settings.device))
+    model = wrap_for_strategy(ScalarRewardModel(hf_model).to(settings.device), hf_model, settings, prepare_model)
     prompts = {p.prompt: format_prompt(tokenizer, p.prompt) for p in pairs}
 
     def encode(prompt: str, response: str) -> Encoded:
@@ -396,9 +548,10 @@ def train_reward_model(model_name: str, init_state: dict[str, torch.Tensor] | No
                             samples_per_query=loss.samples_per_query, n_apo=counts["apo"], n_pref=counts["pref"])
         return value, int(batch["attention_mask"].sum())
 
-    model, stats = _run_steps(model, settings, len(pairs), micro_loss, step_counts, "rm")
+    model, stats = _run_steps(model, settings, len(pairs), micro_loss, step_counts, "rm",
+                              _fp32_init(hf_model, init_state))
     stats.update(pairs=len(pairs), apo_pairs=sum(p.kind == "apo" for p in pairs))
-    return _trained_state(model, settings.rank), stats
+    return publish(_trained_weights(hf_model, settings)), stats
 
 
 @torch.no_grad()
@@ -410,7 +563,8 @@ def _sequence_logprobs_of(model, batch) -> torch.Tensor:
 
 def train_policy(model_name: str, init_state: dict[str, torch.Tensor] | None,
                  examples: Sequence[tuple[str, ...]], settings: TrainSettings, *, loss: PolicyLoss = PolicyLoss(),
-                 prepare_model: Callable[[nn.Module], nn.Module] = lambda m: m) -> tuple[dict | None, dict]:
+                 prepare_model: Callable[[nn.Module], nn.Module] = lambda m: m,
+                 publish: Callable[[TrainedWeights], Any] = _publish_state_dict) -> tuple[Any, dict]:
     """Train the policy on ``examples`` = (prompt, response_1, ..., response_R) tuples with the
     objective ``loss.objective`` (R = its ``responses_per_example``). An objective that
     ``uses_reference`` compares against the starting weights (its log-probs are taken before the
@@ -455,7 +609,7 @@ def train_policy(model_name: str, init_state: dict[str, torch.Tensor] | None,
         def step_counts(step):
             return {"n": len(step)}
 
-    model = prepare_model(hf_model)
+    model = wrap_for_strategy(hf_model, hf_model, settings, prepare_model)
 
     def micro_loss(model, chunk, counts):
         batch = batch_of(chunk)
@@ -466,6 +620,7 @@ def train_policy(model_name: str, init_state: dict[str, torch.Tensor] | None,
                                reference_logps=ref)
         return value, int(batch["attention_mask"].sum())
 
-    model, stats = _run_steps(model, settings, len(examples), micro_loss, step_counts, f"policy[{objective.name}]")
+    model, stats = _run_steps(model, settings, len(examples), micro_loss, step_counts, f"policy[{objective.name}]",
+                              _fp32_init(hf_model, init_state))
     stats.update(examples=len(examples))
-    return _trained_state(model, settings.rank), stats
+    return publish(_trained_weights(hf_model, settings)), stats

@@ -233,10 +233,10 @@ class VLLMGenerator:
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Weights from a state dict (HF names), packed straight into shared memory."""
-        from apo_ray.weights import pack_state_dict, packed_layout
+        from apo_ray.weights import pack_state_dict, packed_layout, state_dict_specs
 
         start = time.perf_counter()
-        _, total = packed_layout(state_dict)
+        _, total = packed_layout(state_dict_specs(state_dict))
         with shared_weights_file(total) as (flat, path):
             packed = pack_state_dict(state_dict, out=flat)
             written = time.perf_counter()

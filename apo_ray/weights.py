@@ -14,6 +14,10 @@ Here a state dict travels as ONE contiguous ``uint8`` numpy buffer plus a small 
 * Ray pickles a numpy array out of band (pickle protocol 5), so ``ray.put`` is one memcpy into
   shared memory and ``ray.get`` on the same node maps that memory without a copy: the array is
   read-only and backed by the object store.
+* ``pack_stream``: the same buffer filled from a :class:`TensorStream`, a state dict whose tensors
+  arrive one at a time (a sharded learner gathers each from its shards): laid out from the
+  tensors' specs first, each copied into its slot as it arrives, so no full state dict is built
+  besides the buffer.
 * ``unpack_state_dict(..., device="cpu")`` returns tensors that are views over that buffer (no copy);
   ``device="cuda"`` moves the whole buffer in one host-to-device transfer (double-buffered pinned
   staging chunks, ``non_blocking``) and slices the tensors out of the GPU buffer.
@@ -29,11 +33,12 @@ This is a plain module (pure functions and a dataclass): Ray only appears in ``p
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -161,17 +166,74 @@ def _device_to_host(src: torch.Tensor, dst: torch.Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-def packed_layout(state_dict: Mapping[str, torch.Tensor]) -> tuple[tuple[TensorMeta, ...], int]:
-    """Where :func:`pack_state_dict` puts each tensor, and the buffer's size in bytes."""
-    meta: list[TensorMeta] = []
-    offset = 0
+@dataclass(frozen=True)
+class TensorSpec:
+    """What one tensor of a state dict will be, known before its values are (e.g. before it is
+    gathered from its shards): name, dtype and full shape."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+@runtime_checkable
+class TensorStream(Protocol):
+    """A state dict read one tensor at a time: ``specs`` up front, then ``tensors()`` yields each
+    full tensor in ``specs`` order (valid until the next one is asked for)."""
+
+    specs: Sequence[TensorSpec]
+
+    def tensors(self) -> Iterator[torch.Tensor]: ...
+
+
+def packed_layout(specs: Sequence[TensorSpec]) -> tuple[tuple[TensorMeta, ...], int]:
+    """Each tensor's place in the packed buffer (64-byte aligned, in order) and the buffer's size."""
+    meta, offset = [], 0
+    for spec in specs:
+        nbytes = spec.nbytes
+        meta.append(TensorMeta(spec.name, str(spec.dtype).removeprefix("torch."), tuple(spec.shape), offset, nbytes))
+        offset = _align(offset + nbytes)
+    return tuple(meta), offset
+
+
+def _host_buffer(total: int, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        # torch's CPU allocator aligns to 64 bytes (numpy only guarantees 16); numpy shares the memory.
+        return torch.empty(total, dtype=torch.uint8)
+    if out.dtype != torch.uint8 or out.device.type != "cpu" or out.dim() != 1 or out.numel() < total:
+        raise ValueError(f"out must be a 1-D uint8 CPU tensor of at least {total} bytes")
+    return out[:total]
+
+
+def pack_stream(stream: TensorStream, out: torch.Tensor | None = None) -> PackedWeights:
+    """Pack a state dict that arrives one tensor at a time (each gathered from its shards, say):
+    the buffer is laid out from ``stream.specs``, then each tensor is copied into its slot as it
+    arrives (from any device), so the full state dict never exists anywhere but in the buffer.
+    ``out``: as for :func:`pack_state_dict`."""
+    meta, total = packed_layout(stream.specs)
+    host = _host_buffer(total, out)
+    with torch.no_grad():
+        for m, t in zip(meta, stream.tensors(), strict=True):
+            if tuple(t.shape) != m.shape or str(t.dtype).removeprefix("torch.") != m.dtype:
+                raise ValueError(f"{m.name}: got {t.dtype} {tuple(t.shape)}, the layout says {m.dtype} {m.shape}")
+            _typed_view(host, m).copy_(t.detach())
+    if host.is_pinned() and torch.cuda.is_available():
+        torch.cuda.synchronize()  # copies from the GPU into pinned memory may still be in flight
+    return PackedWeights(buffer=host.numpy(), meta=meta, total_bytes=total)
+
+
+def state_dict_specs(state_dict: Mapping[str, torch.Tensor]) -> list[TensorSpec]:
+    """The :class:`TensorSpec` of each tensor of ``state_dict``, in order."""
+    specs = []
     for name, t in state_dict.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"state_dict[{name!r}] is a {type(t).__name__}, not a torch.Tensor")
-        nbytes = t.numel() * t.element_size()
-        meta.append(TensorMeta(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, nbytes))
-        offset = _align(offset + nbytes)
-    return tuple(meta), offset
+        specs.append(TensorSpec(name, t.dtype, tuple(t.shape)))
+    return specs
 
 
 def pack_state_dict(state_dict: Mapping[str, torch.Tensor], out: torch.Tensor | None = None) -> PackedWeights:
@@ -184,14 +246,8 @@ def pack_state_dict(state_dict: Mapping[str, torch.Tensor], out: torch.Tensor | 
     allocation. Filling GBs of fresh memory costs page faults that can exceed the copy itself; a
     sender that publishes repeatedly can reuse one buffer (``put_weights`` does).
     """
-    meta, total = packed_layout(state_dict)
-    # torch's CPU allocator aligns to 64 bytes (numpy only guarantees 16); numpy shares the memory.
-    if out is None:
-        host = torch.empty(total, dtype=torch.uint8)
-    else:
-        if out.dtype != torch.uint8 or out.device.type != "cpu" or out.dim() != 1 or out.numel() < total:
-            raise ValueError(f"out must be a 1-D uint8 CPU tensor of at least {total} bytes")
-        host = out[:total]
+    meta, total = packed_layout(state_dict_specs(state_dict))
+    host = _host_buffer(total, out)
     tensors = list(state_dict.values())
     devices = {t.device for t in tensors}
     with torch.no_grad():
@@ -292,8 +348,18 @@ _scratch: torch.Tensor | None = None  # put_weights' reusable pack buffer (ray.p
 _scratch_lock = threading.Lock()
 
 
-def put_weights(state_dict: Mapping[str, torch.Tensor]) -> Any:
-    """Pack ``state_dict`` and put it in the object store; returns the ``ray.ObjectRef``.
+def _scratch_buffer(total: int, pin: bool) -> torch.Tensor:
+    """The process's reusable pack buffer, grown (or pinned) when needed; call under _scratch_lock."""
+    global _scratch
+    if _scratch is None or _scratch.numel() < total or (pin and not _scratch.is_pinned()):
+        _scratch = None  # free the old one before allocating the new one
+        _scratch = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
+    return _scratch
+
+
+def put_weights(weights: Mapping[str, torch.Tensor] | TensorStream) -> Any:
+    """Pack ``weights`` (a state dict, or a :class:`TensorStream` whose tensors are gathered one at
+    a time) and put it in the object store; returns the ``ray.ObjectRef``.
 
     The object is owned by this process: it lives as long as this process does and someone holds
     a reference (``OwnerDiedError`` on ``ray.get`` after the owner died). Packs into a buffer kept
@@ -302,16 +368,18 @@ def put_weights(state_dict: Mapping[str, torch.Tensor]) -> Any:
     """
     import ray
 
-    global _scratch
-    total = sum(_align(t.numel() * t.element_size()) for t in state_dict.values())
+    streamed = isinstance(weights, TensorStream)
+    if streamed:
+        total = packed_layout(weights.specs)[1]
+    else:
+        total = sum(_align(t.numel() * t.element_size()) for t in weights.values())
     with _scratch_lock:  # the buffer is reused: ray.put has copied it into the store when it returns
         # From CUDA weights, a pinned scratch takes the device-to-host DMA directly (pinning costs
         # once; the buffer is kept); from CPU weights, plain memory.
-        pin = torch.cuda.is_available() and any(t.is_cuda for t in state_dict.values())
-        if _scratch is None or _scratch.numel() < total or (pin and not _scratch.is_pinned()):
-            _scratch = None
-            _scratch = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
-        return ray.put(pack_state_dict(state_dict, out=_scratch))
+        pin = torch.cuda.is_available() and (streamed or any(t.is_cuda for t in weights.values()))
+        scratch = _scratch_buffer(total, pin)
+        packed = pack_stream(weights, out=scratch) if streamed else pack_state_dict(weights, out=scratch)
+        return ray.put(packed)
 
 
 def get_weights(ref: Any, device: str | torch.device = "cpu", copy: bool = False) -> dict[str, torch.Tensor]:

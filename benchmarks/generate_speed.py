@@ -72,7 +72,7 @@ def time_calls(fn, device: str, repeats: int) -> tuple[float, float, list[float]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="qwen2.5-0.5b", choices=["smollm2-135m", "qwen2.5-0.5b", "tiny"])
+    ap.add_argument("--shape", default="qwen2.5-0.5b", choices=["smollm2-135m", "qwen2.5-0.5b", "llama-7b", "tiny"])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--batch", type=int, default=256)

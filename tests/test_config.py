@@ -34,6 +34,8 @@ def problems(**overrides) -> str:
     ("cluster__max_actor_restarts", -1, "cluster.max_actor_restarts must be >= 0, got -1"),
     ("rm__score_batch", 0, "rm.score_batch must be >= 1, got 0"),
     ("rm__epochs", 0, "rm.epochs must be >= 1, got 0"),
+    ("cluster__learner_placement", "pack",
+     "cluster.learner_placement must be one of ('PACK', 'SPREAD', 'STRICT_PACK', 'STRICT_SPREAD'), got 'pack'"),
     ("rm__lr", float("inf"), "rm.lr must be a finite number > 0, got inf"),
     ("rm__base_lr", float("nan"), "rm.base_lr must be a finite number > 0, got nan"),
     ("data__rm_pairs", 1.5, f"{RM_PAIRS_RULE}, got 1.5"),
@@ -133,3 +135,20 @@ def test_main_job_refuses_splits_that_cannot_fit(tmp_path, hh_data_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "data.dev_pairs = " in proc.stderr and "exceeds data.llm_queries = 4" in proc.stderr
     assert not (tmp_path / "phases").exists()
+
+
+def test_deepspeed_strategy_without_deepspeed_says_what_to_install(monkeypatch):
+    import importlib.util
+
+    from apo_ray.launch import require_extras
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else find_spec(name, *a))
+    cfg = Config()
+    cfg.cluster.learner_strategy = "deepspeed"
+    with pytest.raises(ConfigError, match=r"cluster.learner_strategy=deepspeed needs DeepSpeed.*apo-ray\[deepspeed\]"):
+        require_extras(cfg)
+    cfg.run.in_process = True  # one process: no sharding, DeepSpeed is not used
+    require_extras(cfg)
+    cfg.run.in_process, cfg.cluster.learner_strategy = False, "fsdp"  # PyTorch's own: nothing to install
+    require_extras(cfg)

@@ -11,8 +11,10 @@ same records as the uninterrupted run; and the DPO policy updater plays a round.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,7 @@ class RecordingSystem:
     inner: Any
     crash_policy_from: str | None = None
     calls: list[tuple] = field(default_factory=list)
+    trained: list[weakref.ref] = field(default_factory=list)  # a tensor of every trained version's handle
 
     def generate(self, policy: Weights, prompts, n, seed, decoding):
         self.calls.append(("generate", policy.id, n, seed, tuple(prompts), dataclasses.astuple(decoding)))
@@ -65,7 +68,10 @@ class RecordingSystem:
             if self.crash_policy_from == init.id:
                 self.crash_policy_from = None
                 raise Crash(f"simulated crash in train_policy from {init.id}")
-        return self.inner.train(job, init, data)
+        handle, stats = self.inner.train(job, init, data)
+        if isinstance(handle, dict) and handle:
+            self.trained.append(weakref.ref(next(iter(handle.values()))))
+        return handle, stats
 
     def shutdown(self) -> None:
         self.inner.shutdown()
@@ -74,7 +80,11 @@ class RecordingSystem:
         self.inner.save_weights(handle, path)
 
     def load_weights(self, path: Path):
+        self.calls.append(("load_weights", Path(path).name))
         return self.inner.load_weights(path)
+
+    def resource_usage(self) -> dict:
+        return self.inner.resource_usage()
 
     def of(self, kind: str) -> list[tuple]:
         return [c[1:] for c in self.calls if c[0] == kind]
@@ -88,6 +98,7 @@ class GameRun:
     system: RecordingSystem
     records: list[dict]
     events: list[dict]
+    game: APOGame
 
     def record(self, arm: str, r: int) -> dict:
         (rec,) = [x for x in self.records if x["rm_mode"] == arm and x["round"] == r]
@@ -104,7 +115,7 @@ def play(cfg, root: Path, system=None) -> GameRun:
     events: list[dict] = []
     game = APOGame(cfg, system, data, store, on_phase=events.append)
     records = game.run()
-    return GameRun(cfg, data, store, system, records, events)
+    return GameRun(cfg, data, store, system, records, events, game)
 
 
 def lineage(arm: str, r: int) -> str:
@@ -284,6 +295,20 @@ def test_test_answers_use_the_testing_settings_and_game_samples_the_sampling_one
 
 
 # ------------------------------------------------------------------------------ resume
+
+
+def test_only_versions_a_later_phase_reads_stay_alive(game):
+    """After the run the game holds RM_Base (here also the evaluation RM) and each arm's current RM
+    and policy, and nothing else holds any trained version: every superseded one was released.
+    apo_seq's round 1 shares apo's versions in memory (no reload from disk)."""
+    gc.collect()
+    alive = {id(t) for t in (ref() for ref in game.system.trained) if t is not None}
+    live = [w for w in game.game.live_versions() if w.handle is not None]
+    assert {w.id for w in live} == {"rm/base"} | {f"rm/{arm}/r{ROUNDS}" for arm in ARMS if arm != "fixed"} | {
+        f"policy/{arm}/r{ROUNDS}" for arm in ARMS}
+    assert alive == {id(next(iter(w.handle.values()))) for w in live}
+    assert len(game.system.trained) > len(alive) + 2  # the earlier rounds' versions were trained and are gone
+    assert game.system.of("load_weights") == []  # nothing was read back from disk in a fresh run
 
 
 def test_crashed_run_resumes_without_recomputing_and_matches(game, tiny_cfg_factory, tmp_path):

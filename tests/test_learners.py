@@ -125,6 +125,23 @@ def test_every_rank_runs_the_same_number_of_micro_batches(tiny_model, rm_init, p
     assert counted[0].forwards == counted[1].forwards
 
 
+def test_trained_weights_stream_the_whole_state_dict_to_rank_0_only(tiny_model):
+    from apo_ray.training import TrainedWeights
+
+    model = load_policy(TINY)
+    expected = model.state_dict()
+    on_0 = TrainedWeights(model, rank=0)
+    assert [s.name for s in on_0.specs] == list(expected)  # tied lm_head included: loads with strict names
+    assert [s.shape for s in on_0.specs] == [tuple(v.shape) for v in expected.values()]
+    state = on_0.state_dict()
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
+    assert state["model.embed_tokens.weight"].data_ptr() != expected["model.embed_tokens.weight"].data_ptr()  # a copy
+    on_1 = TrainedWeights(model, rank=1)
+    assert on_1.state_dict() is None
+    with pytest.raises(RuntimeError, match="only rank 0"):
+        next(on_1.tensors())
+
+
 # ------------------------------------------------------------------------------ reward model
 
 
@@ -364,3 +381,99 @@ def test_learners_follow_the_schedule(tiny_model, rm_init, pref_pairs, sft_examp
         lr=1e-3, examples_per_step=1, micro_examples=1, schedule="cosine", warmup_ratio=0.25))
     assert policy_stats["lrs"] == pytest.approx([0.0, 1e-3, 0.5e-3 * (1 + math.cos(math.pi / 3)),
                                                  0.5e-3 * (1 + math.cos(2 * math.pi / 3))])
+
+
+# ------------------------------------------------------------------------------ gradient checkpointing
+
+
+@pytest.mark.parametrize("role", ["rm", "policy"])
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model, tiny_tokenizer, rm_init, pref_pairs, role):
+    """cluster.gradient_checkpointing recomputes activations in the backward pass instead of keeping
+    them: the learner's model has it on, and its gradients equal those without it."""
+    from apo_ray.models import reward_forward
+    from apo_ray.training import _load_for_training
+
+    tok = tiny_tokenizer
+    enc = [encode_prompt_response(tok, format_prompt(tok, p.prompt), p.good, 64) for p in pref_pairs[:4]]
+    batch = pad_batch(enc, tok.pad_token_id, side="right")
+    grads = {}
+    for on in (False, True):
+        load = load_reward_model if role == "rm" else load_policy
+        _, model = _load_for_training(load, TINY, rm_init if role == "rm" else None,
+                                      settings(gradient_checkpointing=on))
+        assert model.is_gradient_checkpointing is on
+        model.train()
+        if role == "rm":
+            loss = reward_forward(model, batch["input_ids"], batch["attention_mask"]).square().sum()
+        else:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = masked_lm_loss(logits, batch["input_ids"], batch["loss_mask"])
+        loss.backward()
+        grads[on] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys() and len(grads[True]) > 10
+    assert any(g.abs().max() > 0 for g in grads[False].values())
+    for name in grads[False]:
+        assert torch.allclose(grads[True][name], grads[False][name], rtol=1e-5, atol=1e-7), name
+
+
+# ------------------------------------------------------------------------------ DeepSpeed's fp32 master weights
+
+DS_MASTER_SCRIPT = """
+import dataclasses, os, sys
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def run(rank, data, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    from apo_ray.data import RankedPair, load_preference_pairs
+    from apo_ray.models import load_reward_model
+    from apo_ray.training import TrainSettings, train_reward_model
+
+    pairs = [RankedPair.from_preference(p) for p in load_preference_pairs(data, limit=8)]
+    torch.manual_seed(0)
+    init = {k: v.clone() for k, v in load_reward_model("tiny-random-llama").state_dict().items()}  # fp32
+    s = TrainSettings(lr=1e-6, examples_per_step=4, micro_examples=2, max_length=48, precision="bf16-autocast",
+                      rank=rank, world_size=2, strategy="deepspeed", zero_stage=2)
+    first, _ = train_reward_model("tiny-random-llama", init, pairs, s)
+    box = [first]
+    dist.broadcast_object_list(box, src=0)  # every rank starts the next phase from rank 0's weights
+    again, _ = train_reward_model("tiny-random-llama", box[0], pairs, dataclasses.replace(s, lr=0.0))
+    if rank == 0:
+        torch.save({"init": init, "first": first, "again": again}, out)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    mp.spawn(run, args=tuple(sys.argv[1:]), nprocs=2)
+"""
+
+
+def test_deepspeed_bf16_hands_back_and_resumes_from_fp32_master_weights(tiny_model, hh_data_path, tmp_path):
+    """ZeRO-2 in bf16 (2 gloo processes): the weights handed back are DeepSpeed's fp32 master copies,
+    so updates far below bf16's resolution (lr 1e-6 here; the paper's RM uses 1e-8) survive the
+    phase, and the next phase starts its master copies from them exactly (lr 0: nothing moves)."""
+    pytest.importorskip("deepspeed")
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    script, out = tmp_path / "ds_master.py", tmp_path / "weights.pt"
+    script.write_text(DS_MASTER_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(hh_data_path), port, str(out)], capture_output=True,
+                          text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    w = torch.load(out, weights_only=True)
+    init, first, again = w["init"], w["first"], w["again"]
+    assert all(v.dtype == torch.float32 for v in first.values())
+    moved = max_abs_diff(first, init)
+    assert 0 < moved < 1e-5  # Adam steps of ~1e-6: a bf16 copy of init alone would be ~1e-4 off
+    bf16_ulp = (init["model.layers.0.mlp.up_proj.weight"].bfloat16().float() - init["model.layers.0.mlp.up_proj.weight"])
+    assert bf16_ulp.abs().max() > 10 * moved  # so the change is invisible in bf16 and visible here
+    assert all(torch.equal(again[k], first[k]) for k in first)  # the lineage kept its fp32 precision

@@ -356,6 +356,141 @@ def test_one_learner_group_serves_every_phase_and_survives_failures(cluster, tmp
     assert result["reloaded_scores_equal"]
 
 
+STRATEGY_SCRIPT = """
+import dataclasses, json, os, signal, sys, threading, time
+import ray
+import torch
+from apo_ray.config import Config
+from apo_ray.data import RankedPair, load_preference_pairs
+from apo_ray.game import Weights
+from apo_ray.ray_system import RaySystem
+from apo_ray.training import LearnerJob, RMLoss
+from apo_ray.weights import unpack_state_dict
+
+cfg = Config()
+cfg.model.policy = cfg.model.reward = "tiny-random-llama"
+cfg.model.dtype, cfg.model.train_precision = "float32", "fp32"
+cfg.rm.pairs_per_batch, cfg.rm.micro_pairs, cfg.rm.max_length = 8, 2, 64
+cfg.rm.schedule, cfg.rm.warmup_steps = "linear", 1  # lr 0, 1e-3, 2e-3/3, 1e-3/3: each strategy must follow it
+cfg.policy.sequences_per_batch, cfg.policy.micro_sequences, cfg.policy.max_length = 4, 2, 64
+cfg.generation.max_new_tokens, cfg.generation.prompts_per_batch = 6, 8
+cfg.cluster.learner_workers = 2
+cfg.cluster.generator_cpus = cfg.cluster.scorer_cpus = 0.5
+cfg.run.output_dir = sys.argv[3]
+ray.init(address=sys.argv[1])
+system = RaySystem(cfg, namespace="strategy-test")
+pairs = [RankedPair.from_preference(p) for p in load_preference_pairs(sys.argv[2], limit=16)]
+examples = [(p.prompt, p.good) for p in pairs[:8]]
+prompts, responses = [p.prompt for p in pairs], [p.good for p in pairs]
+
+
+def under(strategy, stage=2, checkpointing=False):
+    return dataclasses.replace(cfg, cluster=dataclasses.replace(
+        cfg.cluster, learner_strategy=strategy, deepspeed_stage=stage, gradient_checkpointing=checkpointing))
+
+
+def weights(ref):
+    return unpack_state_dict(ray.get(ref), copy=True)
+
+
+def diff(a, b):
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+out, reference = {}, None
+for name, c in (("ddp", under("ddp")), ("zero2", under("deepspeed", 2)),
+                ("zero3", under("deepspeed", 3, checkpointing=True)), ("fsdp", under("fsdp", checkpointing=True))):
+    rm_ref, rm_stats = system.train(LearnerJob.rm(c, lr=1e-3, epochs=2, seed=0, loss=RMLoss()),
+                                    Weights("rm/pretrained"), pairs)
+    policy_ref, policy_stats = system.train(LearnerJob.policy(c, lr=1e-3, seed=0), Weights("policy/init"), examples)
+    # through the real pools: the scorer scores with the trained RM, the generator samples the policy
+    scores = system.score(Weights(f"rm/{name}", rm_ref), prompts, responses)
+    generated = system.generate(Weights(f"policy/{name}", policy_ref), prompts[:4], 2, seed=1)
+    result = {"rm_losses": rm_stats["losses"], "policy_losses": policy_stats["losses"], "scores": scores,
+              "samples": generated.samples, "sync_bytes": generated.stats["sync_bytes"],
+              "pids": rm_stats["worker_pids"], "rm": weights(rm_ref), "policy": weights(policy_ref)}
+    reference = reference or result
+    result["rm_diff"], result["policy_diff"] = diff(result["rm"], reference["rm"]), diff(result["policy"], reference["policy"])
+    out[name] = result
+
+# ZeRO-3: SIGKILL rank 1 while a job runs; the group restarts and redoes it.
+zero3 = LearnerJob.rm(under("deepspeed", 3), lr=1e-3, epochs=6, seed=0, loss=RMLoss())
+ref, undisturbed = system.train(zero3, Weights("rm/pretrained"), pairs)
+undisturbed_weights = weights(ref)
+box = {}
+runner = threading.Thread(target=lambda: box.update(result=system.train(zero3, Weights("rm/pretrained"), pairs)))
+runner.start()
+time.sleep(2.0)
+os.kill(undisturbed["worker_pids"][1], signal.SIGKILL)
+runner.join()
+ref, redone = box["result"]
+system.shutdown()
+print("RESULT " + json.dumps({
+    "strategies": {name: {k: v for k, v in r.items() if k not in ("rm", "policy")} for name, r in out.items()},
+    "killed": undisturbed["worker_pids"], "after_kill": redone["worker_pids"],
+    "redone_losses_equal": undisturbed["losses"] == redone["losses"],
+    "redone_diff": diff(undisturbed_weights, weights(ref)),
+}))
+"""
+
+
+def test_sharded_learners_match_ddp_and_zero3_survives_a_killed_worker(cluster, tmp_path):
+    """Two Ray Train workers (gloo) run the same RM and policy jobs under DDP, ZeRO-2, ZeRO-3 and
+    FSDP2 (the last two with gradient checkpointing; the RM job on a warmup + linear-decay
+    schedule): the same losses and trained weights as DDP's to float tolerance, and the weights they
+    hand back load into the scorer and generator pools (same scores and samples). Then rank 1 is
+    SIGKILLed mid-job under ZeRO-3: Ray Train restarts the group and the job is redone with the same
+    result."""
+    pytest.importorskip("deepspeed")
+    script = tmp_path / "strategies.py"
+    script.write_text(STRATEGY_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), cluster["gcs"], cluster["data"], str(tmp_path / "out")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900, env=cluster["env"], check=False)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line, proc.stdout[-3000:] + proc.stderr[-5000:]
+    result = json.loads(line[len("RESULT "):])
+    runs = result["strategies"]
+    ddp = runs["ddp"]
+    assert len(ddp["rm_losses"]) == 4 and len(ddp["policy_losses"]) == 2
+    assert len(set(ddp["pids"])) == 2  # two workers
+    for name in ("zero2", "zero3", "fsdp"):
+        run = runs[name]
+        assert run["pids"] == ddp["pids"]  # one worker group served every strategy
+        assert run["rm_losses"] == pytest.approx(ddp["rm_losses"], abs=1e-5), name
+        assert run["policy_losses"] == pytest.approx(ddp["policy_losses"], abs=1e-5), name
+        assert run["rm_diff"] < 1e-5 and run["policy_diff"] < 1e-5, (name, run["rm_diff"], run["policy_diff"])
+        assert run["scores"] == pytest.approx(ddp["scores"], abs=1e-4), name
+        assert run["samples"] == ddp["samples"] and run["sync_bytes"] > 0, name
+    assert ddp["rm_losses"][1] != ddp["rm_losses"][0]  # it trained
+    # the kill: new processes finished the job, with the undisturbed run's result
+    assert not set(result["after_kill"]) & set(result["killed"])
+    assert result["redone_losses_equal"] and result["redone_diff"] == 0.0
+
+
+def test_object_store_stays_flat_across_rounds(cluster, tmp_path):
+    """Three rounds of apo and apo_seq through the driver actor: after each round the run holds
+    RM_Base and each arm's current RM and policy, and nothing else, so the cluster's object-store
+    bytes stop growing once every arm has its own versions (round 2; in round 1 apo_seq shares
+    apo's). The reading after every round is in the log and in summary.json."""
+    out = tmp_path / "run"
+    env = dict(cluster["env"], RAY_ADDRESS=cluster["gcs"])
+    proc = subprocess.run([sys.executable, "jobs/apo.py", "experiment=smoke", "apo.rounds=3", "apo.arms=[apo,apo_seq]",
+                           f"run.output_dir={out}", "run.save_models=none"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900, env=env, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    after = {r["round"]: r["resources_after_round"] for r in _summary(out)}
+    assert sorted(after) == [0, 1, 2, 3]
+    assert [after[r]["model_versions_alive"] for r in range(4)] == [1, 3, 5, 5]
+    used = [after[r]["object_store_bytes"] for r in range(4)]
+    version_bytes = used[0]  # RM_Base alone (an RM; a policy is as big, plus its tied head)
+    assert version_bytes > 1e6
+    assert used[1] > used[0] and used[2] > used[1] + version_bytes  # apo_seq's own RM and policy from round 2
+    assert abs(used[3] - used[2]) < 2**20, used  # flat: round 2's versions were released in round 3
+    assert re.search(r"round 3 done: 5 model versions alive \(.*\); object store [\d.]+ MiB in \d+ objects",
+                     proc.stderr), proc.stderr[-3000:]
+
+
 LAYOUT_SCRIPT = """
 import json, sys
 import ray

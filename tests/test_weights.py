@@ -13,9 +13,11 @@ import torch
 from apo_ray.weights import (
     ALIGNMENT,
     PackedWeights,
+    TensorSpec,
     get_weights,
     load_packed_into,
     pack_state_dict,
+    pack_stream,
     put_weights,
     unpack_state_dict,
 )
@@ -43,6 +45,43 @@ def assert_bit_exact(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
         assert torch.equal(
             x.contiguous().view(-1).view(torch.uint8), y.contiguous().view(-1).view(torch.uint8)
         )
+
+
+class _Stream:
+    """A state dict handed over one tensor at a time, as a sharded learner gathers it."""
+
+    def __init__(self, sd):
+        self.sd, self.handed = sd, 0
+        self.specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in sd.items()]
+
+    def tensors(self):
+        for value in self.sd.values():
+            self.handed += 1
+            yield value.clone()  # a fresh tensor each time, dropped once packed
+
+
+def test_a_streamed_state_dict_packs_like_a_whole_one():
+    sd = mixed_state_dict()
+    stream = _Stream(sd)
+    packed = pack_stream(stream)
+    whole = pack_state_dict(sd)
+    assert stream.handed == len(sd)
+    assert packed.meta == whole.meta and packed.total_bytes == whole.total_bytes
+    assert_bit_exact(sd, unpack_state_dict(packed))
+    out = torch.empty(whole.total_bytes + 100, dtype=torch.uint8)  # into a reused, larger buffer
+    assert_bit_exact(sd, unpack_state_dict(pack_stream(_Stream(sd), out=out)))
+
+
+def test_a_stream_that_breaks_its_specs_is_refused():
+    sd = mixed_state_dict()
+    stream = _Stream(sd)
+    stream.specs[0] = TensorSpec("w_fp32", torch.float32, (3, 5))
+    with pytest.raises(ValueError, match=r"w_fp32: got torch.float32 \(5, 3\), the layout says float32 \(3, 5\)"):
+        pack_stream(stream)
+    stream = _Stream(sd)
+    stream.specs.pop()
+    with pytest.raises(ValueError):  # one tensor more than the specs announce
+        pack_stream(stream)
 
 
 def test_round_trip_is_bit_exact_for_every_dtype_and_layout():
@@ -208,6 +247,9 @@ def test_actor_loads_weights_from_object_store(ray_local):
     ref2 = put_weights(other.state_dict())  # reuses put_weights' pack buffer: ref must not change
     assert_bit_exact(src.state_dict(), get_weights(ref))
     assert_bit_exact(other.state_dict(), get_weights(ref2))
+    ref3 = put_weights(_Stream(other.state_dict()))  # a learner's gathered stream, same buffer reused
+    assert_bit_exact(other.state_dict(), ray.get(loader.load.remote([ref3]))["state"])
+    assert_bit_exact(src.state_dict(), get_weights(ref))
     ray.kill(loader)
 
 
