@@ -434,3 +434,34 @@ def test_a_run_scored_by_rm_base_says_so(game, tmp_path, caplog):
     report = write_report(tmp_path, game.records).read_text()
     assert report.splitlines()[2].startswith("> **WARNING: no evaluation RM is on")
     assert "the RM the fixed arm (RJS) trains against" in report
+
+
+class SeedRecorder(RecordingSystem):
+    """Also records the seed of every learner job."""
+
+    def train(self, job, init: Weights, data):
+        self.calls.append(("train_seed", job.role, init.id, job.settings.seed))
+        return super().train(job, init, data)
+
+
+def test_run_seed_reaches_training_and_sampling_but_not_the_split(tiny_cfg_factory, tmp_path):
+    """Runs differing only in run.seed: the same blocks (data.seed decides them), other learner
+    seeds, other sampling seeds for every generate call, other weights and samples."""
+    runs = {}
+    for seed in (0, 1):
+        cfg = tiny_cfg_factory(apo__arms=["apo", "fixed"], apo__rounds=1, run__seed=seed)
+        runs[seed] = play(cfg, tmp_path / f"seed{seed}" / "phases", SeedRecorder(LocalSystem(cfg)))
+    a, b = runs[0], runs[1]
+    for block in ("pref_pairs", "llm_queries", "dev_pairs", "test_pairs"):
+        assert getattr(a.data, block) == getattr(b.data, block)
+    gen_a, gen_b = a.system.of("generate"), b.system.of("generate")
+    assert [(g[0], g[1], g[3]) for g in gen_a] == [(g[0], g[1], g[3]) for g in gen_b]  # same calls, same prompts
+    assert not {g[2] for g in gen_a} & {g[2] for g in gen_b}  # ... with no sampling seed in common
+    train_a, train_b = a.system.of("train_seed"), b.system.of("train_seed")
+    assert [t[:2] for t in train_a] == [t[:2] for t in train_b]
+    assert not {t[2] for t in train_a} & {t[2] for t in train_b}
+    # every policy of a run answers the test prompts with one seed (a paired comparison across arms)
+    test_answers = [g for g in gen_a if g[1] == 1]  # n = 1: only the test answers
+    assert len(test_answers) == 3 and len({g[2] for g in test_answers}) == 1  # policy/init, apo r1, fixed r1
+    assert max_abs_diff(a.weights("rm/base"), b.weights("rm/base")) > 0
+    assert a.store.get("samples/policy/init/queries") != b.store.get("samples/policy/init/queries")

@@ -1,0 +1,154 @@
+"""Does APO do what the paper says, at this scale? The science preset for several seeds, then the
+paper's claims judged across them (a benchmark: it takes about an hour per seed on 2 cores).
+
+    python benchmarks/science.py                                  # seeds 0,1,2 -> docs/science/
+    python benchmarks/science.py --seeds 0,1,2,3,4 -- apo.rounds=2  # overrides after -- go to every run
+    python benchmarks/science.py --report-only                    # only rewrite docs/science/ from the runs
+
+It runs one Hydra multirun over ``run.seed`` (``data.seed`` stays fixed, so every seed has the same
+blocks and test items):
+
+    python jobs/apo.py -m experiment=hh_small run.seed=0,1,2 run.in_process=true run.resume=true \\
+        hydra.sweep.dir=<runs-dir> hydra.sweep.subdir=seed${run.seed}
+
+one seed after another, each in one process (``run.in_process``: the same game as on Ray, without a
+Ray instance to share the 2 cores with; ``run.resume``: a stopped sweep continues from each seed's
+last finished phase). Then :func:`apo_ray.claims.write_claims_report` writes ``report.md``,
+``claims.json`` and the figures into ``--out``, with the machine (CPU flags, cores, load average
+while it ran), every seed's wall and CPU time, and the seconds each kind of phase took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_info() -> dict:
+    """The CPU's model name and which of FLAGS it has (what ``dtype: auto`` decides from)."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = set()
+    model = platform.processor() or platform.machine()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags |= set(line.split(":", 1)[1].split())
+        elif line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+    return {"model": model, "cores": os.cpu_count(), "flags": sorted(f for f in FLAGS if f in flags)}
+
+
+class LoadSampler(threading.Thread):
+    """The 1-minute load average every ``interval`` seconds while the runs go (the machine is shared)."""
+
+    def __init__(self, interval: float = 60.0):
+        super().__init__(daemon=True)
+        self.interval, self.samples, self._stop = interval, [], threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.time(), os.getloadavg()[0]))
+            self._stop.wait(self.interval)
+
+    def stop(self) -> list:
+        self._stop.set()
+        self.join()
+        return self.samples
+
+
+def run_seeds(seeds: list[int], runs_dir: Path, preset: str, overrides: list[str], log_path: Path) -> None:
+    command = [sys.executable, str(ROOT / "jobs" / "apo.py"), "-m", f"experiment={preset}",
+               f"run.seed={','.join(map(str, seeds))}", "run.in_process=true", "run.resume=true",
+               f"hydra.sweep.dir={runs_dir}", "hydra.sweep.subdir=seed${run.seed}", *overrides]
+    print("running:", " ".join(command), f"(log: {log_path})", flush=True)
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with open(log_path, "a") as log:
+        subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+
+
+def phase_seconds(run_dir: Path) -> dict:
+    """Seconds per kind of phase over the whole run (set-up phases counted once)."""
+    from apo_ray.report import wall_time_table
+
+    records = json.loads((run_dir / "summary.json").read_text())
+    phases, rows = wall_time_table(records)
+    return {p: round(sum(float(r.get(p) or 0.0) for r in rows), 1) for p in phases}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", default="0,1,2", help="run.seed values (comma separated)")
+    ap.add_argument("--preset", default="hh_small", help="experiment= preset")
+    ap.add_argument("--runs-dir", default=str(ROOT / "outputs" / "science"), help="where the runs go")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "science"), help="where the report goes")
+    ap.add_argument("--report-only", action="store_true", help="do not run; report on the runs in --runs-dir")
+    ap.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
+    ap.add_argument("overrides", nargs="*", help="after --: Hydra overrides for every run")
+    args = ap.parse_args()
+
+    seeds = [int(s) for s in args.seeds.split(",")]
+    runs_dir, out = Path(args.runs_dir).resolve(), Path(args.out).resolve()
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    machine_path = runs_dir / "machine.json"
+    machine = json.loads(machine_path.read_text()) if machine_path.exists() else {}
+    if not args.report_only:
+        sampler = LoadSampler()
+        sampler.start()
+        start = time.time()
+        try:
+            run_seeds(seeds, runs_dir, args.preset, args.overrides, runs_dir / "runs.log")
+        finally:
+            loads = sampler.stop()
+            machine.setdefault("sweeps", []).append({
+                "seeds": seeds, "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(start)),
+                "wall_seconds": time.time() - start, "overrides": args.overrides,
+                "load_average_1min": {"mean": sum(x for _, x in loads) / max(len(loads), 1),
+                                      "max": max((x for _, x in loads), default=None), "samples": len(loads)}})
+            machine_path.write_text(json.dumps(machine, indent=1))
+
+    import torch
+
+    from apo_ray.claims import write_claims_report
+
+    run_dirs = [runs_dir / f"seed{s}" for s in seeds]
+    missing = [str(d) for d in run_dirs if not (d / "summary.json").exists()]
+    if missing:
+        raise SystemExit(f"no finished run in {', '.join(missing)}; run without --report-only first")
+    per_seed = []
+    for seed, run_dir in zip(seeds, run_dirs):
+        timing_path = run_dir / "run_timing.json"
+        timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
+        per_seed.append({"seed": seed, "dir": str(run_dir), "wall_seconds": timing.get("wall_seconds"),
+                         "cpu_seconds": timing.get("process_cpu_seconds"), "phase_seconds": phase_seconds(run_dir)})
+    machine |= {"cpu": cpu_info(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                "python": platform.python_version(), "per_seed": per_seed}
+    sweeps = machine.get("sweeps", [])
+    notes = [f"Command: `python benchmarks/science.py --seeds {args.seeds}`"
+             + (f" `-- {' '.join(args.overrides)}`" if args.overrides else "")
+             + f" (Hydra multirun of `experiment={args.preset}` over `run.seed`, in process).",
+             f"CPU: {machine['cpu']['model']}, {machine['cpu']['cores']} cores, flags "
+             f"{', '.join(machine['cpu']['flags']) or 'none of ' + ', '.join(FLAGS)}; torch {machine['torch']}.",
+             *[f"Sweep of seeds {s['seeds']} started {s['started']}: {s['wall_seconds'] / 60:.1f} min wall; "
+               f"1-min load average while it ran: mean {s['load_average_1min']['mean']:.1f}, "
+               f"max {s['load_average_1min']['max']} (a quiet 2-core machine reads about 2)." for s in sweeps]]
+    report = write_claims_report(run_dirs, out, title=f"APO's claims at small scale (`experiment={args.preset}`)",
+                                 notes=notes, machine=machine, n_resamples=args.resamples)
+    print(f"wrote {report}")
+    for row in json.loads((out / "claims.json").read_text())["claims"]:
+        print(f"{row['verdict']:>12}  {row['text']}")
+
+
+if __name__ == "__main__":
+    main()
