@@ -50,19 +50,30 @@ def cpu_info() -> dict:
 
 
 class LoadSampler(threading.Thread):
-    """The 1-minute load average every ``interval`` seconds while the runs go (the machine is shared)."""
+    """The 1-minute load average every ``interval`` seconds while the runs go (the machine is shared).
+    With ``prune`` it also deletes the weight files of every seed that has finished (its
+    ``run_timing.json`` written): the report reads only scores, and a SmolLM2 run keeps ~11 GB of
+    fp32 state dicts (21 model versions)."""
 
-    def __init__(self, interval: float = 60.0):
+    def __init__(self, interval: float = 60.0, prune: list[Path] | None = None):
         super().__init__(daemon=True)
-        self.interval, self.samples, self._stop = interval, [], threading.Event()
+        self.interval, self.samples, self._done = interval, [], threading.Event()
+        self.prune = list(prune or [])
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._done.is_set():
             self.samples.append((time.time(), os.getloadavg()[0]))
-            self._stop.wait(self.interval)
+            self.prune_finished()
+            self._done.wait(self.interval)
+
+    def prune_finished(self) -> None:
+        for run_dir in self.prune:
+            if (run_dir / "run_timing.json").exists():
+                for weights in (run_dir / "phases").glob("*.pt"):
+                    weights.unlink()
 
     def stop(self) -> list:
-        self._stop.set()
+        self._done.set()
         self.join()
         return self.samples
 
@@ -94,6 +105,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "docs" / "science"), help="where the report goes")
     ap.add_argument("--report-only", action="store_true", help="do not run; report on the runs in --runs-dir")
     ap.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
+    ap.add_argument("--keep-weights", action="store_true",
+                    help="keep each finished seed's weight files (default: deleted; a finished run then "
+                         "cannot be resumed for more rounds)")
     ap.add_argument("overrides", nargs="*", help="after --: Hydra overrides for every run")
     args = ap.parse_args()
 
@@ -104,16 +118,18 @@ def main() -> None:
     machine_path = runs_dir / "machine.json"
     machine = json.loads(machine_path.read_text()) if machine_path.exists() else {}
     if not args.report_only:
-        sampler = LoadSampler()
+        sampler = LoadSampler(prune=[] if args.keep_weights else [runs_dir / f"seed{s}" for s in seeds])
         sampler.start()
         start = time.time()
         try:
             run_seeds(seeds, runs_dir, args.preset, args.overrides, runs_dir / "runs.log")
         finally:
             loads = sampler.stop()
+            sampler.prune_finished()
             machine.setdefault("sweeps", []).append({
                 "seeds": seeds, "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(start)),
                 "wall_seconds": time.time() - start, "overrides": args.overrides,
+                "env": {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS") if k in os.environ},
                 "load_average_1min": {"mean": sum(x for _, x in loads) / max(len(loads), 1),
                                       "max": max((x for _, x in loads), default=None), "samples": len(loads)}})
             machine_path.write_text(json.dumps(machine, indent=1))

@@ -465,3 +465,34 @@ def test_run_seed_reaches_training_and_sampling_but_not_the_split(tiny_cfg_facto
     assert len(test_answers) == 3 and len({g[2] for g in test_answers}) == 1  # policy/init, apo r1, fixed r1
     assert max_abs_diff(a.weights("rm/base"), b.weights("rm/base")) > 0
     assert a.store.get("samples/policy/init/queries") != b.store.get("samples/policy/init/queries")
+
+
+def test_paired_intervals_read_the_runs_own_scores(game, tmp_path):
+    """run_comparisons on a real game's phase store: each difference's estimate is the difference of
+    the two records' test accuracy / ECE / policy score, and the report carries the intervals."""
+    from apo_ray.claims import run_comparisons
+    from apo_ray.report import write_report
+
+    run_dir = game.store.root.parent
+    write_summary(run_dir, game.records, {"eval": {"n_bins": 10}})
+    comp = run_comparisons(run_dir, n_resamples=300)
+    by_rm = {}
+    for rec in game.records:
+        by_rm.setdefault(rec["rm"], rec)
+    assert {(r["round"], r["rm"], r["vs_rm"]) for r in comp["rm"]} >= {(1, "rm/apo/r1", "rm/base"),
+                                                                         (1, "rm/apo/r1", "rm/ablation/r1"),
+                                                                         (2, "rm/apo_seq/r2", "rm/apo/r1")}
+    for row in comp["rm"]:
+        a, b = by_rm[row["rm"]], by_rm[row["vs_rm"]]
+        assert row["acc"]["estimate"] == pytest.approx(a["rm_test_acc"] - b["rm_test_acc"])
+        assert row["ece"]["estimate"] == pytest.approx(a["rm_test_ece"] - b["rm_test_ece"])
+        assert row["acc"]["low"] <= row["acc"]["estimate"] <= row["acc"]["high"]
+    policies = {(r["round"], r["policy"]): r for r in game.records}
+    assert comp["policy"]
+    for row in comp["policy"]:
+        mine, theirs = policies[(row["round"], row["policy"])], policies[(row["round"], row["vs_policy"])]
+        assert theirs["rm_mode"] == "fixed"
+        assert row["diff"]["estimate"] == pytest.approx(mine["policy_mean_reward"] - theirs["policy_mean_reward"])
+    report = write_report(run_dir, game.records).read_text()
+    assert "## Paired differences with 95% bootstrap intervals" in report
+    assert (run_dir / "paired_differences.png").read_bytes()[:4] == b"\x89PNG"
