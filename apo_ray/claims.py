@@ -514,6 +514,7 @@ def _plot_by_round(path: Path, rms: Sequence[Mapping], policies: Sequence[Mappin
     for ax, title in zip(axes, ("RM test accuracy (%)", "RM test ECE", "policy: evaluation-RM score")):
         ax.set_title(title + ", mean ± sd over seeds", fontsize=9)
         ax.set_xlabel("round")
+        ax.set_xticks(sorted({p["round"] for p in policies}))
     axes[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -523,12 +524,13 @@ def _plot_by_round(path: Path, rms: Sequence[Mapping], policies: Sequence[Mappin
 
 def write_claims_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, title: str = "APO claims across seeds",
                         notes: Sequence[str] = (), machine: Mapping[str, Any] | None = None,
-                        n_resamples: int = N_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> Path:
+                        n_resamples: int = N_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                        sections: Sequence[str] = ()) -> Path:
     """``report.md``, ``claims.json`` and figures in ``out_dir`` from runs that differ in ``run.seed``.
 
     ``notes``: lines under the title (how it was run); ``machine``: what to record about where it ran
     (CPU flags, wall time per seed ...), written into the JSON and shown as a table when it has
-    ``per_seed`` rows.
+    ``per_seed`` rows. ``sections``: markdown blocks placed after the claims' explanation.
     """
     from apo_ray.report import ARM_LABELS, _jsonable, format_markdown_table
 
@@ -558,7 +560,7 @@ def write_claims_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, 
                                          [[ph, *[_fmt((r.get("phase_seconds") or {}).get(ph), 0)
                                                  for r in machine["per_seed"]]] for ph in phases]), ""]
     md += ["## Claims", "", claims_table_md(claims), "",
-           "How to read it: A - B is the first model minus the second, in the paper's direction (the sign the "
+           ("How to read it: A - B is the first model minus the second, in the paper's direction (the sign the "
            "paper reports is the claim). Per seed: the paired percentile bootstrap over the test items (pairs "
            f"for RMs, prompts for policies), {n_resamples} resamples, seeded. Pooled: the mean over seeds; its "
            "interval is mean ± 1.96 · sqrt(se_items² + sd_seeds²/k), where se_items comes from one bootstrap that "
@@ -569,9 +571,10 @@ def write_claims_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, 
            "(a two-sided 5% test with 80% power at the observed mean effect, se the one-seed bootstrap standard "
            "error at n items, assumed to shrink as 1/sqrt(n)); seeds needed = ((1.96 + 0.84) · sd_seeds / "
            "|effect|)²; for accuracy and ECE also the test items needed if the effect were the paper's size. These "
-           "are estimates from the observed variance of this setup, not guarantees.", ""]
-    if figures:
-        md += [f"![{figures['claims.png']}](claims.png)", ""] if "claims.png" in figures else []
+           "are estimates from the observed variance of this setup, not guarantees."), ""]
+    if "claims.png" in figures:
+        md += [f"![{figures['claims.png']}](claims.png)", ""]
+    md += [block.rstrip() + "\n" for block in sections]
 
     md += ["## Reward models across seeds (test split)", "", format_markdown_table(
         ["RM", "round", *[f"acc s{s} (%)" for s in seeds], "acc mean ± sd", *[f"ECE s{s}" for s in seeds],
@@ -610,17 +613,17 @@ def write_claims_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, 
         return lines
 
     md += ["## Within each run: paired differences with 95% bootstrap intervals", "",
-           "Each RM against RM_Base and RM_Base-AB of its round (accuracy in points, ECE), then each policy "
+           ("Each RM against RM_Base and RM_Base-AB of its round (accuracy in points, ECE), then each policy "
            "against RJS of its round (primary evaluation RM), per seed, and the across-seed mean ± sd beside "
-           "them.", "",
+           "them."), "",
            format_markdown_table(["round", "RM", "vs", *[f"Δacc s{s}" for s in seeds], "Δacc mean ± sd",
                                   *[f"ΔECE s{s}" for s in seeds], "ΔECE mean ± sd"], within_rows("rm")), "",
            format_markdown_table(["round", "policy of", "vs", *[f"Δscore s{s}" for s in seeds],
                                   "Δscore mean ± sd"], within_rows("policy")), ""]
     if "by_round.png" in figures:
         md += ["## Figures", "", f"![{figures['by_round.png']}](by_round.png)", ""]
-    md += ["## Files", "", "- `claims.json`: every number above (per-seed intervals, pooled, verdicts, the "
-           "within-run comparisons, the machine and timing record).", ""]
+    md += ["## Files", "", ("- `claims.json`: every number above (per-seed intervals, pooled, verdicts, the "
+           "within-run comparisons, the machine and timing record)."), ""]
     (out / "report.md").write_text("\n".join(md))
     data = {"title": title, "notes": list(notes), "machine": machine or {}, "seeds": seeds,
             "runs": [str(r.dir) for r in runs], "claims": claims, "within_run": within,
@@ -638,9 +641,9 @@ def comparisons_md(comp: Mapping[str, Any]) -> list[str]:
     if not (comp["rm"] or comp["policy"] or comp["judge"]):
         return []
     md = ["## Paired differences with 95% bootstrap intervals", "",
-          f"A - B over the same test items (pairs for RMs, prompts for policies), percentile bootstrap with "
+          (f"A - B over the same test items (pairs for RMs, prompts for policies), percentile bootstrap with "
           f"{comp['n_resamples']} resamples of the items (seed {comp['seed']}); an interval that excludes 0 "
-          "separates the two models beyond test-set noise (not beyond seed noise: see a multi-seed claims report).",
+          "separates the two models beyond test-set noise (not beyond seed noise: see a multi-seed claims report)."),
           ""]
     if comp["rm"]:
         md += [format_markdown_table(
@@ -668,7 +671,7 @@ def plot_comparisons(path: Path, comp: Mapping[str, Any]) -> bool:
     from apo_ray.report import _pyplot
 
     plt = _pyplot()
-    panels = [(f"Δ test accuracy (pts) vs {{vs}}", "acc", comp["rm"]), ("Δ test ECE", "ece", comp["rm"]),
+    panels = [("Δ test accuracy (pts) vs {vs}", "acc", comp["rm"]), ("Δ test ECE", "ece", comp["rm"]),
               ("Δ evaluation-RM score vs RJS", "diff", [r for r in comp["policy"] if r["primary"]])]
     panels = [p for p in panels if p[2]]
     if plt is None or not panels:
@@ -682,7 +685,8 @@ def plot_comparisons(path: Path, comp: Mapping[str, Any]) -> bool:
             d = r[metric]
             y = len(rows) - 1 - i
             ax.errorbar(d["estimate"] * scale, y, xerr=[[(d["estimate"] - d["low"]) * scale],
-                                                        [(d["high"] - d["estimate"]) * scale]], fmt="o", capsize=3)
+                                                        [(d["high"] - d["estimate"]) * scale]], fmt="o", capsize=3,
+                        color="tab:blue")
             labels.append(f"r{r['round']} {r['name']} vs {r['vs']}" if "name" in r else
                           f"r{r['round']} {'/'.join(r['arms'])}")
         ax.axvline(0, color="black", lw=0.8)

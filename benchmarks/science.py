@@ -94,7 +94,40 @@ def phase_seconds(run_dir: Path) -> dict:
 
     records = json.loads((run_dir / "summary.json").read_text())
     phases, rows = wall_time_table(records)
-    return {p: round(sum(float(r.get(p) or 0.0) for r in rows), 1) for p in phases}
+    return {p: round(sum(float(r.get(p) or 0.0) for r in rows), 1) for p in phases if not p.endswith("_total")}
+
+
+# Which benchmark ratio scales which phase: sampling phases by the sampling benchmark, the rest
+# (learners, scoring, evaluation, which is mostly scoring) by the RM learner benchmark.
+SAMPLING_PHASES = ("sample_gold", "sample_queries")
+
+
+def other_cpu_estimate(per_seed: list[dict], here_path: Path, other_path: Path) -> dict | None:
+    """Seconds a seed would take on the CPU of ``other_path`` (e.g. the AVX2-only machine's
+    ``cpu_demo_choices.json``): each phase's measured seconds here times the ratio of the two
+    machines' seconds on the same benchmark (shared-prefill sampling; top-4-blocks RM learner).
+    Contention that slowed this machine's phases and benchmark alike cancels in the ratio. An estimate."""
+    if not (here_path.exists() and other_path.exists()):
+        return None
+    here, other = json.loads(here_path.read_text()), json.loads(other_path.read_text())
+
+    def seconds(bench: dict, part: str, key: str, match: str, value: str) -> float:
+        return next(float(r[value]) for r in bench[part] if str(r[key]) == match)
+
+    layers = str(here["args"]["trainable_layers"])
+    ratio_sampling = (seconds(other, "sampling", "path", "shared prefill", "seconds")
+                      / seconds(here, "sampling", "path", "shared prefill", "seconds"))
+    ratio_learner = (seconds(other, "rm_learner", "trainable_layers", layers, "train_s")
+                     / seconds(here, "rm_learner", "trainable_layers", layers, "train_s"))
+    rows = []
+    for seed in per_seed:
+        phases = seed["phase_seconds"]
+        estimate = sum(v * (ratio_sampling if k in SAMPLING_PHASES else ratio_learner) for k, v in phases.items())
+        measured = sum(phases.values())
+        rows.append({"seed": seed["seed"], "phases_measured_s": measured, "phases_estimated_s": estimate})
+    return {"reference": str(other_path), "here": str(here_path), "ratio_sampling": ratio_sampling,
+            "ratio_learner": ratio_learner, "other_matmul": other.get("matmul"), "here_matmul": here.get("matmul"),
+            "per_seed": rows}
 
 
 def main() -> None:
@@ -108,6 +141,11 @@ def main() -> None:
     ap.add_argument("--keep-weights", action="store_true",
                     help="keep each finished seed's weight files (default: deleted; a finished run then "
                          "cannot be resumed for more rounds)")
+    ap.add_argument("--notes", default=None, help="a markdown file appended to the report (e.g. the reading of it)")
+    ap.add_argument("--here-bench", default=str(ROOT / "benchmarks" / "results" / "cpu_demo_choices_avx512bf16.json"),
+                    help="cpu_demo_choices.py run on this machine")
+    ap.add_argument("--other-bench", default=str(ROOT / "benchmarks" / "results" / "cpu_demo_choices.json"),
+                    help="cpu_demo_choices.py run on the CPU to estimate for (default: the AVX2-only machine)")
     ap.add_argument("overrides", nargs="*", help="after --: Hydra overrides for every run")
     args = ap.parse_args()
 
@@ -117,17 +155,19 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     machine_path = runs_dir / "machine.json"
     machine = json.loads(machine_path.read_text()) if machine_path.exists() else {}
-    if not args.report_only:
+    # A seed that finished keeps its measured timing: only the others run (a stopped seed resumes).
+    to_run = [s for s in seeds if not (runs_dir / f"seed{s}" / "run_timing.json").exists()]
+    if not args.report_only and to_run:
         sampler = LoadSampler(prune=[] if args.keep_weights else [runs_dir / f"seed{s}" for s in seeds])
         sampler.start()
         start = time.time()
         try:
-            run_seeds(seeds, runs_dir, args.preset, args.overrides, runs_dir / "runs.log")
+            run_seeds(to_run, runs_dir, args.preset, args.overrides, runs_dir / "runs.log")
         finally:
             loads = sampler.stop()
             sampler.prune_finished()
             machine.setdefault("sweeps", []).append({
-                "seeds": seeds, "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(start)),
+                "seeds": to_run, "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(start)),
                 "wall_seconds": time.time() - start, "overrides": args.overrides,
                 "env": {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS") if k in os.environ},
                 "load_average_1min": {"mean": sum(x for _, x in loads) / max(len(loads), 1),
@@ -150,17 +190,28 @@ def main() -> None:
                          "cpu_seconds": timing.get("process_cpu_seconds"), "phase_seconds": phase_seconds(run_dir)})
     machine |= {"cpu": cpu_info(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                 "python": platform.python_version(), "per_seed": per_seed}
+    estimate = other_cpu_estimate(per_seed, Path(args.here_bench), Path(args.other_bench))
+    if estimate:
+        machine["other_cpu_estimate"] = estimate
     sweeps = machine.get("sweeps", [])
     notes = [f"Command: `python benchmarks/science.py --seeds {args.seeds}`"
              + (f" `-- {' '.join(args.overrides)}`" if args.overrides else "")
              + f" (Hydra multirun of `experiment={args.preset}` over `run.seed`, in process).",
-             f"CPU: {machine['cpu']['model']}, {machine['cpu']['cores']} cores, flags "
-             f"{', '.join(machine['cpu']['flags']) or 'none of ' + ', '.join(FLAGS)}; torch {machine['torch']}.",
+             (f"CPU: {machine['cpu']['model']}, {machine['cpu']['cores']} cores, flags "
+             f"{', '.join(machine['cpu']['flags']) or 'none of ' + ', '.join(FLAGS)}; torch {machine['torch']}."),
              *[f"Sweep of seeds {s['seeds']} started {s['started']}: {s['wall_seconds'] / 60:.1f} min wall; "
                f"1-min load average while it ran: mean {s['load_average_1min']['mean']:.1f}, "
-               f"max {s['load_average_1min']['max']} (a quiet 2-core machine reads about 2)." for s in sweeps]]
+               f"max {s['load_average_1min']['max'] or float('nan'):.1f} (a quiet 2-core machine reads about 2)." for s in sweeps]]
+    if estimate:
+        minutes = [r["phases_estimated_s"] / 60 for r in estimate["per_seed"]]
+        notes.append(f"On the 2-core AVX2-only CPU of `{Path(args.other_bench).name}` (fp32 there) a seed would take "
+                     f"about {min(minutes):.0f}-{max(minutes):.0f} min of phases: an estimate, each phase's seconds "
+                     f"here times the two machines' ratio on the same benchmark (sampling x"
+                     f"{estimate['ratio_sampling']:.2f}, learner x{estimate['ratio_learner']:.2f}; "
+                     f"`{Path(args.here_bench).name}` was run here during the sweep).")
+    extra = [Path(args.notes).read_text()] if args.notes else []
     report = write_claims_report(run_dirs, out, title=f"APO's claims at small scale (`experiment={args.preset}`)",
-                                 notes=notes, machine=machine, n_resamples=args.resamples)
+                                 notes=notes, machine=machine, n_resamples=args.resamples, sections=extra)
     print(f"wrote {report}")
     for row in json.loads((out / "claims.json").read_text())["claims"]:
         print(f"{row['verdict']:>12}  {row['text']}")
