@@ -345,7 +345,9 @@ def judge_claims(runs: Sequence[Run], claims: Sequence[Claim] | None = None, *, 
                          "pooled: " + ", ".join(str(r.dir) for r in runs))
     rounds = max(max(_rounds(r)) for r in runs)
     claims = list(claims) if claims is not None else claims_for(rounds)
-    z = float(__import__("scipy.stats", fromlist=["norm"]).norm.ppf(1 - (1 - CONFIDENCE) / 2))
+    from scipy import stats
+
+    z = float(stats.norm.ppf(1 - (1 - CONFIDENCE) / 2))
     rows = []
     for claim in claims:
         arrays = [_side_arrays(run, claim) for run in runs]
