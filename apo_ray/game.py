@@ -28,6 +28,11 @@ How it departs from the paper / design choices:
   RM versions), so arms share work: round 1 of every arm samples the same initial policy once, the
   ``fixed`` arm re-evaluates RM_Base once. The same store is the checkpoint: a stopped run resumes
   from its last finished phase.
+- ``run.seed`` reaches every random choice of the game (:meth:`APOGame.seed`): RM and policy
+  initialisation (the RM's scalar head) and shuffles, the golden-query and training-query samples,
+  and the policies' test answers. ``data.seed`` alone decides the split, so runs that differ only
+  in ``run.seed`` see the same blocks (the same test pairs), and their spread is that of training
+  and sampling. Within a run every policy answers the test prompts with the same seed.
 """
 
 from __future__ import annotations
@@ -222,6 +227,15 @@ class APOGame:
                                samples_per_query=a.samples_per_query)
         self.objective = policy_objective(cfg.policy.updater, dpo_beta=cfg.policy.dpo_beta)
 
+    # Seeds of one run lie in [run.seed * SEED_STRIDE, (run.seed + 1) * SEED_STRIDE), so runs with
+    # other seeds never reuse them (offsets are < 1000 * (rounds + 1)); run.seed 0 gives the offsets.
+    SEED_STRIDE = 1_000_003
+
+    def seed(self, offset: int) -> int:
+        """The seed of one random choice of this run: ``offset`` names the choice (e.g. 1000 * r + 1:
+        round r's golden-query samples), ``run.seed`` the run."""
+        return self.cfg.run.seed * self.SEED_STRIDE + offset
+
     # -- phase plumbing --------------------------------------------------------------------------
     def _phase(self, key: str, compute: Callable[[], Any], timing: dict, name: str, **event) -> Any:
         """The stored result of ``key``, or ``compute()`` stored under it. A :class:`Generated`
@@ -297,7 +311,7 @@ class APOGame:
         pretrained = Weights("rm/pretrained")
         pref = [RankedPair.from_preference(p) for p in self.data.pref_pairs]
         self.rm_base = self._train_rm("rm/base", pretrained, pref, lr=rm_cfg.base_lr, epochs=rm_cfg.base_epochs,
-                                      seed=self.cfg.run.seed, loss=RMLoss(), timing=timing, name="train_rm_base")
+                                      seed=self.seed(0), loss=RMLoss(), timing=timing, name="train_rm_base")
         # Evaluation RMs, trained once; the last one that is on scores `policy_mean_reward` (the
         # paper's Table 3 uses RM_All), every one of them lands in `policy_rewards`.
         self.eval_rms = {}
@@ -309,7 +323,7 @@ class APOGame:
             if on:
                 self.eval_rms[key] = self._train_rm(
                     key, pretrained, [RankedPair.from_preference(p) for p in pairs], lr=rm_cfg.base_lr,
-                    epochs=rm_cfg.base_epochs, seed=self.cfg.run.seed + seed, loss=RMLoss(), timing=timing,
+                    epochs=rm_cfg.base_epochs, seed=self.seed(seed), loss=RMLoss(), timing=timing,
                     name="train_eval_rm")
         self.eval_rm = list(self.eval_rms.values())[-1] if self.eval_rms else self.rm_base
         if not self.eval_rms:
@@ -333,7 +347,7 @@ class APOGame:
         apo_pairs = []
         if mode.trains_on_apo_pairs:
             gold = self.data.gold
-            gold_samples = self._samples(policy, [g.prompt for g in gold], "gold", seed=1000 * r + 1,
+            gold_samples = self._samples(policy, [g.prompt for g in gold], "gold", seed=self.seed(1000 * r + 1),
                                          timing=timing, name="sample_gold", n=S, **event)
             apo_pairs = [RankedPair(g.prompt, g.response, s, "apo") for g, samples in zip(gold, gold_samples)
                          for s in samples]
@@ -344,12 +358,12 @@ class APOGame:
             init = rm if mode.rm_init == "previous" else self.rm_base
             pairs = apo_pairs + [RankedPair.from_preference(p) for p in self.data.pref_pairs]
             rm = self._train_rm(f"rm/{lineage}/r{r}", init, pairs, lr=cfg.rm.lr, epochs=cfg.rm.epochs,
-                                seed=cfg.run.seed + r, loss=self.apo_loss, timing=timing, name="train_rm", **event)
+                                seed=self.seed(r), loss=self.apo_loss, timing=timing, name="train_rm", **event)
 
         # 4-5. The policy answers every training query S times; the RM scores every sample and the
         #      policy objective picks each query's example (RJS: the best of S; DPO: best and worst).
         queries = self.data.llm_queries
-        samples = self._samples(policy, queries, "queries", seed=1000 * r + 2, timing=timing,
+        samples = self._samples(policy, queries, "queries", seed=self.seed(1000 * r + 2), timing=timing,
                                 name="sample_queries", n=S, **event)
         flat_prompts = [q for q, ss in zip(queries, samples) for _ in ss]
         flat_scores = self._scores(rm, flat_prompts, [s for ss in samples for s in ss],
@@ -366,7 +380,7 @@ class APOGame:
 
         # 6. Policy update on those examples, at this round's learning rate.
         lrs = cfg.policy.lrs
-        job = LearnerJob.policy(cfg, lr=lrs[min(r - 1, len(lrs) - 1)], seed=cfg.run.seed + r)
+        job = LearnerJob.policy(cfg, lr=lrs[min(r - 1, len(lrs) - 1)], seed=self.seed(r))
         policy = self._weights_phase(f"policy/{lineage}/r{r}", lambda: self.system.train(job, policy, examples),
                                      timing, "train_policy", **event)
 
@@ -398,7 +412,7 @@ class APOGame:
                             f"rm_{split}_ace": cal["ace"], f"rm_{split}_mce": cal["mce"],
                             f"rm_{split}_bins": cal["bins"]})
         queries = eval_prompts(self.cfg, self.data)
-        answers = [a[0] for a in self._samples(policy, queries, "test", seed=7, timing=timing,
+        answers = [a[0] for a in self._samples(policy, queries, "test", seed=self.seed(7), timing=timing,
                                                name="evaluate", n=1,
                                                decoding=self.cfg.generation.testing, **event)]
         policy_rewards = {}
@@ -471,7 +485,7 @@ def play_game(cfg: Config, system: GameSystem, on_phase: Callable[[dict], None] 
     at the end, also when a phase fails."""
     from apo_ray.observer import RunObserver
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _process_cpu_seconds()
     try:
         data = build_game_data(cfg)
         store = open_store(cfg, system)
@@ -484,20 +498,34 @@ def play_game(cfg: Config, system: GameSystem, on_phase: Callable[[dict], None] 
 
             game = APOGame(cfg, system, data, store, on_phase=each_phase)
             records = game.run()
-            finish_run(cfg, game, records, wall_seconds=time.perf_counter() - start)
+            finish_run(cfg, game, records, wall_seconds=time.perf_counter() - start,
+                       cpu_seconds=_process_cpu_seconds() - cpu_start)
     finally:
         system.shutdown()
     return records
 
 
+def _process_cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads (in process: the whole game's work)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def finish_run(cfg: Config, game: APOGame, records: list[dict], *, wall_seconds: float,
-               judge: dict | None = None) -> Path:
-    """Write ``summary.json``, ``resolved_config.json`` and ``report.md`` with its tables and plots."""
+               judge: dict | None = None, cpu_seconds: float | None = None) -> Path:
+    """Write ``summary.json``, ``resolved_config.json``, ``run_timing.json`` (wall seconds of the
+    game; CPU seconds of the process that played it, which in process is all of its work) and
+    ``report.md`` with its tables and plots."""
     from apo_ray.config import to_dict
     from apo_ray.report import write_report
 
     out = Path(cfg.run.output_dir)
     write_summary(out, records, to_dict(cfg))
+    (out / "run_timing.json").write_text(json.dumps(
+        {"wall_seconds": wall_seconds, "process_cpu_seconds": cpu_seconds, "in_process": cfg.run.in_process,
+         "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
     d = game.data
     if game.eval_rm.id == game.rm_base.id:  # report.md carries it too, at the top
         log.warning(scored_by_rm_base_warning(cfg.arms))

@@ -11,6 +11,9 @@ Plain functions, no Ray / torch. Input is the list of per-(round, arm) records w
   ``fig2_acc_vs_ece.png``, ``fig2_reward_by_round.png``, ``fig3_judge.png`` (judge only).
 * ``rm_table.csv``, ``policy_table.csv`` and ``report.json``: the tables as data (raw fractions,
   not percentages; missing values are empty cells / ``null``).
+* when the run's phase store is beside it (``phases/``): paired differences with bootstrap
+  intervals (:mod:`apo_ray.claims`: each RM vs RM_Base / RM_Base-AB, each policy vs RJS, the judge's
+  win rate), ``paired_differences.png``, and ``paired_differences`` in ``report.json``.
 
 Missing keys (no dev pairs, no test pairs, NaN stderr from a single test query) are shown as
 ``–`` and never raise.
@@ -417,6 +420,17 @@ _POLICY_CSV = ["arm", "arm_label", "round", "policy", "rm", "eval_rm", "mean_rew
                "best_of_s_mean_score", "apo_pairs", "test_queries"]
 
 
+def _paired_comparisons(out: Path, records: Sequence[Mapping[str, Any]],
+                        judge: Mapping[str, Mapping[str, Any]] | None) -> dict | None:
+    """The run's paired comparisons with bootstrap intervals (:func:`apo_ray.claims.run_comparisons`)
+    when its phase store (the per-item scores) is beside the report; None otherwise."""
+    if not (out / "phases").is_dir():
+        return None
+    from apo_ray.claims import run_comparisons
+
+    return run_comparisons(out, records, judge)
+
+
 def write_report(output_dir: str | Path, records: Sequence[Mapping[str, Any]], *,
                  judge: Mapping[str, Mapping[str, Any]] | None = None, notes: Sequence[str] | None = None,
                  title: str = "APO run", judge_baseline: str = "RJS") -> Path:
@@ -498,6 +512,14 @@ def write_report(output_dir: str | Path, records: Sequence[Mapping[str, Any]], *
                                        j["inconsistent"], j["invalid"], _fmt(j["win_rate"], 3),
                                        _fmt(j["loss_rate"], 3)] for j in judge_rows]), ""]
 
+    paired = _paired_comparisons(out, records, judge)
+    if paired is not None:
+        from apo_ray.claims import comparisons_md, plot_comparisons
+
+        md += comparisons_md(paired)
+        if plot_comparisons(out / "paired_differences.png", paired):
+            md += ["![paired differences with 95% bootstrap intervals](paired_differences.png)", ""]
+
     if wall:
         md += ["## Wall time per phase (s, summed over arms)", "",
                f"Set-up phases ({', '.join(SHARED_SETUP_PHASES)}) counted once; total excludes `*_total`.", "",
@@ -525,5 +547,7 @@ def write_report(output_dir: str | Path, records: Sequence[Mapping[str, Any]], *
             "rm_table": [{k: v for k, v in r.items()} for r in rms], "policy_table": policies,
             "wall_time": {"phases": phases, "rows": wall}, "judge": judge_rows,
             "figures": sorted(figures)}
+    if paired is not None:
+        data["paired_differences"] = paired
     (out / "report.json").write_text(json.dumps(_jsonable(data), indent=2, default=str) + "\n")
     return report

@@ -482,3 +482,65 @@ def test_a_run_scored_by_rm_base_says_so(game, tmp_path, caplog):
     report = write_report(tmp_path, game.records).read_text()
     assert report.splitlines()[2].startswith("> **WARNING: no evaluation RM is on")
     assert "the RM the fixed arm (RJS) trains against" in report
+
+
+class SeedRecorder(RecordingSystem):
+    """Also records the seed of every learner job."""
+
+    def train(self, job, init: Weights, data):
+        self.calls.append(("train_seed", job.role, init.id, job.settings.seed))
+        return super().train(job, init, data)
+
+
+def test_run_seed_reaches_training_and_sampling_but_not_the_split(tiny_cfg_factory, tmp_path):
+    """Runs differing only in run.seed: the same blocks (data.seed decides them), other learner
+    seeds, other sampling seeds for every generate call, other weights and samples."""
+    runs = {}
+    for seed in (0, 1):
+        cfg = tiny_cfg_factory(apo__arms=["apo", "fixed"], apo__rounds=1, run__seed=seed)
+        runs[seed] = play(cfg, tmp_path / f"seed{seed}" / "phases", SeedRecorder(LocalSystem(cfg)))
+    a, b = runs[0], runs[1]
+    for block in ("pref_pairs", "llm_queries", "dev_pairs", "test_pairs"):
+        assert getattr(a.data, block) == getattr(b.data, block)
+    gen_a, gen_b = a.system.of("generate"), b.system.of("generate")
+    assert [(g[0], g[1], g[3]) for g in gen_a] == [(g[0], g[1], g[3]) for g in gen_b]  # same calls, same prompts
+    assert not {g[2] for g in gen_a} & {g[2] for g in gen_b}  # ... with no sampling seed in common
+    train_a, train_b = a.system.of("train_seed"), b.system.of("train_seed")
+    assert [t[:2] for t in train_a] == [t[:2] for t in train_b]
+    assert not {t[2] for t in train_a} & {t[2] for t in train_b}
+    # every policy of a run answers the test prompts with one seed (a paired comparison across arms)
+    test_answers = [g for g in gen_a if g[1] == 1]  # n = 1: only the test answers
+    assert len(test_answers) == 3 and len({g[2] for g in test_answers}) == 1  # policy/init, apo r1, fixed r1
+    assert max_abs_diff(a.weights("rm/base"), b.weights("rm/base")) > 0
+    assert a.store.get("samples/policy/init/queries") != b.store.get("samples/policy/init/queries")
+
+
+def test_paired_intervals_read_the_runs_own_scores(game, tmp_path):
+    """run_comparisons on a real game's phase store: each difference's estimate is the difference of
+    the two records' test accuracy / ECE / policy score, and the report carries the intervals."""
+    from apo_ray.claims import run_comparisons
+    from apo_ray.report import write_report
+
+    run_dir = game.store.root.parent
+    write_summary(run_dir, game.records, {"eval": {"n_bins": 10}})
+    comp = run_comparisons(run_dir, n_resamples=300)
+    by_rm = {}
+    for rec in game.records:
+        by_rm.setdefault(rec["rm"], rec)
+    assert {(r["round"], r["rm"], r["vs_rm"]) for r in comp["rm"]} >= {(1, "rm/apo/r1", "rm/base"),
+                                                                         (1, "rm/apo/r1", "rm/ablation/r1"),
+                                                                         (2, "rm/apo_seq/r2", "rm/apo/r1")}
+    for row in comp["rm"]:
+        a, b = by_rm[row["rm"]], by_rm[row["vs_rm"]]
+        assert row["acc"]["estimate"] == pytest.approx(a["rm_test_acc"] - b["rm_test_acc"])
+        assert row["ece"]["estimate"] == pytest.approx(a["rm_test_ece"] - b["rm_test_ece"])
+        assert row["acc"]["low"] <= row["acc"]["estimate"] <= row["acc"]["high"]
+    policies = {(r["round"], r["policy"]): r for r in game.records}
+    assert comp["policy"]
+    for row in comp["policy"]:
+        mine, theirs = policies[(row["round"], row["policy"])], policies[(row["round"], row["vs_policy"])]
+        assert theirs["rm_mode"] == "fixed"
+        assert row["diff"]["estimate"] == pytest.approx(mine["policy_mean_reward"] - theirs["policy_mean_reward"])
+    report = write_report(run_dir, game.records).read_text()
+    assert "## Paired differences with 95% bootstrap intervals" in report
+    assert (run_dir / "paired_differences.png").read_bytes()[:4] == b"\x89PNG"

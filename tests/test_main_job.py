@@ -30,6 +30,8 @@ def test_main_job_in_process_with_report_and_judge(tmp_path, tiny_model, hh_data
     assert judge["apo"]["n"] == 2 and judge["apo"]["invalid"] == 2
     report = (out / "report.md").read_text()
     assert "Table 2" in report and "Table 3" in report and "LLM-as-judge" in report
+    # paired intervals from the run's phase store, the judge's rates with Wilson intervals beside them
+    assert "## Paired differences with 95% bootstrap intervals" in report and "win / (win + loss)" in report
     for png in ("reliability.png", "fig2_acc_vs_ece.png", "fig2_reward_by_round.png", "fig3_judge.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 

@@ -10,9 +10,15 @@ from apo_ray.metrics import (
     calibration_errors,
     combine_verdicts,
     mean_and_stderr,
+    mean_difference_interval,
+    paired_bootstrap,
     parse_judge_verdict,
     preference_accuracy,
+    proportion_interval,
+    rm_difference_interval,
+    samples_to_decide,
     summarize_judgements,
+    weighted_ece,
 )
 
 # ----------------------------------------------------------------------------- accuracy
@@ -281,3 +287,107 @@ def test_summarize_judgements_empty_and_unknown():
     assert s["n"] == 0 and s["win"] == 0 and math.isnan(s["win_rate"])
     with pytest.raises(ValueError):
         summarize_judgements(["win", "A"])
+
+
+# ----------------------------------------------------------------------------- intervals
+
+
+def test_weighted_ece_equals_calibration_errors_row_by_row():
+    rng = np.random.default_rng(3)
+    good, bad = rng.normal(size=(5, 30)) * 3, rng.normal(size=(5, 30))
+    batched = weighted_ece(good, bad, n_bins=7)
+    assert batched.shape == (5,)
+    for row in range(5):
+        assert batched[row] == pytest.approx(calibration_errors(good[row], bad[row], n_bins=7)["ece"], abs=1e-12)
+
+
+def test_paired_bootstrap_two_items_by_hand():
+    # differences d = [1, 0]: a resample of 2 items has mean 0 (prob 1/4), 0.5 (1/2) or 1 (1/4),
+    # so the 2.5th and 97.5th percentiles are 0 and 1; the spread of the resampled mean is
+    # sqrt(population var 0.25 / 2) = 0.3536.
+    out = mean_difference_interval([1.0, 0.0], [0.0, 0.0], n_resamples=4000, seed=1)
+    assert out["estimate"] == pytest.approx(0.5)
+    assert (out["low"], out["high"]) == (0.0, 1.0)
+    assert out["se"] == pytest.approx(math.sqrt(0.125), abs=0.02)
+    assert out["n"] == 2 and out["n_resamples"] == 4000
+
+
+def test_paired_difference_of_known_sign_and_size():
+    # per-prompt differences 1, 2, 3, 4 (policy x above y on every prompt): mean 2.5; every
+    # resample's mean lies in [1, 4], so the interval does too and excludes 0.
+    x, y = [11.0, -3.0, 7.0, 0.5], [10.0, -5.0, 4.0, -3.5]
+    out = mean_difference_interval(x, y, seed=0)
+    assert out["estimate"] == pytest.approx(2.5)
+    assert 1.0 <= out["low"] < 2.5 < out["high"] <= 4.0
+    flipped = mean_difference_interval(y, x, seed=0)
+    assert flipped["estimate"] == pytest.approx(-2.5)
+    assert (flipped["low"], flipped["high"]) == pytest.approx((-out["high"], -out["low"]))
+
+
+def test_pairing_cancels_what_the_items_share():
+    # Two policies whose scores differ by exactly 0.25 on every prompt, over prompts that vary by
+    # +-100: the paired interval is the single point 0.25 (an unpaired one would span ~+-10).
+    noise = np.random.default_rng(0).normal(size=200) * 100
+    out = mean_difference_interval(noise + 0.25, noise, seed=0)
+    assert out["estimate"] == pytest.approx(0.25)
+    assert out["low"] == pytest.approx(0.25) and out["high"] == pytest.approx(0.25)
+    assert out["se"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_rm_accuracy_difference_by_hand():
+    # 40 test pairs: RM A ranks all 40 right, RM B the first 20 -> A - B = 0.5; per pair the
+    # difference is 1 (20 pairs) or 0 (20 pairs), so the resampled mean has sd sqrt(.25 / 40) = 0.079.
+    good_a, bad_a = np.ones(40), np.zeros(40)
+    good_b, bad_b = np.r_[np.ones(20), np.zeros(20)], np.r_[np.zeros(20), np.ones(20)]
+    out = rm_difference_interval(good_a, bad_a, good_b, bad_b, metric="acc", seed=0)
+    assert out["estimate"] == pytest.approx(0.5)
+    assert out["se"] == pytest.approx(math.sqrt(0.25 / 40), rel=0.1)
+    assert 0.3 < out["low"] < 0.5 < out["high"] < 0.7
+    same = rm_difference_interval(good_b, bad_b, good_b, bad_b, metric="acc")
+    assert (same["estimate"], same["low"], same["high"]) == (0.0, 0.0, 0.0)
+
+
+def test_rm_ece_difference_by_hand():
+    # RM A: margin 0 on every pair -> p = 0.5 for both orientations, residuals +0.5 and -0.5 in
+    # one bin cancel: ECE 0. RM B: margin -50 on every pair (confidently wrong) -> p ~ 0 with
+    # label 1 and p ~ 1 with label 0: ECE 1. A - B = -1 on every resample.
+    n = 12
+    zeros = np.zeros(n)
+    out = rm_difference_interval(zeros, zeros, zeros, np.full(n, 50.0), metric="ece", seed=0)
+    assert out["estimate"] == pytest.approx(-1.0)
+    assert out["low"] == pytest.approx(-1.0) and out["high"] == pytest.approx(-1.0)
+
+
+def test_bootstrap_is_seeded_and_checks_its_input():
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=50), rng.normal(size=50)
+    a, b = mean_difference_interval(x, y, seed=7), mean_difference_interval(x, y, seed=7)
+    assert a == b
+    c = mean_difference_interval(x, y, seed=8)
+    assert (c["low"], c["high"]) != (a["low"], a["high"])
+    with pytest.raises(ValueError, match="differ in length"):
+        mean_difference_interval([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="at least 2 items"):
+        paired_bootstrap(lambda a, axis=-1: np.mean(a, axis=axis), [[1.0]])
+    with pytest.raises(ValueError, match="metric"):
+        rm_difference_interval(x, y, x, y, metric="auc")
+
+
+def test_proportion_interval_is_wilson_by_hand():
+    k, n, z = 7, 20, 1.959963984540054
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    out = proportion_interval(k, n)
+    assert out["rate"] == pytest.approx(0.35)
+    assert (out["low"], out["high"]) == pytest.approx((centre - half, centre + half))
+    assert math.isnan(proportion_interval(0, 0)["rate"])
+    with pytest.raises(ValueError):
+        proportion_interval(5, 3)
+
+
+def test_samples_to_decide_by_hand():
+    # se 0.01 at n = 400, effect 0.01: n * (1.95996 + 0.84162)^2 = 400 * 7.8489 = 3139.6
+    assert samples_to_decide(0.01, 0.01, 400) == pytest.approx(3139.55, rel=1e-4)
+    assert samples_to_decide(-0.02, 0.01, 400) == pytest.approx(3139.55 / 4, rel=1e-4)  # sign does not matter
+    assert samples_to_decide(0.0, 0.01, 400) == math.inf

@@ -373,7 +373,7 @@ cfg.model.dtype, cfg.model.train_precision = "float32", "fp32"
 cfg.rm.pairs_per_batch, cfg.rm.micro_pairs, cfg.rm.max_length = 8, 2, 64
 cfg.rm.schedule, cfg.rm.warmup_steps = "linear", 1  # lr 0, 1e-3, 2e-3/3, 1e-3/3: each strategy must follow it
 cfg.policy.sequences_per_batch, cfg.policy.micro_sequences, cfg.policy.max_length = 4, 2, 64
-cfg.generation.max_new_tokens, cfg.generation.prompts_per_batch = 6, 8
+cfg.generation.sampling.max_new_tokens, cfg.generation.prompts_per_batch = 6, 8
 cfg.cluster.learner_workers = 2
 cfg.cluster.generator_cpus = cfg.cluster.scorer_cpus = 0.5
 cfg.run.output_dir = sys.argv[3]
