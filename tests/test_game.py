@@ -407,8 +407,8 @@ class EmptySamples(RecordingSystem):
     queries: tuple = ()
     examples: list = field(default_factory=list)
 
-    def generate(self, policy, prompts, n, seed):
-        out = super().generate(policy, prompts, n, seed)
+    def generate(self, policy, prompts, n, seed, decoding):
+        out = super().generate(policy, prompts, n, seed, decoding)
         if tuple(prompts) == self.queries:
             out.samples = [[""] * n if i == 0 else ["", *ss[1:]] for i, ss in enumerate(out.samples)]
         return out
