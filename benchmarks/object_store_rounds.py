@@ -23,11 +23,11 @@ import gc
 import json
 import os
 import platform
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from results_io import run_at_ref
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = ["fixed", "apo", "apo_seq", "ablation"]
@@ -85,16 +85,7 @@ def play(rounds: int, data: str) -> dict:
 
 def run_baseline(ref: str, args: argparse.Namespace) -> dict:
     """This script with the package as it was at git ``ref`` (a temporary worktree on PYTHONPATH)."""
-    tmp = Path(tempfile.mkdtemp(prefix="apo-objstore-base-"))
-    tree, out = tmp / "tree", tmp / "baseline.json"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), ref], check=True,
-                   capture_output=True)
-    try:
-        cmd = [sys.executable, __file__, "--rounds", str(args.rounds), "--data", args.data, "--out", str(out)]
-        subprocess.run(cmd, cwd=tree, check=True, env=dict(os.environ, PYTHONPATH=str(tree)))
-        return json.loads(out.read_text())
-    finally:
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
+    return run_at_ref(ref, Path(__file__).resolve(), ["--rounds", str(args.rounds), "--data", args.data])
 
 
 def mib(row: dict | None) -> str:

@@ -17,13 +17,12 @@ import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import ray
+from results_io import run_at_ref
 
 from apo_ray.config import Config, from_omegaconf
 from apo_ray.data import RankedPair, load_preference_pairs
@@ -101,18 +100,9 @@ def smoke_round(data: str) -> dict:
 
 def run_baseline(ref: str, args: argparse.Namespace) -> dict:
     """This script as it was at git ``ref``, run from a temporary worktree of that commit."""
-    tmp = Path(tempfile.mkdtemp(prefix="apo-bench-base-"))
-    tree, out = tmp / "tree", tmp / "baseline.json"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), ref], check=True,
-                   capture_output=True)
-    try:
-        cmd = [sys.executable, str(tree / "benchmarks/ray_system.py"), "--data", args.data, "--model", args.model,
-               "--prompts", str(args.prompts), "--samples", str(args.samples), "--new-tokens",
-               str(args.new_tokens), "--learner-jobs", str(args.learner_jobs), "--out", str(out)]
-        subprocess.run(cmd, cwd=tree, check=True, env=dict(os.environ, PYTHONPATH=str(tree)))
-        return json.loads(out.read_text())
-    finally:
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
+    return run_at_ref(ref, "benchmarks/ray_system.py", [
+        "--data", args.data, "--model", args.model, "--prompts", str(args.prompts), "--samples", str(args.samples),
+        "--new-tokens", str(args.new_tokens), "--learner-jobs", str(args.learner_jobs)])
 
 
 def _warm(rows: list[dict], key: str) -> float:

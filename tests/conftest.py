@@ -119,3 +119,15 @@ def tiny_cfg(hh_data_path, tiny_model) -> Config:
 def tiny_cfg_factory(hh_data_path, tiny_model):
     """``factory(**{"section__field": value})`` -> a validated tiny Config with those overrides."""
     return lambda **overrides: make_tiny_cfg(hh_data_path, **overrides)
+
+
+@pytest.fixture
+def hide_package(monkeypatch):
+    """``hide_package(name)``: ``importlib.util.find_spec(name)`` answers None for this test, as on a
+    machine without that package (how apo_ray checks for an optional extra)."""
+    find_spec = importlib.util.find_spec
+
+    def hide(name: str) -> None:
+        monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == name else find_spec(n, *a))
+
+    return hide

@@ -137,13 +137,10 @@ def test_main_job_refuses_splits_that_cannot_fit(tmp_path, hh_data_path):
     assert not (tmp_path / "phases").exists()
 
 
-def test_deepspeed_strategy_without_deepspeed_says_what_to_install(monkeypatch):
-    import importlib.util
-
+def test_deepspeed_strategy_without_deepspeed_says_what_to_install(hide_package):
     from apo_ray.launch import require_extras
 
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else find_spec(name, *a))
+    hide_package("deepspeed")
     cfg = Config()
     cfg.cluster.learner_strategy = "deepspeed"
     with pytest.raises(ConfigError, match=r"cluster.learner_strategy=deepspeed needs DeepSpeed.*apo-ray\[deepspeed\]"):

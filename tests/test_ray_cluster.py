@@ -106,6 +106,20 @@ def reference_run(cluster, tmp_path_factory):
     return out, proc
 
 
+def run_script(text: str, name: str, cluster: dict, tmp_path: Path, *, timeout: int, out: Path | None = None) -> dict:
+    """Run a test script (``text``) against the cluster as its own process (Ray reads its auth
+    settings at import) with the GCS address, the data path and ``out``; return what it printed
+    after ``RESULT ``, or fail with the end of its output."""
+    script = tmp_path / f"{name}.py"
+    script.write_text(text)
+    args = [sys.executable, str(script), cluster["gcs"], cluster["data"], *([str(out)] if out else [])]
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=cluster["env"],
+                          check=False)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads(line[len("RESULT "):])
+
+
 def test_job_submit_writes_the_results_contract(reference_run):
     out, proc = reference_run
     records = _summary(out)
@@ -254,13 +268,7 @@ print("RESULT " + json.dumps({"same": got == expected, "n": len(got), "victim": 
 def test_killed_generator_is_restarted_and_its_share_redone(cluster, tmp_path):
     """SIGKILL one of two generator actors mid-phase: the samples come back complete and equal to an
     undisturbed call with the same seed. (A subprocess: Ray reads its auth settings at import.)"""
-    script = tmp_path / "fault.py"
-    script.write_text(FAULT_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), cluster["gcs"], cluster["data"]], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, env=cluster["env"], check=False)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(line[len("RESULT "):])
+    result = run_script(FAULT_SCRIPT, "fault", cluster, tmp_path, timeout=600)
     assert result["killed_during_phase"]  # the kill landed while the phase was running
     assert result["same"] and result["n"] == 40
     assert result["after"] != result["victim"]  # it was really killed and restarted
@@ -340,13 +348,7 @@ def test_one_learner_group_serves_every_phase_and_survives_failures(cluster, tmp
     worker process; a job that raises comes back as LearnerError with the worker's traceback and
     the group serves on; SIGKILL of the worker mid-job restarts it and redoes the job exactly; a
     version whose owner (the killed rank 0) is gone is reloaded from its checkpoint by the pools."""
-    script = tmp_path / "learners.py"
-    script.write_text(LEARNER_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), cluster["gcs"], cluster["data"], str(tmp_path / "out")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=cluster["env"], check=False)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(line[len("RESULT "):])
+    result = run_script(LEARNER_SCRIPT, "learners", cluster, tmp_path, timeout=600, out=tmp_path / "out")
     first, second, after_error, after_kill = result["pids"]
     assert first == second  # no new TorchTrainer for the second phase
     assert result["second_moved_on"]  # it trained from the first phase's weights, not from scratch
@@ -443,13 +445,7 @@ def test_sharded_learners_match_ddp_and_zero3_survives_a_killed_worker(cluster, 
     SIGKILLed mid-job under ZeRO-3: Ray Train restarts the group and the job is redone with the same
     result."""
     pytest.importorskip("deepspeed")
-    script = tmp_path / "strategies.py"
-    script.write_text(STRATEGY_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), cluster["gcs"], cluster["data"], str(tmp_path / "out")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900, env=cluster["env"], check=False)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    assert line, proc.stdout[-3000:] + proc.stderr[-5000:]
-    result = json.loads(line[len("RESULT "):])
+    result = run_script(STRATEGY_SCRIPT, "strategies", cluster, tmp_path, timeout=900, out=tmp_path / "out")
     runs = result["strategies"]
     ddp = runs["ddp"]
     assert len(ddp["rm_losses"]) == 4 and len(ddp["policy_losses"]) == 2
@@ -527,13 +523,7 @@ print("RESULT " + json.dumps(out))
 def test_samples_and_scores_do_not_depend_on_the_pool_sizes(cluster, tmp_path):
     """The pools run fixed, seeded batches whatever their size, so a resumed run may use more or
     fewer generators and scorers (the fingerprint leaves their counts out)."""
-    script = tmp_path / "layout.py"
-    script.write_text(LAYOUT_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), cluster["gcs"], cluster["data"]], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, env=cluster["env"], check=False)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
-    one, two = json.loads(line[len("RESULT "):]).values()
+    one, two = run_script(LAYOUT_SCRIPT, "layout", cluster, tmp_path, timeout=600).values()
     assert len(two["pids"]) == 2  # the work really was shared by two generators
     assert len(one["samples"]) == 12 and one["samples"] == two["samples"]
     assert one["scores"] == two["scores"]
@@ -629,13 +619,7 @@ print("RESULT " + json.dumps({"message": message, "waited": waited}))
 def test_learners_that_cannot_be_placed_fail_within_the_resource_wait(cluster, tmp_path):
     """Resources taken by someone else after the run's checks: the learner group's first job gives
     up after cluster.resource_wait_s with an error naming the settings, instead of waiting forever."""
-    script = tmp_path / "hog.py"
-    script.write_text(HOG_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), cluster["gcs"], cluster["data"], str(tmp_path / "out")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=cluster["env"], check=False)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(line[len("RESULT "):])
+    result = run_script(HOG_SCRIPT, "hog", cluster, tmp_path, timeout=300, out=tmp_path / "out")
     assert "cluster.learner_workers=1 x cluster.learner_cpus=1" in result["message"]
     assert "cluster.resource_wait_s=5" in result["message"]
     assert 5 <= result["waited"] < 60

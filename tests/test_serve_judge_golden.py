@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import socket
 import threading
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import openai
 import pytest
+from serving import post, server_on_local_ray
 
 from apo_ray.data import load_golden_answers, load_preference_pairs, query_key
 from apo_ray.golden import (
@@ -127,34 +127,13 @@ def hh_pairs(hh_data_path):
     return pairs[:6]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served():
     """Our own (transformers) server; Ray's vLLM app is tested in test_serve_llm.py."""
-    ray = pytest.importorskip("ray")
-    from apo_ray.serve import API_KEY_ENV, start_server, stop_server
-
-    old_key = os.environ.get(API_KEY_ENV)
-    os.environ[API_KEY_ENV] = SERVE_KEY
-    # Workers import apo_ray from this checkout (it need not be installed).
-    ray.init(num_cpus=2, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    try:
-        server = start_server(TINY, backend="transformers", port=_free_port(), max_new_tokens_cap=16,
-                              max_body_bytes=64 << 10)
+    pytest.importorskip("ray")
+    with server_on_local_ray(TINY, SERVE_KEY, backend="transformers", max_new_tokens_cap=16,
+                             max_body_bytes=64 << 10) as server:
         yield server
-        stop_server(server.app_name)
-    finally:
-        ray.shutdown()
-        if old_key is None:
-            os.environ.pop(API_KEY_ENV, None)
-        else:
-            os.environ[API_KEY_ENV] = old_key
 
 
 @pytest.fixture(scope="module")
@@ -196,14 +175,7 @@ def test_openai_client_against_ray_serve(server_url):
 
 
 def _post(url: str, body: bytes, key: str | None = SERVE_KEY):
-    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
-    if key:
-        request.add_header("Authorization", f"Bearer {key}")
-    try:
-        with urllib.request.urlopen(request, timeout=60) as resp:
-            return resp.status, json.load(resp)
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
+    return post(url, body, key)
 
 
 def test_the_key_is_checked_before_the_body_and_guards_the_docs(served):

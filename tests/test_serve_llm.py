@@ -8,50 +8,26 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import socket
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import openai
 import pytest
+from serving import post, server_on_local_ray
 
 pytestmark = [pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM not installed"),
               pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = "tiny-random-llama"
 KEY = "llm-serve-key-for-tests"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tiny_model):
-    import ray
-
-    from apo_ray.serve import API_KEY_ENV, start_server, stop_server
-
-    old = os.environ.get(API_KEY_ENV)
-    os.environ[API_KEY_ENV] = KEY
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    try:
-        server = start_server(TINY, backend="vllm", port=_free_port(), dtype="float32", max_model_len=512,
-                              max_body_bytes=64 << 10, engine_kwargs={"kv_cache_memory_bytes": 64 << 20})
+    with server_on_local_ray(TINY, KEY, backend="vllm", dtype="float32", max_model_len=512,
+                             max_body_bytes=64 << 10, engine_kwargs={"kv_cache_memory_bytes": 64 << 20}) as server:
         yield server
-        stop_server(server.app_name)
-    finally:
-        ray.shutdown()
-        if old is None:
-            os.environ.pop(API_KEY_ENV, None)
-        else:
-            os.environ[API_KEY_ENV] = old
 
 
 @pytest.fixture(scope="module")
@@ -99,14 +75,7 @@ def test_completions_with_logprobs(client):
 
 
 def _post(url: str, body: bytes, key: str | None = KEY, content_type: str = "application/json"):
-    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type})
-    if key:
-        request.add_header("Authorization", f"Bearer {key}")
-    try:
-        with urllib.request.urlopen(request, timeout=60) as resp:
-            return resp.status, json.load(resp)
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
+    return post(url, body, key, content_type)
 
 
 def test_the_key_is_checked_first_on_every_path(served):

