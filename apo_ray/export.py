@@ -73,13 +73,17 @@ def generation_config_values(decoding: Any, stop: Iterable[str] = ()) -> dict[st
     """``GenerationConfig`` fields from our decoding settings (any object with ``max_new_tokens``,
     ``temperature``, ``top_p`` and optionally ``top_k``, ``repetition_penalty``).
 
-    ``top_k=0`` is written out: transformers would otherwise apply its default top-k of 50, which
-    our generators never do; vLLM reads 0 as "off" too."""
+    Sampling: ``top_k=0`` is written out: transformers would otherwise apply its default top-k of
+    50, which our generators never do; vLLM reads 0 as "off" too. Greedy (temperature 0): the
+    sampling fields are cleared (None), also any the base model's own generation config set, since
+    transformers refuses to save a greedy config that carries them."""
     temperature = float(getattr(decoding, "temperature", 1.0))
-    values: dict[str, Any] = {"max_new_tokens": int(decoding.max_new_tokens), "do_sample": temperature > 0,
-                              "top_k": int(getattr(decoding, "top_k", 0) or 0)}
+    values: dict[str, Any] = {"max_new_tokens": int(decoding.max_new_tokens), "do_sample": temperature > 0}
     if temperature > 0:
-        values |= {"temperature": temperature, "top_p": float(getattr(decoding, "top_p", 1.0))}
+        values |= {"temperature": temperature, "top_p": float(getattr(decoding, "top_p", 1.0)),
+                   "top_k": int(getattr(decoding, "top_k", 0) or 0)}
+    else:
+        values |= {"temperature": None, "top_p": None, "top_k": None}
     penalty = float(getattr(decoding, "repetition_penalty", 1.0))
     if penalty != 1.0:
         values["repetition_penalty"] = penalty

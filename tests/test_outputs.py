@@ -206,6 +206,27 @@ if __name__ == "__main__":  # vLLM spawns its engine process
 """
 
 
+def test_greedy_and_sampling_decoding_give_generation_configs_transformers_saves(tmp_path):
+    """Greedy test answers (temperature 0) clear every sampling field, the base model's included
+    (transformers refuses to save a greedy config with top_k set); sampling keeps them, top_k=0 too."""
+    from transformers import GenerationConfig
+
+    from apo_ray.config import DecodingConfig
+    from apo_ray.export import generation_config_values
+
+    saved = {}
+    for name, decoding in (("greedy", DecodingConfig(temperature=0.0, max_new_tokens=9)),
+                           ("sampling", DecodingConfig(temperature=0.3, top_k=0, top_p=0.85))):
+        base = GenerationConfig(do_sample=True, temperature=0.2, top_p=0.9)  # as SmolLM2's own
+        base.update(**generation_config_values(decoding, stop=["\nHuman"]))
+        base.save_pretrained(tmp_path / name)
+        saved[name] = GenerationConfig.from_pretrained(tmp_path / name).to_diff_dict()
+    assert saved["greedy"]["do_sample"] is False and saved["greedy"]["max_new_tokens"] == 9
+    assert not {"temperature", "top_p", "top_k"} & set(saved["greedy"])
+    assert (saved["sampling"]["temperature"], saved["sampling"]["top_p"], saved["sampling"]["top_k"]) == (0.3, 0.85, 0)
+    assert saved["greedy"]["stop_strings"] == ["\nHuman"]
+
+
 def test_save_models_selects_versions_from_the_records():
     from apo_ray.export import select_versions
 

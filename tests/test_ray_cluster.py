@@ -427,12 +427,13 @@ time.sleep(2.0)
 os.kill(undisturbed["worker_pids"][1], signal.SIGKILL)
 runner.join()
 ref, redone = box["result"]
+redone_weights = weights(ref)  # before shutdown: rank 0 of the learner group owns them
 system.shutdown()
 print("RESULT " + json.dumps({
     "strategies": {name: {k: v for k, v in r.items() if k not in ("rm", "policy")} for name, r in out.items()},
     "killed": undisturbed["worker_pids"], "after_kill": redone["worker_pids"],
     "redone_losses_equal": undisturbed["losses"] == redone["losses"],
-    "redone_diff": diff(undisturbed_weights, weights(ref)),
+    "redone_diff": diff(undisturbed_weights, redone_weights),
 }))
 """
 
