@@ -51,8 +51,8 @@ def _check_round1_answers_come_from_the_round1_policy(out: Path) -> None:
     cfg = _resolved(out)
     prompts = eval_prompts(cfg, build_game_data(cfg))
     phases = out / "phases"
-    r0 = json.loads((phases / "samples__policy__init__test.json").read_text())
-    r1 = json.loads((phases / "samples__policy__apo__r1__test.json").read_text())
+    r0 = json.loads((phases / "samples__policy__init__test.json").read_text())["value"]  # the store's phase file
+    r1 = json.loads((phases / "samples__policy__apo__r1__test.json").read_text())["value"]
     g = cfg.generation
     # one prompt per batch: no left padding, the prompt tokens vLLM saw (and penalised)
     hf = HFGenerator(cfg.model.policy, decoding=g.testing, max_prompt_tokens=g.max_prompt_tokens,
