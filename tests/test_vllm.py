@@ -203,3 +203,7 @@ def test_tensor_parallelism_wider_than_an_actor_names_the_field():
         validate(cfg)
     cfg.cluster.generator_gpus = 2
     validate(cfg)
+    cfg.run.in_process = True  # one process: the GPUs it sees (none here) must hold the engine
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"tensor_parallel_size=2 needs 2 GPUs in this process.*0 visible"):
+            validate(cfg)
