@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from apo_ray.report import ARM_COLORS, arm_label, format_markdown_table
+from apo_ray.tracking import flatten
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +34,9 @@ METRICS = (("rm_test_acc", "RM test accuracy"), ("rm_test_ece", "RM test ECE"),
            ("policy_mean_reward", "policy score (evaluation RM)"))
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat |= _flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, list) else value
-    return flat
+def _flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """``tracking.flatten`` with lists as JSON text, so a swept list compares and prints as one value."""
+    return {key: json.dumps(value) if isinstance(value, list) else value for key, value in flatten(tree).items()}
 
 
 def find_points(root: Path) -> list[dict]:
