@@ -56,6 +56,7 @@ from apo_ray.models import (
     model_attention_mask,
     pad_batch,
     resolve_dtype,
+    resolve_model,
     reward_forward,
 )
 from apo_ray.objectives import policy_objective
@@ -499,6 +500,10 @@ def _load_for_training(load, model_name: str, init_state: dict | None, settings:
     DeepSpeed's bf16 modes (its engine casts the module to bf16 anyway and keeps the fp32 master
     copy in its optimiser partitions, so loading fp32 first would only double this peak), else fp32."""
     assert settings.precision != "auto", "resolve_precision first"
+    # Fill the model cache before seeding (a cold cache converts or builds a model; that build is
+    # kept off the caller's streams anyway): the seeded stream's first draws are then the RM's
+    # scalar head whatever was cached before, so a cold and a warm cache train the same weights.
+    resolve_model(model_name)
     torch.manual_seed(settings.seed)
     tokenizer = load_tokenizer(model_name, padding_side="right")
     bf16 = settings.precision == "bf16" or (settings.strategy == "deepspeed" and settings.precision.startswith("bf16"))

@@ -19,6 +19,7 @@ import torch
 from apo_ray.config import Config, DecodingConfig
 from apo_ray.game import Generated, Weights
 from apo_ray.generation import generator_from_config
+from apo_ray.models import isolated_rng
 from apo_ray.scoring import scorer_from_config
 from apo_ray.weights import PackedWeights, load_packed_into, unpack_state_dict
 
@@ -60,10 +61,17 @@ class VersionedModel:
     (``torch.nn.Module``) that packed weights are copied into in place."""
 
     def __init__(self, build: Callable[[], Any], pretrained_id: str, *, eager: bool = False):
-        self._build, self._pretrained_id = build, pretrained_id
-        self.obj = build() if eager else None
+        self._build_unseeded, self._pretrained_id = build, pretrained_id
+        self.obj = self._build() if eager else None
         self.loaded_id = pretrained_id if eager else None
         self.sync_seconds, self.sync_bytes = 0.0, 0  # what the latest ensure() spent loading
+
+    def _build(self) -> Any:
+        # Off the process's seeded streams: a build draws a random RM head, and vLLM reseeds the
+        # process at engine start; when (and whether) that happens depends on the call order, so
+        # in one process it would otherwise move a learner's or sampler's seeded draws.
+        with isolated_rng():
+            return self._build_unseeded()
 
     def ensure(self, weights: Weights) -> Any:
         """Load ``weights`` unless already held; returns the object serving them."""
