@@ -62,6 +62,7 @@ from apo_ray.data import (
 from apo_ray.metrics import calibration_errors, mean_and_stderr, preference_accuracy
 from apo_ray.objectives import policy_objective
 from apo_ray.report import scored_by_rm_base_warning
+from apo_ray.stack import model_digest_line, software_stack, stack_line
 from apo_ray.store import PhaseStore, open_store, run_fingerprint  # noqa: F401 - re-exported
 from apo_ray.training import LearnerJob, RMLoss
 
@@ -522,7 +523,8 @@ def finish_run(cfg: Config, game: APOGame, records: list[dict], *, wall_seconds:
     from apo_ray.report import write_report
 
     out = Path(cfg.run.output_dir)
-    write_summary(out, records, to_dict(cfg))
+    stack = software_stack(cfg)
+    write_summary(out, records, to_dict(cfg), stack=stack)
     (out / "run_timing.json").write_text(json.dumps(
         {"wall_seconds": wall_seconds, "process_cpu_seconds": cpu_seconds, "in_process": cfg.run.in_process,
          "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
@@ -545,15 +547,20 @@ def finish_run(cfg: Config, game: APOGame, records: list[dict], *, wall_seconds:
               f"(gold: {d.gold_source}), {len(d.llm_queries)} LLM queries, {len(d.dev_pairs)} dev / "
               f"{len(d.test_pairs)} test pairs ({test_from})."),
              eval_note,
+             f"Stack: {stack_line(stack)}.",
+             f"Model weights (sha256): {model_digest_line(stack)}.",
              f"Wall time {wall_seconds / 60:.1f} min."]
     return write_report(out, records, judge=judge, notes=notes, title=f"APO run `{cfg.run.name}`")
 
 
-def write_summary(output_dir: Path, records: list[dict], resolved_config: dict) -> Path:
-    """``summary.json``: one record per (round, arm); ``resolved_config.json`` beside it."""
+def write_summary(output_dir: Path, records: list[dict], resolved_config: dict, stack: dict | None = None) -> Path:
+    """``summary.json``: one record per (round, arm), each naming the ``stack`` that produced it
+    (:func:`apo_ray.stack.software_stack`) when given; ``resolved_config.json`` beside it."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "resolved_config.json").write_text(json.dumps(resolved_config, indent=2, default=str))
+    if stack is not None:
+        records = [{**r, "stack": stack} for r in records]
     path = output_dir / "summary.json"
     path.write_text(json.dumps(records, indent=2))
     return path

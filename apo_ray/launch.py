@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -31,14 +32,32 @@ def connect_ray(cfg: Config) -> bool:
 
     if ray.is_initialized():
         return False
+    if cfg.cluster.address == "local":  # a new instance of our own, whatever RAY_ADDRESS says
+        ray.init(address="local", num_cpus=local_instance_cpus(cfg), log_to_driver=True)
+        return True
     if cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=cfg.cluster.address, log_to_driver=True)
         return True
     try:
         ray.init(address="auto", log_to_driver=True)
     except ConnectionError:
-        ray.init(num_cpus=cfg.cluster.local_num_cpus, log_to_driver=True)
+        ray.init(num_cpus=local_instance_cpus(cfg), log_to_driver=True)
     return True
+
+
+def local_instance_cpus(cfg: Config) -> int:
+    """Logical CPUs of a Ray instance apo_ray starts itself (``cluster.address=local``, or no
+    cluster to join): ``cluster.local_num_cpus`` when set, else enough for every actor the run holds
+    at once (:func:`apo_ray.config.total_demand`, rounded up) and at least this machine's cores.
+
+    Ray's CPU count is a logical scheduling unit, not a core: a 2-core machine may hold the demo's
+    6 CPUs of actors (they mostly wait on each other; each sets its torch threads from its share).
+    A cluster that is joined is not resized: :func:`run_on_ray` validates the run against what it
+    offers."""
+    if cfg.cluster.local_num_cpus:
+        return int(cfg.cluster.local_num_cpus)
+    need = math.ceil(total_demand(cfg).get("CPU", 0.0) - 1e-9)
+    return max(need, os.cpu_count() or 1)
 
 
 def run_namespace(cfg: Config) -> str:

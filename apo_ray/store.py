@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from apo_ray.config import Config
+from apo_ray.stack import software_stack, stack_changes
 
 if TYPE_CHECKING:
     from apo_ray.game import GameSystem, Weights
@@ -272,8 +273,10 @@ RESULT_CLUSTER_FIELDS = ("generator_cpus", "generator_gpus", "scorer_cpus", "sco
 
 
 def run_fingerprint(cfg: Config) -> dict:
-    """The settings and input files every stored phase depends on; a resumed run must share them
-    (more rounds or other arms are fine: they only add phases)."""
+    """The settings, input files and software stack every stored phase depends on; a resumed run
+    must share them (more rounds or other arms are fine: they only add phases). The stack
+    (:func:`apo_ray.stack.software_stack`: package versions, CPU kind or GPUs, the dtypes chosen,
+    the model files' digests) is checked by :func:`check_store` with its own rules: see there."""
     from apo_ray.config import to_dict
 
     d = to_dict(cfg)
@@ -285,7 +288,7 @@ def run_fingerprint(cfg: Config) -> dict:
             "policy": d["policy"], "apo": apo, "seed": d["run"]["seed"], "test_queries": d["eval"]["test_queries"],
             "eval_rm": d["eval"]["eval_rm"], "rm_test": d["eval"]["rm_test"],
             "rm_all_paths": d["eval"]["rm_all_paths"], "in_process": cfg.run.in_process, "cluster": cluster,
-            "files": data_file_digests(cfg)}
+            "files": data_file_digests(cfg), "stack": software_stack(cfg)}
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -306,7 +309,15 @@ def check_store(cfg: Config) -> dict:
       timestamp, so a resume that forgets ``run.output_dir`` would silently start from scratch);
     - a missing or unreadable fingerprint beside existing phases: refused, naming the file (the
       settings that wrote the phases cannot be checked);
-    - settings or input files that differ from the fingerprint: refused, naming them.
+    - settings or input files that differ from the fingerprint: refused, naming them;
+    - another software stack (``stack`` in the fingerprint): refused when what changed alters the
+      numbers a phase computes (torch, transformers or vLLM version, DeepSpeed's when the run trains
+      with it, torch's CPU kernel level or the CPU flags, the GPUs, the dtypes ``auto`` chose, the
+      model files' digests): the stored phases and the new ones would come from different
+      computations, and the run would match neither a fresh run on the old stack nor on the new.
+      Warned about, naming what changed: Python, Ray (it places the work, the seeded batches are
+      the same), NumPy, the CPU's name when its features stay the same. A fingerprint written before
+      stacks were recorded is warned about (the stack cannot be checked).
     """
     phases = Path(cfg.run.output_dir) / "phases"
     marker = phases / FINGERPRINT
@@ -335,12 +346,34 @@ def check_store(cfg: Config) -> dict:
         raise ResumeError(f"{marker} is unreadable ({why}), e.g. torn by a crash while it was written: the "
                           f"settings of the stored phases cannot be checked. Restore the file, or start a new "
                           f"run in another run.output_dir")
-    old_flat, new_flat = _flatten(old), _flatten(fingerprint)
+    old_stack, new_stack = old.get("stack"), fingerprint.get("stack")
+    old_flat = _flatten({k: v for k, v in old.items() if k != "stack"})
+    new_flat = _flatten({k: v for k, v in fingerprint.items() if k != "stack"})
     changed = sorted(k for k in old_flat.keys() | new_flat.keys() if old_flat.get(k) != new_flat.get(k))
     if changed:
         raise ResumeError(f"run.resume=true but these settings or input files differ from the run in {phases}: "
                           f"{', '.join(changed)}; its stored phases would not match them")
+    check_stack(marker, old_stack, new_stack, trains_with_deepspeed=not cfg.run.in_process
+                and cfg.cluster.learner_strategy == "deepspeed")
     return fingerprint
+
+
+def check_stack(marker: Path, old: dict | None, new: dict, *, trains_with_deepspeed: bool = False) -> None:
+    """Refuse (:class:`ResumeError`) or warn about a resume on another software stack than the one
+    that wrote ``marker`` (the rules: :func:`check_store`, :data:`apo_ray.stack.REFUSE`)."""
+    if old is None:
+        log.warning("%s was written before apo_ray recorded software stacks: the stack of its phases cannot be "
+                    "checked (the resumed run's numbers may differ from a fresh run's)", marker)
+        return
+    refuse, warn = stack_changes(old, new, trains_with_deepspeed=trains_with_deepspeed)
+    if refuse:
+        raise ResumeError(f"run.resume=true on another software stack than the run in {marker.parent} was computed "
+                          f"on: {'; '.join(refuse)}. Its stored phases would not match what this stack computes; "
+                          f"resume on the recorded stack ({marker.name}, \"stack\") or start a new run in "
+                          f"another run.output_dir")
+    if warn:
+        log.warning("resuming the run in %s on a changed stack (results unaffected, see check_store): %s",
+                    marker.parent, "; ".join(warn))
 
 
 def open_store(cfg: Config, system: GameSystem | None) -> PhaseStore:

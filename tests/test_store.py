@@ -22,8 +22,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(autouse=True)
 def own_digest_cache(tmp_path, monkeypatch):
-    """File digests cached in this test's folder, not in the user's ~/.cache."""
-    monkeypatch.setenv("APO_RAY_CACHE", str(tmp_path / "cache"))
+    """File digests cached in this test's folder, not in the user's ~/.cache. The converted models
+    already in the user's cache are linked in: the fingerprint digests the run's model files, and
+    converting SmolLM2 again in every test would only cost time."""
+    from apo_ray.models import cache_dir
+
+    own = tmp_path / "cache"
+    own.mkdir()
+    for folder in cache_dir().glob("*"):
+        if (folder / "config.json").exists():
+            (own / folder.name).symlink_to(folder.resolve())
+    monkeypatch.setenv("APO_RAY_CACHE", str(own))
     monkeypatch.setattr(store_module, "_digests", {})
 
 
