@@ -465,6 +465,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow  # two DeepSpeed processes over gloo
 def test_deepspeed_bf16_hands_back_and_resumes_from_fp32_master_weights(tiny_model, hh_data_path, tmp_path):
     """ZeRO-2 in bf16 (2 gloo processes): the weights handed back are DeepSpeed's fp32 master copies,
     so updates far below bf16's resolution (lr 1e-6 here; the paper's RM uses 1e-8) survive the
