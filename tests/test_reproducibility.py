@@ -23,10 +23,10 @@ import pytest
 import torch
 
 from apo_ray.data import RankedPair
-from apo_ray.models import isolated_rng, offline_folder
-from apo_ray.stack import software_stack, stack_changes
-from apo_ray.store import ResumeError, check_store, open_store
-from apo_ray.training import LearnerJob, RMLoss, run_job
+from apo_ray.game.stack import software_stack, stack_changes
+from apo_ray.game.store import ResumeError, check_store, open_store
+from apo_ray.models.loading import isolated_rng, offline_folder
+from apo_ray.models.training import LearnerJob, RMLoss, run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "tiny-random-llama"
@@ -92,7 +92,7 @@ def test_a_cold_cache_trains_the_same_rm_base_and_policy_as_a_warm_one(tiny_cfg,
 
 
 def test_stack_names_versions_hardware_dtypes_and_weight_digests(tiny_cfg, tiny_model):
-    from apo_ray.stack import package_version
+    from apo_ray.game.stack import package_version
 
     stack = software_stack(tiny_cfg)
     assert stack["packages"]["torch"] == torch.__version__
@@ -151,14 +151,14 @@ def test_resume_on_another_ray_is_warned_about(tiny_cfg, tmp_path, caplog):
         fp["stack"]["packages"]["ray"] = "2.59.0"
 
     _store_of_another_stack(tiny_cfg, tmp_path, older_ray)
-    with caplog.at_level(logging.WARNING, logger="apo_ray.store"):
+    with caplog.at_level(logging.WARNING, logger="apo_ray.game.store"):
         check_store(tiny_cfg)
     assert "packages.ray: 2.59.0 ->" in caplog.text
 
 
 def test_resume_of_a_run_from_before_stacks_is_warned_about(tiny_cfg, tmp_path, caplog):
     _store_of_another_stack(tiny_cfg, tmp_path, lambda fp: fp.pop("stack"))
-    with caplog.at_level(logging.WARNING, logger="apo_ray.store"):
+    with caplog.at_level(logging.WARNING, logger="apo_ray.game.store"):
         check_store(tiny_cfg)
     assert "before apo_ray recorded software stacks" in caplog.text
 
@@ -168,7 +168,7 @@ def test_resume_of_a_run_from_before_stacks_is_warned_about(tiny_cfg, tmp_path, 
 
 def test_a_local_instance_gets_the_logical_cpus_the_run_needs(tiny_cfg, monkeypatch):
     from apo_ray.config import total_demand
-    from apo_ray.launch import local_instance_cpus
+    from apo_ray.runtime.launch import local_instance_cpus
 
     cfg = tiny_cfg
     cfg.cluster.generator_cpus = cfg.cluster.scorer_cpus = cfg.cluster.learner_cpus = 2.0  # the demo's
