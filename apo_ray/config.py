@@ -23,6 +23,18 @@ SAVE_MODELS = ("all", "last", "none")
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 
 
+# Upper bounds of what the code can use. The phase plan (progress.plan_phases) lists every phase of
+# every round up front, so a huge round count hangs while it grows; seeds go to numpy (< 2**32);
+# other counts are torch sizes and indices (int32 on some kernels).
+MAX_ROUNDS = 1000
+MAX_SAMPLES_PER_QUERY = 1024
+MAX_SEED = 2**32 - 1
+MAX_INT = 2**31 - 1
+# The loss weights beyond which the fp32 gradient norm overflows and every optimiser step is skipped
+# (the RM's gradients are O(1) per unit weight; 1e30 made every RM step a no-op).
+MAX_LOSS_WEIGHT = 1e6
+
+
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the field and the value."""
 
@@ -140,7 +152,10 @@ class APOConfig:
 
 @dataclass
 class ClusterConfig:
-    address: str | None = None  # None: $RAY_ADDRESS or a new local instance
+    # None or "local": $RAY_ADDRESS (set by `ray job submit`) or else a private new local instance;
+    # "auto" joins the cluster `ray start` left on this machine; "host:port" that head's GCS.
+    address: str | None = None
+    connect_timeout_s: float = 60.0  # joining a given cluster fails with a clear error after this
     namespace: str | None = None  # None: apo-<run.name>
     num_generators: int = 1
     generator_cpus: float = 1.0
@@ -244,7 +259,10 @@ def _number_check(e: list[str], name: str, value: Any, *, low: float, low_ok: bo
     ``optional``. Appends one message naming the field, the rule and the value."""
     if optional and value is None:
         return
-    rule = f"{'>=' if low_ok else '>'} {low:g}" + (f" and {'<=' if high_ok else '<'} {high:g}" if high is not None else "")
+    def fmt(x: float) -> str:
+        return str(x) if isinstance(x, int) else f"{x:g}"
+
+    rule = f"{'>=' if low_ok else '>'} {fmt(low)}" + (f" and {'<=' if high_ok else '<'} {fmt(high)}" if high is not None else "")
     rule += " or null" if optional else ""
     typed = (isinstance(value, int) and not isinstance(value, bool)) if integer else _is_number(value)
     if not typed or not math.isfinite(value):
@@ -337,15 +355,24 @@ def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: fl
             ("eval.n_bins", ev.n_bins, 1), ("eval.judge_pairs", ev.judge_pairs, 1),
             ("eval.judge_concurrency", ev.judge_concurrency, 1), ("eval.judge_max_tokens", ev.judge_max_tokens, 1))
     for name, value, low in ints:
-        _number_check(e, name, value, low=low, integer=True)
+        _number_check(e, name, value, low=low, integer=True, high=MAX_INT)
+    _number_check(e, "apo.rounds", a.rounds, low=1, integer=True, high=MAX_ROUNDS,
+                  hint=" (each round trains an RM and a policy; every phase of every round is planned up front)")
+    _number_check(e, "apo.samples_per_query", a.samples_per_query, low=1, integer=True, high=MAX_SAMPLES_PER_QUERY)
+    for name, value in (("run.seed", cfg.run.seed), ("data.seed", d.seed), ("generation.seed", g.seed)):
+        _number_check(e, name, value, low=0, integer=True, high=MAX_SEED)
+    e = list(dict.fromkeys(e))  # a value out of both the generic and the specific range is named once
     for name, value, null in (("rm.trainable_layers", rm.trainable_layers, "all layers"),
                               ("policy.trainable_layers", p.trainable_layers, "all layers"),
                               ("data.gold_queries", d.gold_queries, "every D_P prompt"),
                               ("eval.test_queries", ev.test_queries, "every test prompt")):
         _number_check(e, name, value, low=1, integer=True, optional=True, hint=f" ({null})")
     _number_check(e, "cluster.local_num_cpus", c.local_num_cpus, low=1, integer=True, optional=True)
-    _number_check(e, "apo.beta2", a.beta2, low=0)
-    _number_check(e, "apo.apo_weight", a.apo_weight, low=0)
+    for name, value in (("apo.beta2", a.beta2), ("apo.apo_weight", a.apo_weight)):
+        _number_check(e, name, value, low=0, high=MAX_LOSS_WEIGHT,
+                      hint=" (larger weights overflow the gradients: every RM step would be skipped)")
+    if _is_number(a.beta2) and _is_number(a.apo_weight) and a.beta2 == 0 and a.apo_weight == 0:
+        e.append("apo.beta2=0 and apo.apo_weight=0: the RM loss would be 0 and no RM step would change anything")
     for name, value in (("rm.lr", rm.lr), ("rm.base_lr", rm.base_lr), ("policy.dpo_beta", p.dpo_beta)):
         _number_check(e, name, value, low=0, low_ok=False)
     if not p.lrs:
@@ -366,6 +393,7 @@ def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: fl
                       hint=" with cluster.learner_use_gpu=true")
     _number_check(e, "eval.judge_max_failed_fraction", ev.judge_max_failed_fraction, low=0, high=1)
     _number_check(e, "cluster.resource_wait_s", c.resource_wait_s, low=0, low_ok=False)
+    _number_check(e, "cluster.connect_timeout_s", c.connect_timeout_s, low=0, low_ok=False)
     _check(e, c.deepspeed_stage in (1, 2, 3), f"cluster.deepspeed_stage must be 1, 2 or 3, got {c.deepspeed_stage!r}")
 
     _check(e, a.loss_reduction in RM_LOSS_REDUCTIONS,
@@ -421,12 +449,75 @@ def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: fl
            f"run.save_models must be one of {SAVE_MODELS}, got {cfg.run.save_models!r}")
     for name in cfg.run.tracking:
         _check(e, name in TRACKERS, f"run.tracking: unknown tracker {name!r}; choose from {TRACKERS}")
+    if not e:
+        e.extend(memory_problems(cfg))
     if not e and (cluster_cpus is not None or cluster_gpus is not None or node_resources):
         e.extend(resource_problems(cfg, cluster_cpus=cluster_cpus, cluster_gpus=cluster_gpus,
                                    node_resources=node_resources))
     if e:
         raise ConfigError("invalid config:\n  " + "\n  ".join(e))
     return cfg
+
+
+def _model_shape(name: str) -> dict[str, int] | None:
+    """Vocabulary, layers and K/V width of a model whose config.json is on this machine (an offline
+    alias's cache folder or a local folder); None for a hub id not downloaded (nothing is fetched)."""
+    import json
+    from pathlib import Path
+
+    from apo_ray.models import offline_folder
+
+    folder = offline_folder(name) or Path(name)
+    try:
+        c = json.loads((folder / "config.json").read_text())
+        heads = c["num_attention_heads"]
+        head_dim = c.get("head_dim") or c["hidden_size"] // heads
+        return {"vocab": int(c["vocab_size"]), "layers": int(c["num_hidden_layers"]),
+                "kv_width": int(c.get("num_key_value_heads", heads)) * int(head_dim)}
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return None
+
+
+def memory_estimate(cfg: Config) -> dict[str, int]:
+    """Bytes one generate call of the game needs at least, by what takes them (float32 on a CPU):
+    ``logits``: one decode step's logits and the sampler's copy of them, prompts_per_batch x S
+    sequences x vocab x 4 B x 2; ``kv_cache``: the K and V of every layer for every token of those
+    sequences. Empty when the policy's config is not on this machine."""
+    shape = _model_shape(cfg.model.policy)
+    g, s = cfg.generation, cfg.apo.samples_per_query
+    if shape is None:
+        return {}
+    sequences = g.prompts_per_batch * s
+    tokens = g.max_prompt_tokens + max(g.sampling.max_new_tokens, g.testing.max_new_tokens)
+    return {"logits": sequences * shape["vocab"] * 4 * 2,
+            "kv_cache": sequences * tokens * shape["layers"] * 2 * shape["kv_width"] * 4}
+
+
+def _machine_memory_bytes() -> int | None:
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def memory_problems(cfg: Config, memory_bytes: int | None = None) -> list[str]:
+    """A generate call that cannot fit this machine's memory (CPU generation only: a GPU's memory is
+    not known here), refused before any work with the estimate."""
+    if cfg.cluster.generator_gpus > 0 and not cfg.run.in_process:
+        return []
+    memory_bytes = memory_bytes or _machine_memory_bytes()
+    est = memory_estimate(cfg)
+    if not memory_bytes or not est or sum(est.values()) <= memory_bytes:
+        return []
+    g = cfg.generation
+    parts = ", ".join(f"{k} {v / 2**30:.1f} GiB" for k, v in est.items())
+    return [(f"one generate call of generation.prompts_per_batch={g.prompts_per_batch} x "
+            f"apo.samples_per_query={cfg.apo.samples_per_query} sequences of up to "
+            f"{g.max_prompt_tokens} + {max(g.sampling.max_new_tokens, g.testing.max_new_tokens)} tokens needs at "
+            f"least {sum(est.values()) / 2**30:.1f} GiB ({parts}; model {cfg.model.policy}); this machine has "
+            f"{memory_bytes / 2**30:.1f} GiB. Lower generation.prompts_per_batch or apo.samples_per_query")]
 
 
 @dataclass(frozen=True)
@@ -498,10 +589,48 @@ def resource_problems(cfg: Config, *, cluster_cpus: float | None = None, cluster
     return problems
 
 
+def schema_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, sections included (``apo``, ``apo.beta2``, ...)."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        keys.append(prefix + f.name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            keys.extend(schema_keys(type(default), f"{prefix}{f.name}."))
+    return keys
+
+
+def unknown_keys(tree: dict, cls: type = Config, prefix: str = "") -> list[str]:
+    """Keys of ``tree`` (a plain dict of a composed config) that the schema does not have, each
+    with the nearest valid key (``+apo.beta_2=0.5``: Hydra adds it, and without this check it would
+    be dropped without a word). Free-form dict fields (``generation.engine_kwargs``) take any key."""
+    import difflib
+
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    problems = []
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if cls is Config and key == "hydra":  # Hydra's own section
+            continue
+        f = fields.get(key)
+        if f is None:
+            near = difflib.get_close_matches(name, schema_keys(), n=1, cutoff=0.6)
+            problems.append(f"{name} is not a setting of apo_ray" + (f" (did you mean {near[0]}?)" if near else ""))
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            problems.extend(unknown_keys(value, type(default), name + "."))
+    return problems
+
+
 def from_omegaconf(node) -> Config:
-    """A resolved ``Config`` from a Hydra/OmegaConf node (merged onto the schema, so types are checked)."""
+    """A resolved ``Config`` from a Hydra/OmegaConf node (merged onto the schema, so types are checked).
+    Keys outside the schema are refused (:func:`unknown_keys`), naming the nearest valid one."""
     from omegaconf import OmegaConf
 
+    unknown = unknown_keys(OmegaConf.to_container(node, resolve=False))
+    if unknown:
+        raise ConfigError("unknown config keys:\n  " + "\n  ".join(unknown))
     schema = OmegaConf.structured(Config)
     merged = OmegaConf.merge(schema, node)
     return OmegaConf.to_object(merged)

@@ -20,24 +20,63 @@ log = logging.getLogger(__name__)
 
 # Errors in what the user asked for (config, data, output folder, cluster, endpoint): the entry points
 # print their message, which names the field, file or resource, instead of a traceback.
-USER_ERRORS = (ConfigError, DataError, ResumeError, ResourceWaitError, JudgeError)
+class ClusterConnectError(ConnectionError):
+    """The Ray cluster that was asked for cannot be joined; the message names the address and the fix."""
+
+
+USER_ERRORS = (ConfigError, DataError, ResumeError, ResourceWaitError, JudgeError, ClusterConnectError)
+
+
+def ray_target(cfg: Config) -> str | None:
+    """The existing cluster this run joins, or None for a private local instance: ``cluster.address``
+    when given (``auto`` only when asked for: it joins whatever cluster ``ray start`` left on this
+    machine, possibly another user's), else ``$RAY_ADDRESS`` (how ``ray job submit`` points a job at
+    its cluster). ``cluster.address=local`` is a private instance too."""
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS") or None
+    return None if address in (None, "", "local") else address
+
+
+def probe_ray(address: str, timeout_s: float) -> None:
+    """Connect to ``address`` in a child process, bounded by ``timeout_s``: ``ray.init`` against an
+    unreachable head, or one whose token auth refuses us, retries for minutes in-process. Raises
+    :class:`ClusterConnectError` naming the address, the cause and the fix."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ray; ray.init(address=sys.argv[1], log_to_driver=False, logging_level='ERROR'); "
+            "ray.shutdown()")
+    try:
+        done = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True,
+                              timeout=timeout_s, env=os.environ.copy(), check=False)
+    except subprocess.TimeoutExpired:
+        raise ClusterConnectError(
+            f"could not join the Ray cluster at {address!r} within {timeout_s:g} s (cluster.connect_timeout_s): it is "
+            f"unreachable, or refuses this client (token authentication: set RAY_AUTH_TOKEN to its token). "
+            f"{_CONNECT_FIX}") from None
+    if done.returncode != 0:
+        lines = [ln for ln in (done.stderr or "").strip().splitlines() if ln.strip()]
+        raise ClusterConnectError(f"could not join the Ray cluster at {address!r}: "
+                                  f"{lines[-1] if lines else f'exit status {done.returncode}'}. {_CONNECT_FIX}")
+
+
+_CONNECT_FIX = ("Check cluster.address / $RAY_ADDRESS, or leave both unset (and cluster.address unset or "
+                "'local') to run on a private local Ray instance")
 
 
 def connect_ray(cfg: Config) -> bool:
-    """Connect to ``cluster.address``, to the cluster of a submitted job (``RAY_ADDRESS``), or to a
-    cluster started with ``ray start`` on this machine; else start a local instance. Returns True
-    when this call started Ray (and so must shut it down)."""
+    """Join the cluster :func:`ray_target` names (checked first, within ``cluster.connect_timeout_s``),
+    or start a private local instance: never a stranger's cluster found on this machine. Returns True
+    when this call connected (and so must shut Ray down)."""
     import ray
 
     if ray.is_initialized():
         return False
-    if cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.cluster.address, log_to_driver=True)
+    address = ray_target(cfg)
+    if address is None:
+        ray.init(address="local", num_cpus=cfg.cluster.local_num_cpus, log_to_driver=True)
         return True
-    try:
-        ray.init(address="auto", log_to_driver=True)
-    except ConnectionError:
-        ray.init(num_cpus=cfg.cluster.local_num_cpus, log_to_driver=True)
+    probe_ray(address, cfg.cluster.connect_timeout_s)
+    ray.init(address=address, log_to_driver=True)
     return True
 
 
@@ -48,7 +87,36 @@ def run_namespace(cfg: Config) -> str:
     return f"apo-{cfg.run.name}-{digest}"
 
 
+def hydra_own_names(cfg: Config) -> set[str]:
+    """What Hydra itself put into ``run.output_dir`` when it is Hydra's own output folder of this job
+    (its ``.hydra/`` settings and the job's log): such a folder is still new to the run."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return set()
+        hc = HydraConfig.get()
+        if Path(hc.runtime.output_dir).resolve() != Path(cfg.run.output_dir).resolve():
+            return set()
+        return {hc.output_subdir or ".hydra", f"{hc.job.name}.log"}
+    except Exception:  # noqa: BLE001 - no Hydra app here: nothing is Hydra's
+        return set()
+
+
+def claim(cfg: Config):
+    """:func:`apo_ray.ownership.claim_output_dir` for ``run.output_dir``: this run's own folder
+    (new, empty or an earlier run's), locked against a second run while the block runs."""
+    from apo_ray.ownership import claim_output_dir
+
+    return claim_output_dir(cfg.run.output_dir, ignore=hydra_own_names(cfg))
+
+
 def run_on_ray(cfg: Config) -> list[dict]:
+    with claim(cfg):  # refused or locked before Ray starts
+        return _run_on_ray(cfg)
+
+
+def _run_on_ray(cfg: Config) -> list[dict]:
     import ray
 
     from apo_ray.driver import DRIVER_NAME, APODriver
@@ -151,9 +219,10 @@ def run_in_process(cfg: Config) -> list[dict]:
 
     validate(cfg)
     require_extras(cfg)
-    records = play_game(cfg, LocalSystem(cfg))  # LocalSystem loads no model before the data checks pass
-    if cfg.eval.judge:
-        judge_final_policies(cfg, records)
+    with claim(cfg):
+        records = play_game(cfg, LocalSystem(cfg))  # LocalSystem loads no model before the data checks pass
+        if cfg.eval.judge:
+            judge_final_policies(cfg, records)
     return records
 
 

@@ -491,13 +491,13 @@ def start_server(model: str = "smollm2-135m-instruct", *, backend: str = "auto",
     ``max_new_tokens_cap``: our server's cap on ``max_tokens``; vLLM's is ``max_model_len`` (prompt +
     answer tokens; default: the model's context length).
     ``engine_kwargs``: extra ``vllm`` engine arguments. Uses the Ray already initialised in this
-    process, or starts a local one.
+    process, else the cluster of ``$RAY_ADDRESS``, else a private local one.
     """
     import ray
 
     backend = resolve_backend(backend)
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False)
+    if not ray.is_initialized():  # a private instance, never a stranger's cluster found on this machine
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
     app_name = app_name or f"{APP_PREFIX}-{uuid.uuid4().hex[:8]}"
     route_prefix = route_prefix or f"/{app_name}"
     served_name = served_name or model
