@@ -254,21 +254,26 @@ def _is_number(value: Any) -> bool:
 
 def _number_check(e: list[str], name: str, value: Any, *, low: float, low_ok: bool = True,
                   high: float | None = None, high_ok: bool = True, integer: bool = False,
-                  optional: bool = False, hint: str = "") -> None:
+                  optional: bool = False, hint: str = "", high_hint: str = "") -> None:
     """``name`` must be a finite number (an int when ``integer``) in the stated range; null when
-    ``optional``. Appends one message naming the field, the rule and the value."""
+    ``optional``. Appends one message naming the field, the rule and the value. The upper bound is
+    named only when the value is over it (``high_hint`` then says why it exists)."""
     if optional and value is None:
         return
+
     def fmt(x: float) -> str:
         return str(x) if isinstance(x, int) else f"{x:g}"
 
-    rule = f"{'>=' if low_ok else '>'} {fmt(low)}" + (f" and {'<=' if high_ok else '<'} {fmt(high)}" if high is not None else "")
-    rule += " or null" if optional else ""
+    rule = f"{'>=' if low_ok else '>'} {fmt(low)}"
+    full = rule + (f" and {'<=' if high_ok else '<'} {fmt(high)}" if high is not None else "")
+    null = " or null" if optional else ""
     typed = (isinstance(value, int) and not isinstance(value, bool)) if integer else _is_number(value)
     if not typed or not math.isfinite(value):
-        e.append(f"{name} must be {'an integer' if integer else 'a finite number'} {rule}{hint}, got {value!r}")
-    elif not (value >= low if low_ok else value > low) or not (high is None or (value <= high if high_ok else value < high)):
-        e.append(f"{name} must be {rule}{hint}, got {value!r}")
+        e.append(f"{name} must be {'an integer' if integer else 'a finite number'} {full}{null}{hint}, got {value!r}")
+    elif not (value >= low if low_ok else value > low):
+        e.append(f"{name} must be {rule}{null}{hint}, got {value!r}")
+    elif not (high is None or (value <= high if high_ok else value < high)):
+        e.append(f"{name} must be {full}{null}{hint}{high_hint}, got {value!r}")
 
 
 def _size_check(e: list[str], name: str, value: Any, *, required: bool) -> None:
@@ -284,10 +289,10 @@ def _size_check(e: list[str], name: str, value: Any, *, required: bool) -> None:
 def decoding_errors(d: DecodingConfig, where: str) -> list[str]:
     """What is wrong with one set of decoding settings, each message naming ``where.<field>``."""
     e: list[str] = []
-    _number_check(e, f"{where}.max_new_tokens", d.max_new_tokens, low=1, integer=True)
+    _number_check(e, f"{where}.max_new_tokens", d.max_new_tokens, low=1, integer=True, high=MAX_INT)
     _number_check(e, f"{where}.temperature", d.temperature, low=0, hint=" (0: greedy)")
     _number_check(e, f"{where}.top_p", d.top_p, low=0, low_ok=False, high=1)
-    _number_check(e, f"{where}.top_k", d.top_k, low=0, integer=True, hint=" (0: off)")
+    _number_check(e, f"{where}.top_k", d.top_k, low=0, integer=True, high=MAX_INT, hint=" (0: off)")
     _number_check(e, f"{where}.repetition_penalty", d.repetition_penalty, low=0, low_ok=False, hint=" (1.0: off)")
     return e
 
@@ -341,8 +346,7 @@ def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: fl
 
     e: list[str] = []
     a, g, rm, p, c, d, ev = cfg.apo, cfg.generation, cfg.rm, cfg.policy, cfg.cluster, cfg.data, cfg.eval
-    ints = (("apo.rounds", a.rounds, 1), ("apo.samples_per_query", a.samples_per_query, 1),
-            ("rm.pairs_per_batch", rm.pairs_per_batch, 1), ("rm.micro_pairs", rm.micro_pairs, 1),
+    ints = (("rm.pairs_per_batch", rm.pairs_per_batch, 1), ("rm.micro_pairs", rm.micro_pairs, 1),
             ("rm.max_length", rm.max_length, 1), ("rm.score_batch", rm.score_batch, 1),
             ("rm.epochs", rm.epochs, 1), ("rm.base_epochs", rm.base_epochs, 1),
             ("policy.sequences_per_batch", p.sequences_per_batch, 1),
@@ -357,20 +361,19 @@ def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: fl
     for name, value, low in ints:
         _number_check(e, name, value, low=low, integer=True, high=MAX_INT)
     _number_check(e, "apo.rounds", a.rounds, low=1, integer=True, high=MAX_ROUNDS,
-                  hint=" (each round trains an RM and a policy; every phase of every round is planned up front)")
+                  high_hint=" (each round trains an RM and a policy; every phase of every round is planned up front)")
     _number_check(e, "apo.samples_per_query", a.samples_per_query, low=1, integer=True, high=MAX_SAMPLES_PER_QUERY)
     for name, value in (("run.seed", cfg.run.seed), ("data.seed", d.seed), ("generation.seed", g.seed)):
         _number_check(e, name, value, low=0, integer=True, high=MAX_SEED)
-    e = list(dict.fromkeys(e))  # a value out of both the generic and the specific range is named once
     for name, value, null in (("rm.trainable_layers", rm.trainable_layers, "all layers"),
                               ("policy.trainable_layers", p.trainable_layers, "all layers"),
                               ("data.gold_queries", d.gold_queries, "every D_P prompt"),
                               ("eval.test_queries", ev.test_queries, "every test prompt")):
-        _number_check(e, name, value, low=1, integer=True, optional=True, hint=f" ({null})")
-    _number_check(e, "cluster.local_num_cpus", c.local_num_cpus, low=1, integer=True, optional=True)
+        _number_check(e, name, value, low=1, integer=True, high=MAX_INT, optional=True, hint=f" ({null})")
+    _number_check(e, "cluster.local_num_cpus", c.local_num_cpus, low=1, integer=True, high=MAX_INT, optional=True)
     for name, value in (("apo.beta2", a.beta2), ("apo.apo_weight", a.apo_weight)):
         _number_check(e, name, value, low=0, high=MAX_LOSS_WEIGHT,
-                      hint=" (larger weights overflow the gradients: every RM step would be skipped)")
+                      high_hint=" (larger weights overflow the gradients: every RM step would be skipped)")
     if _is_number(a.beta2) and _is_number(a.apo_weight) and a.beta2 == 0 and a.apo_weight == 0:
         e.append("apo.beta2=0 and apo.apo_weight=0: the RM loss would be 0 and no RM step would change anything")
     for name, value in (("rm.lr", rm.lr), ("rm.base_lr", rm.base_lr), ("policy.dpo_beta", p.dpo_beta)):
@@ -384,7 +387,7 @@ def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: fl
     for name, learner in (("rm", rm), ("policy", p)):
         _check(e, learner.schedule in LR_SCHEDULES,
                f"{name}.schedule must be one of {LR_SCHEDULES}, got {learner.schedule!r}")
-        _number_check(e, f"{name}.warmup_steps", learner.warmup_steps, low=0, integer=True)
+        _number_check(e, f"{name}.warmup_steps", learner.warmup_steps, low=0, integer=True, high=MAX_INT)
         _number_check(e, f"{name}.warmup_ratio", learner.warmup_ratio, low=0, high=1, high_ok=False)
     for name in ("generator_cpus", "generator_gpus", "scorer_cpus", "scorer_gpus", "learner_cpus", "driver_cpus"):
         _number_check(e, f"cluster.{name}", getattr(c, name), low=0)

@@ -40,19 +40,31 @@ def probe_ray(address: str, timeout_s: float) -> None:
     """Connect to ``address`` in a child process, bounded by ``timeout_s``: ``ray.init`` against an
     unreachable head, or one whose token auth refuses us, retries for minutes in-process. Raises
     :class:`ClusterConnectError` naming the address, the cause and the fix."""
+    import socket
     import subprocess
     import sys
 
+    host, _, port = address.rpartition(":")
+    if host and port.isdigit() and "/" not in address:  # a GCS host:port: a refused connection says so at once
+        try:
+            socket.create_connection((host, int(port)), timeout=min(5.0, timeout_s)).close()
+        except OSError as exc:
+            raise ClusterConnectError(f"could not join the Ray cluster at {address!r}: "
+                                      f"{exc.strerror or exc} (no Ray head listens there). {_CONNECT_FIX}") from None
     code = ("import sys, ray; ray.init(address=sys.argv[1], log_to_driver=False, logging_level='ERROR'); "
             "ray.shutdown()")
     try:
         done = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True,
                               timeout=timeout_s, env=os.environ.copy(), check=False)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as exc:
+        said = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        auth = any(word in said.lower() for word in ("auth", "token", "unauthenticated"))
+        why = ("it refuses this client's authentication token: set RAY_AUTH_TOKEN to that cluster's token"
+               if auth else "it is unreachable, or refuses this client (a cluster with token authentication "
+               "needs RAY_AUTH_TOKEN set to its token)")
         raise ClusterConnectError(
-            f"could not join the Ray cluster at {address!r} within {timeout_s:g} s (cluster.connect_timeout_s): it is "
-            f"unreachable, or refuses this client (token authentication: set RAY_AUTH_TOKEN to its token). "
-            f"{_CONNECT_FIX}") from None
+            f"could not join the Ray cluster at {address!r} within {timeout_s:g} s (cluster.connect_timeout_s): "
+            f"{why}. {_CONNECT_FIX}") from None
     if done.returncode != 0:
         lines = [ln for ln in (done.stderr or "").strip().splitlines() if ln.strip()]
         raise ClusterConnectError(f"could not join the Ray cluster at {address!r}: "
@@ -138,7 +150,8 @@ def _run_on_ray(cfg: Config) -> list[dict]:
         try:
             records = ray.get(driver.run.remote())
         except ray.exceptions.RayTaskError as err:
-            if isinstance(err.cause, USER_ERRORS):  # its message says it all; the remote traceback would bury it
+            # its message says it all (an OSError: its cause and path); the remote traceback would bury it
+            if isinstance(err.cause, (*USER_ERRORS, OSError)):
                 raise err.cause from None
             raise
         finally:
