@@ -78,9 +78,14 @@ def normal(url: str, body: dict, timeout_s: float) -> tuple[float, bool]:
 
 def measure(args) -> dict:
     """All scenarios against the apo_ray importable here (this checkout's or the base's)."""
+    import importlib
+
     import ray
 
-    import apo_ray.serve as serve_module
+    try:  # the layout after issue 20, or the flat one of the base commit
+        serve_module = importlib.import_module("apo_ray.llm_api.server")
+    except ImportError:
+        serve_module = importlib.import_module("apo_ray.serve")
 
     ray.init(address="local", num_cpus=2, include_dashboard=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}})

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from apo_ray import config as config_module
-from apo_ray.config import Config, ConfigError, compose, memory_estimate, memory_problems, validate
-from apo_ray.report import no_op_phases
+from apo_ray.config import Config, ConfigError, compose, validate
+from apo_ray.models.memory import memory_estimate, memory_problems
+from apo_ray.outputs.report import no_op_phases
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from apo_ray import ownership
-from apo_ray.ownership import LOCK, MARKER, OwnershipError, check_ownership, claim_output_dir
+from apo_ray.game import ownership
+from apo_ray.game.ownership import LOCK, MARKER, OwnershipError, check_ownership, claim_output_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,7 +121,7 @@ def test_os_errors_name_their_cause(tmp_path, monkeypatch):
     def full(path, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr("apo_ray.store.write_durably", full)
+    monkeypatch.setattr("apo_ray.game.ownership.write_durably", full)
     with pytest.raises(OwnershipError, match=rf"cannot write {MARKER}: .*No space left on device \(ENOSPC\)"), \
             claim_output_dir(tmp_path / "full"):
         pass

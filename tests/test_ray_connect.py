@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from apo_ray.config import Config
-from apo_ray.launch import USER_ERRORS, ClusterConnectError, probe_ray, ray_target
+from apo_ray.runtime.launch import USER_ERRORS, ClusterConnectError, probe_ray, ray_target
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +87,7 @@ def test_a_strangers_token_protected_cluster_is_neither_joined_nor_waited_on(tmp
         script = (
             "import sys, ray\n"
             "from apo_ray.config import Config\n"
-            "from apo_ray.launch import connect_ray\n"
+            "from apo_ray.runtime.launch import connect_ray\n"
             "cfg = Config(); cfg.cluster.local_num_cpus = 1\n"
             "assert connect_ray(cfg)\n"
             "print('GCS', ray.get_runtime_context().gcs_address)\n"
@@ -101,7 +101,7 @@ def test_a_strangers_token_protected_cluster_is_neither_joined_nor_waited_on(tmp
         script = (
             "import sys, time\n"
             "from apo_ray.config import Config\n"
-            "from apo_ray.launch import connect_ray, ClusterConnectError\n"
+            "from apo_ray.runtime.launch import connect_ray, ClusterConnectError\n"
             f"cfg = Config(); cfg.cluster.address = '127.0.0.1:{port}'; cfg.cluster.connect_timeout_s = 20\n"
             "t = time.monotonic()\n"
             "try:\n    connect_ray(cfg)\nexcept ClusterConnectError as e:\n"
