@@ -475,6 +475,9 @@ def _run_steps(model: nn.Module, settings: TrainSettings, n_items: int,
             log.info("%s step %d/%d loss %.4f (%.0f tokens/s on rank 0)", what, step_no + 1, len(steps),
                      step_loss, tokens / max(elapsed, 1e-9))
     elapsed = time.perf_counter() - start
+    if steps and stepper.skipped_steps == len(steps):
+        log.error("%s: EVERY one of its %d optimiser steps was skipped (non-finite gradients): the phase left the "
+                  "model unchanged; check the loss weights and the learning rate", what, len(steps))
     return stepper.model, {"steps": len(steps), "loss_first": losses[0] if losses else float("nan"),
                            "loss_last": losses[-1] if losses else float("nan"),
                            "loss_mean": sum(losses) / max(len(losses), 1), "seconds": elapsed,
