@@ -103,9 +103,12 @@ class GameSystem(Protocol):
     def train(self, job: LearnerJob, init: Weights, data: list) -> tuple[Any, dict]:
         """Run a learner job from ``init`` on ``data``: (handle of the trained weights, stats)."""
 
-    def save_weights(self, handle: Any, path: Path) -> None: ...
+    def save_weights(self, handle: Any, path: Path, **checkpoint) -> None:
+        """Checkpoint ``handle`` at ``path``: :func:`apo_ray.store.write_checkpoint`'s file
+        (``checkpoint``: its keyword arguments, what the phase trained and from which version)."""
 
-    def load_weights(self, path: Path) -> Any: ...
+    def load_weights(self, path: Path) -> Any:
+        """The handle of the version checkpointed at ``path`` (:func:`apo_ray.store.load_checkpoint`)."""
 
     def resource_usage(self) -> dict[str, float]:
         """What the system holds now, e.g. ``{"object_store_bytes": ...}`` on Ray; ``{}`` where there
@@ -266,7 +269,7 @@ class APOGame:
         return [w for w in versions if w is not None]
 
     def _weights_phase(self, key: str, compute: Callable[[], tuple[Any, dict]], timing: dict, name: str,
-                       **event) -> Weights:
+                       base: Weights | None = None, **event) -> Weights:
         # A version another arm holds already (apo_seq's round 1 is apo's) is shared, not loaded again.
         live = next((w for w in self.live_versions() if w.id == key and w.handle is not None), None)
         if live is not None:
@@ -278,8 +281,13 @@ class APOGame:
             return cached
         start = time.perf_counter()
         handle, stats = compute()
-        stats = {k: v for k, v in stats.items() if k != "losses"} | {"losses": stats.get("losses", [])}
-        weights = self.store.put_weights(key, handle, stats)
+        # The checkpoint keeps the tensors the learner trained, over those of the version it started from.
+        trained = stats.get("trained_tensors")
+        stats = {k: v for k, v in stats.items() if k not in ("losses", "trained_tensors")} | {
+            "losses": stats.get("losses", [])}
+        base_model = self.cfg.model.reward if key.startswith("rm/") else self.cfg.model.policy
+        weights = self.store.put_weights(key, handle, stats, base=None if base is None else base.id,
+                                         base_model=base_model, trained=trained)
         seconds = time.perf_counter() - start
         timing[name] = timing.get(name, 0.0) + seconds
         self.on_phase({"phase": name, "key": key, "seconds": seconds, **event})
@@ -302,7 +310,8 @@ class APOGame:
     def _train_rm(self, key: str, init: Weights, pairs: list[RankedPair], *, lr: float, epochs: int, seed: int,
                   loss: RMLoss, timing: dict, name: str, **event) -> Weights:
         job = LearnerJob.rm(self.cfg, lr=lr, epochs=epochs, seed=seed, loss=loss)
-        return self._weights_phase(key, lambda: self.system.train(job, init, pairs), timing, name, **event)
+        return self._weights_phase(key, lambda: self.system.train(job, init, pairs), timing, name, base=init,
+                                   **event)
 
     # -- the game --------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -382,7 +391,7 @@ class APOGame:
         lrs = cfg.policy.lrs
         job = LearnerJob.policy(cfg, lr=lrs[min(r - 1, len(lrs) - 1)], seed=self.seed(r))
         policy = self._weights_phase(f"policy/{lineage}/r{r}", lambda: self.system.train(job, policy, examples),
-                                     timing, "train_policy", **event)
+                                     timing, "train_policy", base=policy, **event)
 
         self.state[arm] = {"policy": policy, "rm": rm}
         record = self.evaluate(r, arm, policy, rm, timing)

@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from apo_ray.config import DecodingConfig
 from apo_ray.game import APOGame, PhaseStore, Weights, build_game_data, eval_prompts, write_summary
 from apo_ray.generation import HFGenerator
 from apo_ray.local import LocalSystem
 from apo_ray.models import load_policy
+from apo_ray.store import load_checkpoint
 
 ARMS = ["apo", "apo_seq", "fixed", "ablation"]
 ROUNDS = 2
@@ -76,8 +76,8 @@ class RecordingSystem:
     def shutdown(self) -> None:
         self.inner.shutdown()
 
-    def save_weights(self, handle, path: Path) -> None:
-        self.inner.save_weights(handle, path)
+    def save_weights(self, handle, path: Path, **checkpoint) -> None:
+        self.inner.save_weights(handle, path, **checkpoint)
 
     def load_weights(self, path: Path):
         self.calls.append(("load_weights", Path(path).name))
@@ -105,7 +105,7 @@ class GameRun:
         return rec
 
     def weights(self, key: str) -> dict:
-        return torch.load(self.store._path(key, ".pt"), map_location="cpu", weights_only=True)
+        return load_checkpoint(self.store.weights_path(key))
 
 
 def play(cfg, root: Path, system=None) -> GameRun:
@@ -181,7 +181,7 @@ def test_all_training_losses_are_finite(game):
                     continue
                 assert stats["steps"] >= 1
                 assert finite([stats["loss_first"], stats["loss_last"], stats["loss_mean"]]), (arm, r, train)
-    for key_file in game.store.root.glob("*.pt"):
+    for key_file in game.store.root.glob("*.safetensors"):
         stats = game.store.get(key_file.stem.replace("__", "/"))
         assert stats["losses"] and finite(stats["losses"]), key_file.name
 
@@ -209,7 +209,7 @@ def test_fixed_arm_never_changes_the_rm(game):
         assert rec["rm_test_acc"] == game.record("fixed", 0)["rm_test_acc"]
         assert rec["rm_test_ece"] == game.record("fixed", 0)["rm_test_ece"]
     assert not list(game.store.root.glob("rm__fixed*"))
-    rm_keys = {p.stem for p in game.store.root.glob("rm__*.pt")}
+    rm_keys = {p.stem for p in game.store.root.glob("rm__*.safetensors")}
     assert rm_keys == {"rm__base", "rm__apo__r1", "rm__apo__r2", "rm__apo_seq__r2", "rm__ablation__r1",
                        "rm__ablation__r2"}
 
@@ -318,7 +318,7 @@ def test_crashed_run_resumes_without_recomputing_and_matches(game, tiny_cfg_fact
     with pytest.raises(Crash):
         play(cfg, root, crashing)
     assert crashing.of("train_policy")[-1][0] == "policy/apo/r1"
-    assert (root / "rm__apo_seq__r2.pt").exists()  # round 2's RM was finished before the crash
+    assert (root / "rm__apo_seq__r2.safetensors").exists()  # round 2's RM was finished before the crash
     assert not (root / "policy__apo_seq__r2.json").exists()
 
     resumed = play(cfg, root)
