@@ -26,7 +26,7 @@ from apo_ray.progress import RunProgress, format_seconds, plan_phases, rate_unit
 from apo_ray.tracking import make_trackers
 
 if TYPE_CHECKING:
-    from typing_extensions import Self
+    from typing import Self
 
 log = logging.getLogger("apo_ray.progress")
 
