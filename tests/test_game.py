@@ -339,6 +339,39 @@ def test_crashed_run_resumes_without_recomputing_and_matches(game, tiny_cfg_fact
     assert max_abs_diff(resumed.weights("policy/apo_seq/r2"), game.weights("policy/apo_seq/r2")) < 1e-6
 
 
+def test_checkpoints_leave_out_frozen_layers_and_a_resume_from_them_matches(tiny_cfg_factory, tmp_path):
+    """With the top block alone trained (trainable_layers=1 of the tiny model's 2), every checkpoint
+    holds that block, the final norm and the RM head, nothing below, and the phases folder is a
+    fraction of full checkpoints. A run crashed in round 2's policy update resumes from them (each
+    version rebuilt from its chain of bases) to the uninterrupted run's records and weights."""
+    from safetensors import safe_open
+
+    cfg = tiny_cfg_factory(apo__arms=["apo_seq"], apo__rounds=ROUNDS, rm__trainable_layers=1,
+                           policy__trainable_layers=1, **GREEDY_TESTS)
+    whole = play(cfg, tmp_path / "whole")
+    files = sorted(whole.store.root.glob("*.safetensors"))
+    assert {f.name for f in files} == {k.replace("/", "__") + ".safetensors" for k in whole.store.weights_keys()}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            names = list(fh.keys())
+        assert names and all(n.startswith(("model.layers.1.", "model.norm.", "score.")) for n in names), f.name
+    full_bytes = sum(t.numel() * t.element_size() for k in whole.store.weights_keys()
+                     for t in whole.weights(k).values())
+    stored_bytes = sum(f.stat().st_size for f in files)
+    assert stored_bytes < 0.6 * full_bytes, (stored_bytes, full_bytes)
+
+    root = tmp_path / "crashed"
+    with pytest.raises(Crash):
+        play(cfg, root, RecordingSystem(LocalSystem(cfg), crash_policy_from="policy/apo/r1"))
+    resumed = play(cfg, root)
+    assert resumed.system.of("load_weights")  # the stored versions were rebuilt from their files
+    assert len(resumed.records) == len(whole.records)
+    for a, b in zip(whole.records, resumed.records):
+        for k in COMPARED:
+            assert b[k] == pytest.approx(a[k], abs=1e-6), (a["round"], k)
+    assert max_abs_diff(resumed.weights("policy/apo_seq/r2"), whole.weights("policy/apo_seq/r2")) < 1e-6
+
+
 # ------------------------------------------------------------------------------ DPO
 
 
