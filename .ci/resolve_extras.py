@@ -6,7 +6,8 @@ pyproject.toml against the package index, as a clean machine would see it.
     python .ci/resolve_extras.py --only vllm gpu    # some of them
     python .ci/resolve_extras.py --list
 
-Each target is resolved by `pip install --dry-run --ignore-installed --report` with this machine's pip
+Each target is resolved by `pip install --dry-run --ignore-installed --report` (pip >= 24, which reads
+the wheels' metadata files; with an older pip here, a venv with a current one is made first) with this machine's pip
 configuration switched off (PIP_CONFIG_FILE=/dev/null: no local wheel folders, constraints or extra
 indexes), so what is installed or on disk here plays no part. A dry run downloads metadata only
 (for a source archive such as DeepSpeed's, pip builds its metadata). The targets that need the PyTorch
@@ -97,10 +98,38 @@ def clean_env() -> dict[str, str]:
     return env
 
 
-def resolve(target: Target, cpu_source: list[str], index_note: str, timeout_s: float) -> Outcome:
+MIN_PIP = (24, 0)  # reads wheels' metadata files from the index (PEP 658/714); older pips download
+# whole wheels to read it: 540 MB for CUDA torch alone, and again for each of its nvidia-* wheels
+
+
+def pip_version(python: str) -> tuple[int, ...]:
+    out = subprocess.run([python, "-m", "pip", "--version"], capture_output=True, text=True, check=False).stdout
+    try:
+        return tuple(int(x) for x in out.split()[1].split(".")[:2])
+    except (IndexError, ValueError):
+        return (0,)
+
+
+def resolver_python(venv: Path) -> str:
+    """This interpreter when its pip reads metadata files; else a venv of the same Python at ``venv``
+    with a current pip (made once, ~2 MB from PyPI)."""
+    if pip_version(sys.executable) >= MIN_PIP:
+        return sys.executable
+    python = venv / "bin" / "python"
+    if not python.exists() or pip_version(str(python)) < MIN_PIP:
+        print(f"pip {'.'.join(map(str, pip_version(sys.executable)))} here downloads whole wheels to read their "
+              f"metadata: using a current pip in {venv}", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--index-url", PYPI, "--upgrade",
+                        f"pip>={'.'.join(map(str, MIN_PIP))}"], env=clean_env(), check=True)
+    return str(python)
+
+
+def resolve(target: Target, cpu_source: list[str], index_note: str, timeout_s: float,
+            python: str = sys.executable) -> Outcome:
     with tempfile.TemporaryDirectory(prefix="apo-resolve-") as tmp:
         report = Path(tmp) / "report.json"
-        cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+        cmd = [python, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
                "--report", str(report), "--index-url", PYPI, *(cpu_source if target.cpu_index else []),
                "-e", target.spec]
         start = time.perf_counter()
@@ -129,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-cpu-wheels", type=Path, default=None,
                         help="a folder with the PyTorch CPU index's torch wheel, used when that index is unreachable")
     parser.add_argument("--json", type=Path, default=None, help="write the outcomes here")
+    parser.add_argument("--venv", type=Path, default=Path(tempfile.gettempdir()) / "apo-resolve-venv",
+                        help="where to make a venv with a current pip when this one is older than "
+                             f"{'.'.join(map(str, MIN_PIP))}")
     args = parser.parse_args(argv)
 
     all_targets = targets()
@@ -160,10 +192,12 @@ def main(argv: list[str] | None = None) -> int:
             index_note = (f"PyTorch CPU index unreachable ({why}); its torch wheel from "
                           f"{args.torch_cpu_wheels}: {', '.join(w.name for w in wheels)}")
 
-    print(f"resolving {len(chosen)} target(s) against {PYPI} with Python {sys.version.split()[0]} "
-          f"({args.jobs} at a time, at most {args.timeout_s:.0f} s each)", flush=True)
+    python = resolver_python(args.venv)
+    print(f"resolving {len(chosen)} target(s) against {PYPI} with Python {sys.version.split()[0]}, pip "
+          f"{'.'.join(map(str, pip_version(python)))} ({args.jobs} at a time, at most {args.timeout_s:.0f} s each)",
+          flush=True)
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        outcomes = list(pool.map(lambda t: resolve(t, cpu_source, index_note, args.timeout_s), chosen))
+        outcomes = list(pool.map(lambda t: resolve(t, cpu_source, index_note, args.timeout_s, python), chosen))
 
     print(f"\n{'target':12} {'ok':3} {'s':>5} {'pkgs':>4}  " + "  ".join(f"{k:>12}" for k in SHOWN))
     for o in outcomes:
