@@ -4,7 +4,7 @@
     python jobs/export.py /shared/runs/apo1 --versions 'policy/*' --out /tmp/policies
 
 Reads the run's ``resolved_config.json`` (base models, decoding settings) and its checkpoints in
-``phases/`` (each the tensors its phase trained, over its base's: ``apo_ray.store.load_checkpoint``); a run
+``phases/`` (each the tensors its phase trained, over its base's: ``apo_ray.game.store.load_checkpoint``); a run
 started with ``run.save_models=none`` or stopped mid-way exports the same way. Folders that exist are
 kept unless ``--overwrite``. Shows a progress bar; prints ``{version: folder}`` as JSON.
 """
@@ -32,10 +32,15 @@ def main(argv: list[str] | None = None) -> dict:
     from tqdm import tqdm
 
     from apo_ray.config import from_omegaconf
-    from apo_ray.export import export_folder, export_version, select_versions, version_kind, write_index
-    from apo_ray.game import PhaseStore
-    from apo_ray.observer import policy_generation_config
-    from apo_ray.store import load_checkpoint
+    from apo_ray.game.store import PhaseStore, load_checkpoint
+    from apo_ray.outputs.export import (
+        export_folder,
+        export_version,
+        select_versions,
+        version_kind,
+        write_index,
+    )
+    from apo_ray.outputs.observer import policy_generation_config
 
     run = Path(args.run_dir)
     config_path = run / "resolved_config.json"
@@ -55,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     generation = policy_generation_config(cfg)
     done = {}
     for version in tqdm(versions, desc="export", unit="model"):
-        state = load_checkpoint(store.weights_path(version))
+        state = load_checkpoint(store.version_path(version))
         folder = export_version(version, state, export_folder(models, version), base_model=base[version_kind(version)],
                                 generation=generation, meta=meta.get(version, {}), overwrite=args.overwrite)
         done[version] = str(folder)

@@ -1,4 +1,4 @@
-"""The checkpoint (apo_ray.store): durable phase files, corrupt phases recomputed, and the resume
+"""The checkpoint (apo_ray.game.store): durable phase files, corrupt phases recomputed, and the resume
 fingerprint that refuses what would change results."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from apo_ray import store as store_module
 from apo_ray.config import Config
-from apo_ray.local import LocalSystem
-from apo_ray.store import PhaseStore, ResumeError, check_store, file_digest, open_store
+from apo_ray.game import store as store_module
+from apo_ray.game.store import PhaseStore, ResumeError, check_store, file_digest, open_store
+from apo_ray.runtime.in_process import InProcessSystem
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = "tiny-random-llama"
@@ -29,7 +29,7 @@ def own_digest_cache(tmp_path, monkeypatch):
 
 
 def weights_store(root: Path) -> PhaseStore:
-    return PhaseStore(root, LocalSystem(Config()))  # LocalSystem loads no model until asked to generate
+    return PhaseStore(root, InProcessSystem(Config()))  # InProcessSystem loads no model until asked to generate
 
 
 STATE = {"w": torch.arange(1000, dtype=torch.float32), "b": torch.ones(3)}
@@ -52,8 +52,8 @@ def test_phase_files_are_fsynced_before_and_after_the_rename(tmp_path, monkeypat
                       ("rename", "samples__policy__init__gold.json.tmp", "samples__policy__init__gold.json"),
                       ("fsync", "phases")]
     events.clear()
-    store.put_weights("rm/base", STATE, {"loss": 1.0})
-    # the weights (LocalSystem writes them under a temporary name) are on disk, file and folder entry,
+    store.put_version("rm/base", STATE, {"loss": 1.0})
+    # the weights (InProcessSystem writes them under a temporary name) are on disk, file and folder entry,
     # before the marker that says they are complete
     assert events == [("rename", "rm__base.safetensors.tmp", "rm__base.safetensors"), ("fsync", "rm__base.safetensors"),
                       ("fsync", "phases"),
@@ -63,12 +63,12 @@ def test_phase_files_are_fsynced_before_and_after_the_rename(tmp_path, monkeypat
 
 def test_marker_holds_the_size_and_checksum_of_the_weights(tmp_path):
     store = weights_store(tmp_path)
-    store.put_weights("rm/base", STATE, {"loss": 1.0})
+    store.put_version("rm/base", STATE, {"loss": 1.0})
     marker = json.loads((tmp_path / "rm__base.json").read_text())
     pt = tmp_path / "rm__base.safetensors"
     assert marker["value"] == {"loss": 1.0} and marker["weights"]["bytes"] == pt.stat().st_size
     assert marker["weights"]["sha256"] == store_module.file_sha256(pt)[1]
-    loaded = store.get_weights("rm/base")
+    loaded = store.get_version("rm/base")
     assert loaded.id == "rm/base" and torch.equal(loaded.handle["w"], STATE["w"])
 
 
@@ -90,7 +90,7 @@ def test_a_corrupt_json_phase_is_moved_aside_and_recomputed(tmp_path, caplog, da
 @pytest.mark.parametrize("damage", ["truncate", "flip a byte", "delete"])
 def test_a_corrupt_weights_file_is_moved_aside_and_recomputed(tmp_path, caplog, damage):
     store = weights_store(tmp_path)
-    store.put_weights("policy/apo/r1", STATE, {"loss": 1.0})
+    store.put_version("policy/apo/r1", STATE, {"loss": 1.0})
     pt = tmp_path / "policy__apo__r1.safetensors"
     data = pt.read_bytes()
     if damage == "truncate":
@@ -99,7 +99,7 @@ def test_a_corrupt_weights_file_is_moved_aside_and_recomputed(tmp_path, caplog, 
         pt.write_bytes(data[:-100] + bytes([data[-100] ^ 1]) + data[-99:])
     else:
         pt.unlink()
-    assert store.get_weights("policy/apo/r1") is None
+    assert store.get_version("policy/apo/r1") is None
     assert "policy__apo__r1.safetensors" in caplog.text and "computed again" in caplog.text
     assert not (tmp_path / "policy__apo__r1.json").exists()
 
@@ -270,7 +270,7 @@ def test_a_checkpoint_holds_what_its_phase_trained_and_rebuilds_the_rest_exactly
     the store reads back the learner's full state dict bit for bit, through a chain of two versions
     from the base model, for an RM (random head) and a policy (tied LM head)."""
     from apo_ray.data import RankedPair
-    from apo_ray.training import TrainSettings, train_policy, train_reward_model
+    from apo_ray.models.training import TrainSettings, train_policy, train_reward_model
 
     settings = TrainSettings(lr=1e-3, examples_per_step=4, micro_examples=4, max_length=96, precision="fp32",
                              seed=0, trainable_layers=1)
@@ -283,8 +283,8 @@ def test_a_checkpoint_holds_what_its_phase_trained_and_rebuilds_the_rest_exactly
         for key in (f"{role}/base", f"{role}/apo/r1"):
             state, stats = train(TINY_MODEL, state, data, settings)
             trained = stats.pop("trained_tensors")
-            store.put_weights(key, state, stats, base=base, base_model=TINY_MODEL, trained=trained)
-            path = store.weights_path(key)
+            store.put_version(key, state, stats, base=base, base_model=TINY_MODEL, trained=trained)
+            path = store.version_path(key)
             assert path.suffix == ".safetensors"
             assert _stored_names(path) == set(trained)
             assert trained and all(n.startswith(("model.layers.1.", "model.norm.", "score.", "lm_head."))
@@ -292,7 +292,7 @@ def test_a_checkpoint_holds_what_its_phase_trained_and_rebuilds_the_rest_exactly
             assert not any(n.startswith(("model.layers.0.", "model.embed_tokens.")) for n in trained)
             assert json.loads((tmp_path / f"{key.replace('/', '__')}.json").read_text())["weights"]["base"] == base
             assert _same(store_module.load_checkpoint(path), state), key  # the full state dict, exactly
-            assert _same(store.get_weights(key).handle, state), key
+            assert _same(store.get_version(key).handle, state), key
             base = key
         full = sum(t.numel() * t.element_size() for t in state.values())
         assert path.stat().st_size < 0.8 * full  # the tiny model's block 0 and embedding are left out
@@ -303,19 +303,19 @@ def test_frozen_tensors_come_back_in_the_dtype_the_learner_held_them(tmp_path):
     values rounded to bf16: the checkpoint records the dtype and the rebuild casts to it."""
     store = weights_store(tmp_path)
     base = {"a": torch.randn(64), "b": torch.randn(8, 8)}
-    store.put_weights("rm/base", base, {})  # no base: complete in itself
+    store.put_version("rm/base", base, {})  # no base: complete in itself
     child = {"a": base["a"].to(torch.bfloat16), "b": torch.randn(8, 8)}
-    store.put_weights("rm/apo/r1", child, {}, base="rm/base", base_model="unused", trained=["b"])
-    assert _stored_names(store.weights_path("rm/apo/r1")) == {"b"}
-    assert _same(store.get_weights("rm/apo/r1").handle, child)
+    store.put_version("rm/apo/r1", child, {}, base="rm/base", base_model="unused", trained=["b"])
+    assert _stored_names(store.version_path("rm/apo/r1")) == {"b"}
+    assert _same(store.get_version("rm/apo/r1").handle, child)
 
 
 def test_a_changed_or_missing_base_is_named_not_silently_used(tmp_path):
     store = weights_store(tmp_path)
-    store.put_weights("rm/base", STATE, {})
+    store.put_version("rm/base", STATE, {})
     child = {"w": STATE["w"], "b": STATE["b"] * 2}
-    store.put_weights("rm/apo/r1", child, {}, base="rm/base", base_model="unused", trained=["b"])
-    base_file = store.weights_path("rm/base")
+    store.put_version("rm/apo/r1", child, {}, base="rm/base", base_model="unused", trained=["b"])
+    base_file = store.version_path("rm/base")
     from safetensors.torch import load_file, save_file
 
     edited = load_file(str(base_file))
@@ -323,10 +323,10 @@ def test_a_changed_or_missing_base_is_named_not_silently_used(tmp_path):
     save_file(edited, str(base_file), metadata={"format": store_module.CHECKPOINT_FORMAT, "base": "", "base_model": "",
                                                 "layout": json.dumps([["w", "float32", [1000]], ["b", "float32", [3]]])})
     with pytest.raises(ValueError, match="rm__base.safetensors is not the file rm__base.json recorded"):
-        store_module.load_checkpoint(store.weights_path("rm/apo/r1"))
+        store_module.load_checkpoint(store.version_path("rm/apo/r1"))
     base_file.unlink()
     with pytest.raises(FileNotFoundError, match=r"its base version rm/base \(rm__base.safetensors\) is missing"):
-        store_module.load_checkpoint(store.weights_path("rm/apo/r1"))
+        store_module.load_checkpoint(store.version_path("rm/apo/r1"))
 
 
 def test_a_run_folder_of_full_pt_checkpoints_still_reads(tmp_path):
@@ -337,8 +337,8 @@ def test_a_run_folder_of_full_pt_checkpoints_still_reads(tmp_path):
     torch.save(STATE, pt)
     size, sha256 = store_module.file_sha256(pt)
     store.put("rm/base", {"loss": 1.0}, weights={"bytes": size, "sha256": sha256})
-    assert store.weights_keys() == ["rm/base"] and store.weights_path("rm/base") == pt
-    assert _same(store.get_weights("rm/base").handle, STATE)
+    assert store.weights_keys() == ["rm/base"] and store.version_path("rm/base") == pt
+    assert _same(store.get_version("rm/base").handle, STATE)
     child = {"w": STATE["w"] + 1, "b": STATE["b"]}
-    store.put_weights("rm/apo/r1", child, {}, base="rm/base", base_model="unused", trained=["w"])
-    assert _same(store.get_weights("rm/apo/r1").handle, child)
+    store.put_version("rm/apo/r1", child, {}, base="rm/base", base_model="unused", trained=["w"])
+    assert _same(store.get_version("rm/apo/r1").handle, child)
