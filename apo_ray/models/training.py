@@ -270,6 +270,13 @@ class TrainedWeights:
         self.specs = [TensorSpec(name, torch.float32 if self._from_master(t) else t.dtype,
                                  tuple(getattr(t, "ds_shape", None) or t.shape)) for name, t in self._state.items()]
 
+    @property
+    def trained_names(self) -> list[str]:
+        """Names of the tensors this job trained (parameters with ``requires_grad``); every other
+        tensor is still the one the job started from, in the dtype of ``specs`` (what a checkpoint
+        leaves out: :func:`apo_ray.game.store.write_checkpoint`)."""
+        return [name for name, t in self._state.items() if isinstance(t, nn.Parameter) and t.requires_grad]
+
     def _from_master(self, t: torch.Tensor) -> bool:
         return self._master and isinstance(t, nn.Parameter) and t.requires_grad  # frozen ones have no master
 
@@ -559,7 +566,9 @@ def train_reward_model(model_name: str, init_state: dict[str, torch.Tensor] | No
     model, stats = _run_steps(model, settings, len(pairs), micro_loss, step_counts, "rm",
                               _fp32_init(hf_model, init_state))
     stats.update(pairs=len(pairs), apo_pairs=sum(p.kind == "apo" for p in pairs))
-    return publish(_trained_weights(hf_model, settings)), stats
+    trained = _trained_weights(hf_model, settings)
+    stats["trained_tensors"] = trained.trained_names  # the checkpoint stores these alone
+    return publish(trained), stats
 
 
 @torch.no_grad()
@@ -631,4 +640,6 @@ def train_policy(model_name: str, init_state: dict[str, torch.Tensor] | None,
     model, stats = _run_steps(model, settings, len(examples), micro_loss, step_counts, f"policy[{objective.name}]",
                               _fp32_init(hf_model, init_state))
     stats.update(examples=len(examples))
-    return publish(_trained_weights(hf_model, settings)), stats
+    trained = _trained_weights(hf_model, settings)
+    stats["trained_tensors"] = trained.trained_names  # the checkpoint stores these alone
+    return publish(trained), stats

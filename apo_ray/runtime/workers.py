@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from apo_ray.config import Config, DecodingConfig
+from apo_ray.game.store import load_checkpoint
 from apo_ray.game.system import Generated, Weights
 from apo_ray.models.generators import generator_from_config
 from apo_ray.models.loading import isolated_rng
@@ -50,7 +51,7 @@ def fetch_weights(weights: Weights) -> PackedWeights | dict[str, torch.Tensor] |
         if not weights.checkpoint:
             raise
         log.warning("%s: object store copy lost (its owner died); loading %s", weights.id, weights.checkpoint)
-        return torch.load(weights.checkpoint, map_location="cpu", weights_only=True)
+        return load_checkpoint(weights.checkpoint)
 
 
 class VersionedModel:
