@@ -63,8 +63,15 @@ def run_on_ray(cfg: Config) -> list[dict]:
         preflight(cfg)
         wait_for_resources(cfg, cfg.cluster.resource_wait_s)
         namespace = run_namespace(cfg)
+        # Without custom resources the driver stays on this node if it can (the head, for a submitted
+        # job): a zero-CPU actor could otherwise land on a worker node and be lost with it.
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        placement = None if cfg.cluster.driver_resources else NodeAffinitySchedulingStrategy(
+            node_id=ray.get_runtime_context().get_node_id(), soft=True)
         driver = ray.remote(APODriver).options(  # two threads: status() answers while run() plays
             name=DRIVER_NAME, namespace=namespace, num_cpus=cfg.cluster.driver_cpus, max_concurrency=2,
+            resources=dict(cfg.cluster.driver_resources), scheduling_strategy=placement,
         ).remote(cfg, namespace)
         log.info("driver actor %s in namespace %s; output in %s", DRIVER_NAME, namespace, cfg.run.output_dir)
         try:
