@@ -16,6 +16,7 @@ import torch
 
 from apo_ray.config import Config, DecodingConfig
 from apo_ray.game import Generated, Weights, batch_seed, batches_by_length, in_input_order, merge_generated
+from apo_ray.storage import load_state_dict, save_state_dict
 from apo_ray.training import LearnerJob, run_job
 from apo_ray.workers import GeneratorWorker, ScorerWorker
 
@@ -47,12 +48,10 @@ class LocalSystem:
         return run_job(job, init.handle, data, device=self.device)
 
     def save_weights(self, handle: Any, path: Path) -> None:
-        tmp = Path(path).with_suffix(".pt.tmp")
-        torch.save(handle, tmp)
-        tmp.replace(path)
+        save_state_dict(handle, path)
 
     def load_weights(self, path: Path) -> Any:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_state_dict(path)
 
     def resource_usage(self) -> dict[str, float]:
         """Nothing to report: versions are state dicts in this process (the game keeps only the

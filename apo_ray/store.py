@@ -27,6 +27,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from apo_ray import storage
 from apo_ray.config import Config
 
 if TYPE_CHECKING:
@@ -48,7 +49,10 @@ class ResumeError(RuntimeError):
 
 
 def fsync_dir(folder: Path) -> None:
-    """Make a rename or a new file in ``folder`` durable (POSIX: the entry lives in the folder)."""
+    """Make a rename or a new file in ``folder`` durable (POSIX: the entry lives in the folder).
+    Nothing to do on an object store (a written object is durable once the write returns)."""
+    if storage.is_uri(folder):
+        return
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -58,7 +62,11 @@ def fsync_dir(folder: Path) -> None:
 
 def write_durably(path: Path, data: bytes) -> None:
     """Write ``path`` so that after a crash it holds either its old content or all of ``data``:
-    a temporary file, fsynced, renamed over ``path``, then the folder fsynced."""
+    a temporary file, fsynced, renamed over ``path``, then the folder fsynced. On an object store
+    one write: an object appears whole or not at all."""
+    if storage.is_uri(path):
+        storage.write_bytes(path, data)
+        return
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
         fh.write(data)
@@ -72,8 +80,8 @@ def file_sha256(path: Path, *, sync: bool = False, chunk_bytes: int = 1 << 22) -
     """Size in bytes and SHA-256 of ``path`` (one read, mostly from the page cache just after a
     write); with ``sync``, fsync it first."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        if sync:
+    with storage.open_file(path, "rb") as fh:
+        if sync and not storage.is_uri(path):
             os.fsync(fh.fileno())
         while block := fh.read(chunk_bytes):
             digest.update(block)
@@ -94,30 +102,30 @@ class PhaseStore:
     """Results of finished phases on disk: ``<dir>/<key>.json`` plus ``<key>.pt`` for weights (see
     the module docstring for the format, the durability and what happens to a corrupt phase)."""
 
-    def __init__(self, root: Path, system: GameSystem | None):
-        self.root = Path(root)
+    def __init__(self, root: Path | str, system: GameSystem | None):
+        self.root = root if storage.is_uri(root) else Path(root)  # a folder or a URI (apo_ray.storage)
         self.system = system
-        self.root.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(self.root)
 
     def _path(self, key: str, suffix: str) -> Path:
-        return self.root / (key.replace("/", "__") + suffix)
+        return storage.join(self.root, key.replace("/", "__") + suffix)
 
     def _quarantine(self, key: str, why: str) -> None:
         """Move the phase's files aside (kept for a post-mortem) so it is computed again."""
         for suffix in (".json", ".pt"):
             path = self._path(key, suffix)
-            if path.exists():
-                path.replace(path.with_name(path.name + ".corrupt"))
+            if storage.exists(path):
+                storage.rename(path, f"{path}.corrupt")
         log.warning("%s: %s; moved aside to %s.corrupt, the phase will be computed again",
-                    self._path(key, ".json"), why, self._path(key, ".json").name)
+                    self._path(key, ".json"), why, storage.name(self._path(key, ".json")))
 
     def _marker(self, key: str) -> dict | None:
         """The checked marker of a finished phase; None when it is not finished or does not check out."""
         path = self._path(key, ".json")
-        if not path.exists():
+        if not storage.exists(path):
             return None
         try:
-            marker = json.loads(path.read_bytes().decode("utf-8"))
+            marker = json.loads(storage.read_bytes(path).decode("utf-8"))
             if not isinstance(marker, dict) or marker.get("format") != FORMAT or "value" not in marker:
                 raise ValueError(f"not a phase file of format {FORMAT}")
         except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
@@ -146,17 +154,17 @@ class PhaseStore:
             return None
         pt = self._path(key, ".pt")
         expected = marker.get("weights") or {}
-        if not pt.exists():
-            self._quarantine(key, f"its weights file {pt.name} is missing")
+        if not storage.exists(pt):
+            self._quarantine(key, f"its weights file {storage.name(pt)} is missing")
             return None
-        if pt.stat().st_size != expected.get("bytes") or file_sha256(pt)[1] != expected.get("sha256"):
-            self._quarantine(key, f"its weights file {pt.name} is not the one it recorded "
-                                  f"({pt.stat().st_size} bytes, recorded {expected.get('bytes')})")
+        if storage.size(pt) != expected.get("bytes") or file_sha256(pt)[1] != expected.get("sha256"):
+            self._quarantine(key, f"its weights file {storage.name(pt)} is not the one it recorded "
+                                  f"({storage.size(pt)} bytes, recorded {expected.get('bytes')})")
             return None
         try:
             handle = self.system.load_weights(pt)
         except Exception as exc:  # noqa: BLE001 - a file that passed the checksum but does not load
-            self._quarantine(key, f"{pt.name} does not load ({type(exc).__name__}: {exc})")
+            self._quarantine(key, f"{storage.name(pt)} does not load ({type(exc).__name__}: {exc})")
             return None
         return Weights(key, handle, str(pt))
 
@@ -175,7 +183,7 @@ class PhaseStore:
 
     def has(self, key: str) -> bool:
         """Whether ``key`` has a marker (checked for integrity when it is read)."""
-        return self._path(key, ".json").exists()
+        return storage.exists(self._path(key, ".json"))
 
     def weights_path(self, key: str) -> Path:
         """The ``.pt`` state dict of a finished weights phase."""
@@ -183,8 +191,9 @@ class PhaseStore:
 
     def weights_keys(self) -> list[str]:
         """Keys of every finished weights phase (a ``.pt`` with its ``.json`` marker)."""
-        return sorted(p.name[:-len(".pt")].replace("__", "/") for p in self.root.glob("*.pt")
-                      if p.with_suffix(".json").exists())
+        names = set(storage.listdir(self.root))
+        return sorted(n[:-len(".pt")].replace("__", "/") for n in names
+                      if n.endswith(".pt") and n[:-len(".pt")] + ".json" in names)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,16 +317,17 @@ def check_store(cfg: Config) -> dict:
       settings that wrote the phases cannot be checked);
     - settings or input files that differ from the fingerprint: refused, naming them.
     """
-    phases = Path(cfg.run.output_dir) / "phases"
-    marker = phases / FINGERPRINT
+    phases = storage.join(cfg.run.output_dir, "phases")
+    marker = storage.join(phases, FINGERPRINT)
     fingerprint = json.loads(json.dumps(run_fingerprint(cfg), default=str))
-    stored = [p for p in phases.iterdir() if p.name != FINGERPRINT] if phases.is_dir() else []
+    stored = [n for n in storage.listdir(phases) if n != FINGERPRINT]
+    marker_exists = storage.exists(marker)
     if not cfg.run.resume:
-        if stored or marker.exists():
+        if stored or marker_exists:
             raise ResumeError(f"{phases} holds phases of an earlier run; pass run.resume=true to continue it "
                               f"or choose another run.output_dir")
         return fingerprint
-    if not marker.exists():
+    if not marker_exists:
         if stored:
             raise ResumeError(f"{marker} is missing but {phases} holds {len(stored)} phase files: the settings "
                               f"that wrote them cannot be checked. Restore the file, or start a new run in "
@@ -326,7 +336,7 @@ def check_store(cfg: Config) -> dict:
                           f"the run to resume as run.output_dir (Hydra's default output folder has a timestamp "
                           f"in its name, so each start gets a new one)")
     try:
-        old = json.loads(marker.read_bytes().decode("utf-8"))
+        old = json.loads(storage.read_bytes(marker).decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
         old, why = None, f"{type(exc).__name__}: {exc}"
     else:
@@ -347,8 +357,8 @@ def open_store(cfg: Config, system: GameSystem | None) -> PhaseStore:
     """The run's phase store under ``run.output_dir``, after :func:`check_store`; a new run's
     fingerprint is written (durably) before any phase."""
     fingerprint = check_store(cfg)
-    store = PhaseStore(Path(cfg.run.output_dir) / "phases", system)
-    marker = store.root / FINGERPRINT
-    if not marker.exists():
+    store = PhaseStore(storage.join(cfg.run.output_dir, "phases"), system)
+    marker = storage.join(store.root, FINGERPRINT)
+    if not storage.exists(marker):
         write_durably(marker, json.dumps(fingerprint, indent=1).encode("utf-8"))
     return store

@@ -20,6 +20,7 @@ from apo_ray.config import Config, DecodingConfig
 from apo_ray.game import Generated, Weights
 from apo_ray.generation import generator_from_config
 from apo_ray.scoring import scorer_from_config
+from apo_ray.storage import load_state_dict
 from apo_ray.weights import PackedWeights, load_packed_into, unpack_state_dict
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def fetch_weights(weights: Weights) -> PackedWeights | dict[str, torch.Tensor] |
         if not weights.checkpoint:
             raise
         log.warning("%s: object store copy lost (its owner died); loading %s", weights.id, weights.checkpoint)
-        return torch.load(weights.checkpoint, map_location="cpu", weights_only=True)
+        return load_state_dict(weights.checkpoint)  # a local path or a URI every node reaches
 
 
 class VersionedModel:
