@@ -337,6 +337,25 @@ def custom_resource_errors(name: str, resources: Any) -> list[str]:
     return e
 
 
+def output_dir_errors(cfg: Config) -> list[str]:
+    """``run.output_dir`` may be a URI (``s3://bucket/run``: :mod:`apo_ray.storage`) without
+    credentials in it; what still writes to a local folder is refused with one."""
+    from apo_ray.storage import is_uri, uri_problems
+
+    out = cfg.run.output_dir
+    if not isinstance(out, str) or not is_uri(out):
+        return []
+    e = uri_problems(out)
+    if cfg.run.tracking:
+        e.append(f"run.tracking={list(cfg.run.tracking)} writes into a local run.output_dir; with a URI output_dir "
+                 f"leave run.tracking empty (or point MLflow at a server with run.mlflow_tracking_uri and a "
+                 f"local run.output_dir)")
+    if cfg.eval.judge:
+        e.append("eval.judge=true writes its verdicts into a local run.output_dir; with a URI output_dir run "
+                 "the judge later on a local copy of the run")
+    return e
+
+
 def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: float | None = None,
              node_resources: list[dict[str, float]] | None = None) -> Config:
     """Raise :class:`ConfigError` listing every bad field; return ``cfg`` unchanged when all is well.
@@ -452,6 +471,7 @@ def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: fl
            f"run.save_models must be one of {SAVE_MODELS}, got {cfg.run.save_models!r}")
     for name in cfg.run.tracking:
         _check(e, name in TRACKERS, f"run.tracking: unknown tracker {name!r}; choose from {TRACKERS}")
+    e.extend(output_dir_errors(cfg))
     if not e and (cluster_cpus is not None or cluster_gpus is not None or node_resources):
         e.extend(resource_problems(cfg, cluster_cpus=cluster_cpus, cluster_gpus=cluster_gpus,
                                    node_resources=node_resources))

@@ -39,6 +39,7 @@ import torch
 
 from apo_ray.config import SAVE_MODELS
 from apo_ray.models import resolve_model
+from apo_ray.storage import load_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +316,7 @@ def _serve_exports() -> None:
     for line in sys.stdin:
         job = json.loads(line)
         try:
-            state = torch.load(job["weights"], map_location="cpu", weights_only=True)
+            state = load_state_dict(job["weights"])  # a local path or a URI (apo_ray.storage)
             export_version(job["version"], state, Path(job["out"]), base_model=job["base_model"],
                            generation=job["generation"], meta=job["meta"])
             reply = {"folder": job["out"]}

@@ -518,12 +518,13 @@ def finish_run(cfg: Config, game: APOGame, records: list[dict], *, wall_seconds:
     """Write ``summary.json``, ``resolved_config.json``, ``run_timing.json`` (wall seconds of the
     game; CPU seconds of the process that played it, which in process is all of its work) and
     ``report.md`` with its tables and plots."""
+    from apo_ray import storage
     from apo_ray.config import to_dict
     from apo_ray.report import write_report
 
-    out = Path(cfg.run.output_dir)
+    out = cfg.run.output_dir  # a folder or a URI (apo_ray.storage)
     write_summary(out, records, to_dict(cfg))
-    (out / "run_timing.json").write_text(json.dumps(
+    storage.write_text(storage.join(out, "run_timing.json"), json.dumps(
         {"wall_seconds": wall_seconds, "process_cpu_seconds": cpu_seconds, "in_process": cfg.run.in_process,
          "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
     d = game.data
@@ -546,14 +547,19 @@ def finish_run(cfg: Config, game: APOGame, records: list[dict], *, wall_seconds:
               f"{len(d.test_pairs)} test pairs ({test_from})."),
              eval_note,
              f"Wall time {wall_seconds / 60:.1f} min."]
-    return write_report(out, records, judge=judge, notes=notes, title=f"APO run `{cfg.run.name}`")
+    with storage.local_folder(out) as folder:  # a URI: written here, uploaded at the end
+        report = write_report(folder, records, judge=judge, notes=notes, title=f"APO run `{cfg.run.name}`")
+    return storage.join(out, report.name)
 
 
 def write_summary(output_dir: Path, records: list[dict], resolved_config: dict) -> Path:
-    """``summary.json``: one record per (round, arm); ``resolved_config.json`` beside it."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "resolved_config.json").write_text(json.dumps(resolved_config, indent=2, default=str))
-    path = output_dir / "summary.json"
-    path.write_text(json.dumps(records, indent=2))
+    """``summary.json``: one record per (round, arm); ``resolved_config.json`` beside it (in a folder
+    or under a URI: :mod:`apo_ray.storage`)."""
+    from apo_ray import storage
+
+    storage.makedirs(output_dir)
+    storage.write_text(storage.join(output_dir, "resolved_config.json"),
+                       json.dumps(resolved_config, indent=2, default=str))
+    path = storage.join(output_dir, "summary.json")
+    storage.write_text(path, json.dumps(records, indent=2))
     return path

@@ -13,6 +13,7 @@ from apo_ray.config import Config, ConfigError, resource_demand, total_demand, v
 from apo_ray.data import DataError
 from apo_ray.judge import JudgeError
 from apo_ray.ray_system import ResourceWaitError
+from apo_ray.storage import is_uri
 from apo_ray.store import ResumeError
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,9 @@ def connect_ray(cfg: Config) -> bool:
 def run_namespace(cfg: Config) -> str:
     if cfg.cluster.namespace:
         return cfg.cluster.namespace
-    digest = hashlib.sha1(str(Path(cfg.run.output_dir).resolve()).encode()).hexdigest()[:8]
+    out = cfg.run.output_dir
+    where = out if is_uri(out) else str(Path(out).resolve())
+    digest = hashlib.sha1(where.encode()).hexdigest()[:8]
     return f"apo-{cfg.run.name}-{digest}"
 
 

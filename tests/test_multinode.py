@@ -26,7 +26,8 @@ from ray_nodes import LocalCluster  # tests/ is on sys.path under pytest (as for
 from apo_ray.data import DEFAULT_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.multinode, pytest.mark.cluster, pytest.mark.slow]
+# Bounded: each subprocess has its own timeout too; a hung test fails instead of holding CI.
+pytestmark = [pytest.mark.multinode, pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(2400)]
 
 HEAD = {"apo_head": 10.0}
 WORKER = {"apo_worker": 10.0}
