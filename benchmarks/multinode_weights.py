@@ -39,7 +39,7 @@ CLIENT = r"""
 import json, sys, time
 import ray
 import torch
-from apo_ray.weights import put_weights, unpack_state_dict
+from apo_ray.models.weights import put_weights, unpack_state_dict
 
 args = json.loads(sys.argv[2])
 ray.init(address=sys.argv[1], logging_level="ERROR")
@@ -48,7 +48,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 def state_dict(shape, dtype):
     from transformers import AutoModelForCausalLM
-    from apo_ray.models import shape_config
+    from apo_ray.models.loading import shape_config
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(shape_config(shape))

@@ -49,6 +49,8 @@ def problems(**overrides) -> str:
     ("cluster__learner_resources", {"GPU": 1},
      "cluster.learner_resources.GPU: GPU is a built-in Ray resource, not a custom one (use cluster.learner_gpus)"),
     ("cluster__driver_resources", ["head"], "cluster.driver_resources must map custom Ray resource names to amounts"),
+    ("policy__objective", "ppo", "policy.objective must be one of ['dpo', 'rjs'], got 'ppo'"),
+    ("policy__updater", "dpo", "policy.updater was renamed policy.objective: use policy.objective=dpo"),
 ])
 def test_each_bad_value_is_named(field, value, message):
     assert message in problems(**{field: value})
@@ -159,7 +161,7 @@ def test_main_job_refuses_splits_that_cannot_fit(tmp_path, hh_data_path):
 
 
 def test_deepspeed_strategy_without_deepspeed_says_what_to_install(hide_package):
-    from apo_ray.launch import require_extras
+    from apo_ray.runtime.launch import require_extras
 
     hide_package("deepspeed")
     cfg = Config()

@@ -64,11 +64,11 @@ import ray
 from ray.experimental import get_object_locations
 from apo_ray.config import Config, validate
 from apo_ray.data import RankedPair, load_preference_pairs
-from apo_ray.game import Weights
-from apo_ray.ray_system import RaySystem
-from apo_ray.training import LearnerJob, RMLoss
-from apo_ray.weights import unpack_state_dict
-from apo_ray.workers import ScorerWorker
+from apo_ray.game.system import Weights
+from apo_ray.runtime.ray_system import RaySystem
+from apo_ray.models.training import LearnerJob, RMLoss
+from apo_ray.models.weights import unpack_state_dict
+from apo_ray.runtime.workers import ScorerWorker
 
 cfg = Config()
 cfg.model.policy = cfg.model.reward = "tiny-random-llama"

@@ -68,8 +68,8 @@ def test_phase_store_on_s3_checks_and_quarantines_like_a_folder(s3, monkeypatch)
     import torch
 
     from apo_ray.config import Config
-    from apo_ray.local import LocalSystem
-    from apo_ray.store import ResumeError, check_store, open_store
+    from apo_ray.game.store import ResumeError, check_store, open_store
+    from apo_ray.runtime.in_process import InProcessSystem
 
     for key, value in s3["env"].items():
         if key.startswith("AWS_"):
@@ -77,12 +77,12 @@ def test_phase_store_on_s3_checks_and_quarantines_like_a_folder(s3, monkeypatch)
     cfg = Config()
     cfg.run.in_process = True
     cfg.run.output_dir = f"s3://{BUCKET}/unit-{secrets.token_hex(4)}"
-    store = open_store(cfg, LocalSystem(cfg))
+    store = open_store(cfg, InProcessSystem(cfg))
     store.put("samples/x", [["a", "b"]])
-    weights = store.put_weights("rm/base", {"w": torch.arange(6.0).reshape(2, 3)}, {"loss": 0.5})
+    weights = store.put_version("rm/base", {"w": torch.arange(6.0).reshape(2, 3)}, {"loss": 0.5})
     assert weights.checkpoint == f"{cfg.run.output_dir}/phases/rm__base.pt"
     assert store.get("samples/x") == [["a", "b"]]
-    assert torch.equal(store.get_weights("rm/base").handle["w"], torch.arange(6.0).reshape(2, 3))
+    assert torch.equal(store.get_version("rm/base").handle["w"], torch.arange(6.0).reshape(2, 3))
     assert store.weights_keys() == ["rm/base"]
     prefix = cfg.run.output_dir.removeprefix(f"s3://{BUCKET}/")
     body = s3["client"].get_object(Bucket=BUCKET, Key=f"{prefix}/phases/samples__x.json")["Body"].read()
