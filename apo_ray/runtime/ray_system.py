@@ -26,6 +26,7 @@ from typing import Any
 
 import ray
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from apo_ray.config import Config, DecodingConfig
 from apo_ray.core.storage import is_uri, join, load_state_dict, save_state_dict
@@ -276,8 +277,6 @@ def _serve_learner_group(cfg: Config, queue, name: str, storage_path: str) -> No
 def this_node():
     """A scheduling strategy for the node this process runs on (zero-CPU actors and tasks may
     otherwise land on any node, including one that is later lost)."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
 
 
