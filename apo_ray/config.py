@@ -16,6 +16,7 @@ from typing import Any
 from apo_ray.core.arms import ARM_TABLE
 from apo_ray.core.losses import RM_LOSS_REDUCTIONS
 from apo_ray.core.objectives import POLICY_OBJECTIVES
+from apo_ray.storage import is_uri, uri_problems
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 GENERATION_BACKENDS = ("transformers", "vllm")
@@ -185,6 +186,14 @@ class ClusterConfig:
     resource_wait_s: float = 600.0
     driver_cpus: float = 0.0
     local_num_cpus: int | None = None  # only for a new local instance
+    # Custom Ray resources each actor asks for on top of its CPUs/GPUs: how a role is put on
+    # particular nodes. A node offers them with `ray start --resources='{"apo_pool": 8}'`; e.g.
+    # cluster.generator_resources={apo_pool:1} keeps the generators on those nodes. Per actor (per
+    # learner worker); an actor lost with its node restarts only on a node that offers them too.
+    generator_resources: dict[str, float] = field(default_factory=dict)
+    scorer_resources: dict[str, float] = field(default_factory=dict)
+    learner_resources: dict[str, float] = field(default_factory=dict)
+    driver_resources: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -336,6 +345,44 @@ def vllm_errors(cfg: Config, cluster_gpus: float | None = None) -> list[str]:
     return e
 
 
+# Ray's built-in resources have their own cluster.* fields (or are not the run's to ask for).
+BUILTIN_RESOURCES = ("CPU", "GPU", "TPU", "memory", "object_store_memory")
+
+
+def custom_resource_errors(name: str, resources: Any) -> list[str]:
+    """``cluster.<role>_resources`` must map custom Ray resource names to amounts > 0."""
+    if not isinstance(resources, dict):
+        return [f"{name} must map custom Ray resource names to amounts, got {resources!r}"]
+    e: list[str] = []
+    for key, amount in resources.items():
+        if not isinstance(key, str) or not key or key.startswith("node:"):
+            e.append(f"{name}: {key!r} is not a custom resource name (node:<ip> is Ray's own)")
+        elif key in BUILTIN_RESOURCES:
+            field_hint = {"CPU": "_cpus", "GPU": "_gpus"}.get(key)
+            hint = f" (use {name.removesuffix('_resources')}{field_hint})" if field_hint else ""
+            e.append(f"{name}.{key}: {key} is a built-in Ray resource, not a custom one{hint}")
+        else:
+            _number_check(e, f"{name}.{key}", amount, low=0, low_ok=False)
+    return e
+
+
+def output_dir_errors(cfg: Config) -> list[str]:
+    """``run.output_dir`` may be a URI (``s3://bucket/run``: :mod:`apo_ray.storage`) without
+    credentials in it; what still writes to a local folder is refused with one."""
+    out = cfg.run.output_dir
+    if not isinstance(out, str) or not is_uri(out):
+        return []
+    e = uri_problems(out)
+    if cfg.run.tracking:
+        e.append(f"run.tracking={list(cfg.run.tracking)} writes into a local run.output_dir; with a URI output_dir "
+                 f"leave run.tracking empty (or point MLflow at a server with run.mlflow_tracking_uri and a "
+                 f"local run.output_dir)")
+    if cfg.eval.judge:
+        e.append("eval.judge=true writes its verdicts into a local run.output_dir; with a URI output_dir run "
+                 "the judge later on a local copy of the run")
+    return e
+
+
 def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: float | None = None,
              node_resources: list[dict[str, float]] | None = None) -> Config:
     """Raise :class:`ConfigError` listing every bad field; return ``cfg`` unchanged when all is well.
@@ -398,6 +445,8 @@ def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: fl
     _number_check(e, "eval.judge_max_failed_fraction", ev.judge_max_failed_fraction, low=0, high=1)
     _number_check(e, "cluster.resource_wait_s", c.resource_wait_s, low=0, low_ok=False)
     _number_check(e, "cluster.connect_timeout_s", c.connect_timeout_s, low=0, low_ok=False)
+    for role in ("generator", "scorer", "learner", "driver"):
+        e.extend(custom_resource_errors(f"cluster.{role}_resources", getattr(c, f"{role}_resources")))
     _check(e, c.deepspeed_stage in (1, 2, 3), f"cluster.deepspeed_stage must be 1, 2 or 3, got {c.deepspeed_stage!r}")
 
     _check(e, a.loss_reduction in RM_LOSS_REDUCTIONS,
@@ -454,6 +503,7 @@ def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: fl
            f"run.save_models must be one of {SAVE_MODELS}, got {cfg.run.save_models!r}")
     for name in cfg.run.tracking:
         _check(e, name in TRACKERS, f"run.tracking: unknown tracker {name!r}; choose from {TRACKERS}")
+    e.extend(output_dir_errors(cfg))
     if not e and (cluster_cpus is not None or cluster_gpus is not None or node_resources):
         e.extend(resource_problems(cfg, cluster_cpus=cluster_cpus, cluster_gpus=cluster_gpus,
                                    node_resources=node_resources))
@@ -473,15 +523,20 @@ class ActorDemand:
     cpus: float
     gpus_field: str | None = None
     gpus: float = 0.0
+    custom_field: str | None = None  # cluster.<role>_resources
+    custom: tuple[tuple[str, float], ...] = ()  # its custom Ray resources, (name, amount each)
 
     @property
     def each(self) -> dict[str, float]:
         """Ray resources of one actor (zeros left out)."""
-        return {k: v for k, v in (("CPU", self.cpus), ("GPU", self.gpus)) if v > 0}
+        return {k: v for k, v in (("CPU", self.cpus), ("GPU", self.gpus), *self.custom) if v > 0}
 
     def describe(self, resource: str) -> str:
         """E.g. ``cluster.num_generators=2 x cluster.generator_cpus=0.5``."""
-        field_name, amount = (self.cpus_field, self.cpus) if resource == "CPU" else (self.gpus_field, self.gpus)
+        if resource in dict(self.custom):
+            field_name, amount = f"{self.custom_field}.{resource}", dict(self.custom)[resource]
+        else:
+            field_name, amount = (self.cpus_field, self.cpus) if resource == "CPU" else (self.gpus_field, self.gpus)
         each = f"{field_name}={amount:g}"
         return f"{self.count_field}={self.count} x {each}" if self.count_field else each
 
@@ -490,14 +545,19 @@ def resource_demand(cfg: Config) -> list[ActorDemand]:
     """Every kind of actor a Ray run holds at once: both pools, the learner workers (the learner
     group starts while the pools are alive; Ray Train's controller takes no CPU) and the driver."""
     c = cfg.cluster
+
+    def custom(role: str) -> dict:
+        return {"custom_field": f"cluster.{role}_resources",
+                "custom": tuple(sorted(getattr(c, f"{role}_resources").items()))}
+
     return [
         ActorDemand("generator", "cluster.num_generators", c.num_generators, "cluster.generator_cpus", c.generator_cpus,
-                    "cluster.generator_gpus", c.generator_gpus),
+                    "cluster.generator_gpus", c.generator_gpus, **custom("generator")),
         ActorDemand("scorer", "cluster.num_scorers", c.num_scorers, "cluster.scorer_cpus", c.scorer_cpus,
-                    "cluster.scorer_gpus", c.scorer_gpus),
+                    "cluster.scorer_gpus", c.scorer_gpus, **custom("scorer")),
         ActorDemand("learner worker", "cluster.learner_workers", c.learner_workers, "cluster.learner_cpus", c.learner_cpus,
-                    "cluster.learner_gpus", c.learner_gpus if c.learner_use_gpu else 0.0),
-        ActorDemand("driver", None, 1, "cluster.driver_cpus", c.driver_cpus),
+                    "cluster.learner_gpus", c.learner_gpus if c.learner_use_gpu else 0.0, **custom("learner")),
+        ActorDemand("driver", None, 1, "cluster.driver_cpus", c.driver_cpus, **custom("driver")),
     ]
 
 
@@ -521,11 +581,20 @@ def resource_problems(cfg: Config, *, cluster_cpus: float | None = None, cluster
             parts = " + ".join(a.describe(resource) for a in demand if resource in a.each)
             problems.append(f"{parts} needs {need:g} {resource}s at once (the pools, the learner workers and "
                             f"the driver are alive together); the Ray cluster has {have:g}")
+    for resource, need in total.items() if node_resources else ():
+        if resource in ("CPU", "GPU"):
+            continue
+        have = sum(node.get(resource, 0.0) for node in node_resources)
+        if need > have + 1e-9:
+            parts = " + ".join(a.describe(resource) for a in demand if resource in a.each)
+            problems.append(f"{parts} needs {need:g} of the custom resource {resource!r} at once; the Ray "
+                            f"cluster's nodes offer {have:g} (ray start --resources='{{\"{resource}\": N}}')")
     for actor in demand if node_resources else []:
         fits = any(all(node.get(k, 0.0) + 1e-9 >= v for k, v in actor.each.items()) for node in node_resources)
         if actor.each and not fits:
             asks = " and ".join(actor.describe(k).split(" x ")[-1] for k in actor.each)
-            largest = ", ".join(f"{max(node.get(k, 0.0) for node in node_resources):g} {k}s" for k in actor.each)
+            largest = ", ".join(f"{max(node.get(k, 0.0) for node in node_resources):g} {k}" + ("s" * (k in ("CPU", "GPU")))
+                                for k in actor.each)
             problems.append(f"each {actor.what} actor asks for {asks}; no single node of the Ray cluster has "
                             f"that much (the largest has {largest})")
     return problems

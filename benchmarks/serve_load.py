@@ -167,7 +167,7 @@ def main() -> None:
             r = results[version][scenario]
             print(f"{label:<34} {version:<7} {r['median_s']:>9.2f} {r['min_s']:>7.2f} {r['max_s']:>7.2f} "
                   f"{r['timeouts']:>6}/{args.requests:<2} {r['load_avg_1m'][0]:>8.2f}")
-    write_result({"benchmark": "serve_load", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    write_result({"benchmark": "serve_load", "date": datetime.datetime.now(datetime.UTC).isoformat(),
                   "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
                   "python": platform.python_version(), "settings": vars(args), "base": args.base,
                   "results": results}, args.out)

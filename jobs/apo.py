@@ -17,6 +17,7 @@ from apo_ray.config import from_omegaconf, register_configs, validate
 from apo_ray.data import DataError, resolve_paths
 from apo_ray.game.ownership import os_cause
 from apo_ray.runtime.launch import USER_ERRORS, run_in_process, run_on_ray
+from apo_ray.storage import is_uri
 
 register_configs()
 
@@ -33,7 +34,8 @@ def main(node: DictConfig) -> None:
         resolve_paths(cfg, get_original_cwd())
     except DataError as err:
         raise SystemExit(f"config error: {err}") from None
-    cfg.run.output_dir = to_absolute_path(cfg.run.output_dir)
+    if not is_uri(cfg.run.output_dir):  # s3://bucket/run stays as given
+        cfg.run.output_dir = to_absolute_path(cfg.run.output_dir)
     try:
         validate(cfg)  # the cheap checks before any cluster is touched; pool sizes are checked on it
         records = run_in_process(cfg) if cfg.run.in_process else run_on_ray(cfg)

@@ -18,3 +18,17 @@ def test_compose_has_a_head_with_local_dashboard_and_gpu_workers():
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
     assert (ROOT / "Dockerfile").exists() and "[vllm,deepspeed,offline]" in (ROOT / "Dockerfile").read_text()
+
+
+def test_compose_places_roles_like_the_multinode_test():
+    """The head offers apo_head and the workers apo_worker, the custom resources the README's
+    cluster command and tests/test_multinode.py place the roles with."""
+    from test_multinode import LAYOUT
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    head, worker = compose["services"]["ray-head"]["command"], compose["services"]["ray-worker"]["command"]
+    assert "--resources='{\"apo_head\": 8}'" in head and "--resources='{\"apo_worker\": 8}'" in worker
+    text = (ROOT / "docker-compose.yml").read_text()
+    for override in LAYOUT:  # the documented submit command places the roles as the test does
+        assert override in text, override
+    assert "AWS_SECRET_ACCESS_KEY: ${AWS_SECRET_ACCESS_KEY:-}" in text  # from the shell, never written down

@@ -45,6 +45,10 @@ def problems(**overrides) -> str:
     ("cluster__scorer_gpus", -1.0, "cluster.scorer_gpus must be >= 0, got -1.0"),
     ("cluster__resource_wait_s", 0.0, "cluster.resource_wait_s must be > 0, got 0.0"),
     ("eval__judge_max_failed_fraction", 1.5, "eval.judge_max_failed_fraction must be >= 0 and <= 1, got 1.5"),
+    ("cluster__generator_resources", {"apo_pool": 0}, "cluster.generator_resources.apo_pool must be > 0, got 0"),
+    ("cluster__learner_resources", {"GPU": 1},
+     "cluster.learner_resources.GPU: GPU is a built-in Ray resource, not a custom one (use cluster.learner_gpus)"),
+    ("cluster__driver_resources", ["head"], "cluster.driver_resources must map custom Ray resource names to amounts"),
     ("policy__objective", "ppo", "policy.objective must be one of ['dpo', 'rjs'], got 'ppo'"),
     ("policy__updater", "dpo", "policy.updater was renamed policy.objective: use policy.objective=dpo"),
 ])
@@ -109,6 +113,23 @@ def test_an_actor_larger_than_every_node_is_refused():
     (problem,) = resource_problems(cfg, cluster_cpus=4, cluster_gpus=0, node_resources=nodes)
     assert problem == ("each learner worker actor asks for cluster.learner_cpus=3; no single node of the Ray "
                        "cluster has that much (the largest has 2 CPUs)")
+
+
+def test_custom_resources_place_roles_and_count_against_the_nodes_that_offer_them():
+    """cluster.<role>_resources put a role on the nodes that offer those resources: the demand holds
+    them, and a layout the nodes cannot hold is refused, naming the fields."""
+    cfg = smoke_layout()
+    cfg.cluster.generator_resources = {"apo_pool": 1.0}
+    cfg.cluster.learner_resources = {"apo_pool": 1.0, "apo_learner": 1.0}
+    assert total_demand(cfg) == {"CPU": 2.0, "apo_pool": 2.0, "apo_learner": 1.0}
+    head, worker = {"CPU": 2.0}, {"CPU": 2.0, "apo_pool": 2.0, "apo_learner": 1.0}
+    assert resource_problems(cfg, cluster_cpus=4, cluster_gpus=0, node_resources=[head, worker]) == []
+    worker = {"CPU": 2.0, "apo_pool": 1.0}
+    got = resource_problems(cfg, cluster_cpus=4, cluster_gpus=0, node_resources=[head, worker])
+    assert ("cluster.num_generators=1 x cluster.generator_resources.apo_pool=1 + cluster.learner_workers=1 x "
+            "cluster.learner_resources.apo_pool=1 needs 2 of the custom resource 'apo_pool' at once; the Ray "
+            "cluster's nodes offer 1") in got[0]
+    assert any("no single node of the Ray cluster has that much" in p and "0 apo_learner" in p for p in got), got
 
 
 def _apo(*overrides: str) -> subprocess.CompletedProcess:

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from apo_ray.outputs.summary import write_summary
 
 from apo_ray.config import DecodingConfig
 from apo_ray.game.events import ArmRoundFinished
@@ -30,6 +29,7 @@ from apo_ray.game.store import PhaseStore, load_checkpoint
 from apo_ray.game.system import Weights
 from apo_ray.models.generation import HFGenerator
 from apo_ray.models.loading import load_policy
+from apo_ray.outputs.summary import write_summary
 from apo_ray.runtime.in_process import InProcessSystem
 
 ARMS = ["apo", "apo_seq", "fixed", "ablation"]

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from apo_ray.config import Config
+from apo_ray.game import digests as digests_module
 from apo_ray.game import store as store_module
 from apo_ray.game.store import PhaseStore, ResumeError, check_store, file_digest, open_store
 from apo_ray.runtime.in_process import InProcessSystem
@@ -34,7 +35,7 @@ def own_digest_cache(tmp_path, monkeypatch):
         if (folder / "config.json").exists():
             (own / folder.name).symlink_to(folder.resolve())
     monkeypatch.setenv("APO_RAY_CACHE", str(own))
-    monkeypatch.setattr(store_module, "_digests", {})
+    monkeypatch.setattr(digests_module, "_digests", {})
 
 
 def weights_store(root: Path) -> PhaseStore:
@@ -209,7 +210,7 @@ def test_file_digest_is_cached_by_path_size_and_mtime(tmp_path):
     f.write_bytes(b"y" * 1000)  # same size; the old mtime put back: the cached digest is used, no read
     os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert file_digest(f) == first
-    store_module._digests.clear()  # a new process: the digest comes from the cache file
+    digests_module._digests.clear()  # a new process: the digest comes from the cache file
     assert file_digest(f) == first
     os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
     assert file_digest(f) != first  # a new mtime: read again

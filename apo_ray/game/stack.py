@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from apo_ray.game.digests import file_digest
 from apo_ray.models.loading import has_fast_bf16, resolve_dtype, resolve_model
 from apo_ray.models.training import resolve_precision
 
@@ -119,8 +120,6 @@ def model_digests(cfg: Config) -> dict[str, dict[str, Any]]:
     """SHA-256 of the weight files of each model setting (``model.policy``, ``model.reward``):
     for the offline aliases, the converted folder in the cache (built now if missing); for a local
     folder, its files; a hub id is recorded by name only (``files: null``: not downloaded here)."""
-    from apo_ray.game.store import file_digest  # here: store imports this module
-
     out = {}
     for setting, name in (("model.policy", cfg.model.policy), ("model.reward", cfg.model.reward)):
         folder = Path(resolve_model(name))

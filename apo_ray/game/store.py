@@ -31,18 +31,19 @@ import hashlib
 import json
 import logging
 import os
-import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from apo_ray import storage
 from apo_ray.config import Config, to_dict
 from apo_ray.data import EMBEDDED_SCHEME, HF_SCHEME, JSONL_SUFFIXES
+from apo_ray.game.digests import file_digest, file_sha256
 from apo_ray.game.stack import software_stack, stack_changes
 from apo_ray.game.system import GameSystem, Weights
-from apo_ray.models.loading import cache_dir, load_policy, load_reward_model
+from apo_ray.models.loading import load_policy, load_reward_model
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,10 @@ class ResumeError(RuntimeError):
 
 
 def fsync_dir(folder: Path) -> None:
-    """Make a rename or a new file in ``folder`` durable (POSIX: the entry lives in the folder)."""
+    """Make a rename or a new file in ``folder`` durable (POSIX: the entry lives in the folder).
+    Nothing to do on an object store (a written object is durable once the write returns)."""
+    if storage.is_uri(folder):
+        return
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -70,7 +74,11 @@ def fsync_dir(folder: Path) -> None:
 
 def write_durably(path: Path, data: bytes) -> None:
     """Write ``path`` so that after a crash it holds either its old content or all of ``data``:
-    a temporary file, fsynced, renamed over ``path``, then the folder fsynced."""
+    a temporary file, fsynced, renamed over ``path``, then the folder fsynced. On an object store
+    one write: an object appears whole or not at all."""
+    if storage.is_uri(path):
+        storage.write_bytes(path, data)
+        return
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
         fh.write(data)
@@ -78,19 +86,6 @@ def write_durably(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
-
-
-def file_sha256(path: Path, *, sync: bool = False, chunk_bytes: int = 1 << 22) -> tuple[int, str]:
-    """Size in bytes and SHA-256 of ``path`` (one read, mostly from the page cache just after a
-    write); with ``sync``, fsync it first."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        if sync:
-            os.fsync(fh.fileno())
-        while block := fh.read(chunk_bytes):
-            digest.update(block)
-        size = fh.tell()
-    return size, digest.hexdigest()
 
 
 def _value_sha256(value: Any) -> str:
@@ -123,7 +118,7 @@ def write_checkpoint(path: Path, state_dict: Mapping[str, torch.Tensor], *, base
     Frozen tensors are the base's: a learner loads its initial weights into a model of one dtype
     and never changes a parameter without ``requires_grad``, so :func:`load_checkpoint` gets them
     back exactly by casting the base's to the recorded dtype."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save, save_file
 
     if base is None or trained is None:
         keep = list(state_dict)
@@ -136,25 +131,34 @@ def write_checkpoint(path: Path, state_dict: Mapping[str, torch.Tensor], *, base
     layout = [[name, str(t.dtype).removeprefix("torch."), list(t.shape)] for name, t in state_dict.items()]
     metadata = {"format": CHECKPOINT_FORMAT, "base": base or "", "base_model": base_model or "",
                 "layout": json.dumps(layout)}
-    tmp = path.with_name(path.name + ".tmp")
+    if storage.is_uri(path):  # an object appears whole: one upload of the serialized file
+        storage.write_bytes(path, save(tensors, metadata=metadata))
+        return
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
 
 
-def _marker_of(path: Path) -> Path:
-    return path.with_name(path.name.removesuffix(path.suffix) + ".json")
+def _suffix(path) -> str:
+    name = storage.name(path)
+    return name[name.rfind("."):] if "." in name else ""
+
+
+def _marker_of(path) -> Any:
+    name = storage.name(path)
+    return storage.join(storage.parent(path), name.removesuffix(_suffix(path)) + ".json")
 
 
 def _check_against_marker(path: Path) -> None:
     """A base file must be the one its phase recorded (a changed base would change every version
     built on it without a word)."""
     marker_path = _marker_of(path)
-    if not marker_path.exists():
+    if not storage.exists(marker_path):
         return
-    recorded = (json.loads(marker_path.read_bytes().decode("utf-8")).get("weights") or {})
+    recorded = (json.loads(storage.read_text(marker_path)).get("weights") or {})
     size, sha256 = file_sha256(path)
     if size != recorded.get("bytes") or sha256 != recorded.get("sha256"):
-        raise ValueError(f"{path} is not the file {marker_path.name} recorded ({size} bytes, recorded "
+        raise ValueError(f"{path} is not the file {storage.name(marker_path)} recorded ({size} bytes, recorded "
                          f"{recorded.get('bytes')}): the versions trained from it cannot be rebuilt")
 
 
@@ -175,15 +179,16 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     Errors name the file."""
     from safetensors import safe_open
 
-    path = Path(path)
+    path = path if storage.is_uri(path) else Path(path)
     chain: list[tuple[Path, dict[str, torch.Tensor], list]] = []  # the version first, then its bases
     start: dict[str, torch.Tensor] | None = None
     while True:
-        if path.suffix == LEGACY_SUFFIX:
-            start = torch.load(path, map_location="cpu", weights_only=True)
+        if _suffix(path) == LEGACY_SUFFIX:
+            with storage.open_file(path, "rb") as fh:
+                start = torch.load(fh, map_location="cpu", weights_only=True)
             break
         try:
-            with safe_open(str(path), framework="pt", device="cpu") as fh:
+            with storage.local_copy(path) as local, safe_open(str(local), framework="pt", device="cpu") as fh:
                 metadata = fh.metadata() or {}
                 names = fh.keys()
                 tensors = {name: fh.get_tensor(name) for name in names}
@@ -202,15 +207,16 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
                 raise ValueError(f"{path}: trained from {base} but names no base_model")
             start = pretrained_state_dict(PRETRAINED_BASES[base], metadata["base_model"])
             break
-        base_path = path.with_name(checkpoint_name(base))
-        if not base_path.exists() and base_path.with_suffix(LEGACY_SUFFIX).exists():
-            base_path = base_path.with_suffix(LEGACY_SUFFIX)
-        if not base_path.exists():
-            raise FileNotFoundError(f"{path}: its base version {base} ({base_path.name}) is missing from "
-                                    f"{path.parent}")
+        base_path = storage.join(storage.parent(path), checkpoint_name(base))
+        legacy = storage.join(storage.parent(path), checkpoint_name(base, LEGACY_SUFFIX))
+        if not storage.exists(base_path) and storage.exists(legacy):
+            base_path = legacy
+        if not storage.exists(base_path):
+            raise FileNotFoundError(f"{path}: its base version {base} ({storage.name(base_path)}) is missing from "
+                                    f"{storage.parent(path)}")
         _check_against_marker(base_path)
-        if any(p == base_path for p, _, _ in chain):
-            raise ValueError(f"{path}: its chain of base versions loops at {base_path.name}")
+        if any(str(p) == str(base_path) for p, _, _ in chain):
+            raise ValueError(f"{path}: its chain of base versions loops at {storage.name(base_path)}")
         path = base_path
     state = start
     for file, tensors, layout in reversed(chain):  # the oldest base first
@@ -240,30 +246,30 @@ class PhaseStore:
     weights (see the module docstring for the format, the durability and what happens to a corrupt
     phase)."""
 
-    def __init__(self, root: Path, system: GameSystem | None):
-        self.root = Path(root)
+    def __init__(self, root: Path | str, system: GameSystem | None):
+        self.root = root if storage.is_uri(root) else Path(root)  # a folder or a URI (apo_ray.storage)
         self.system = system
-        self.root.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(self.root)
 
     def _path(self, key: str, suffix: str) -> Path:
-        return self.root / (key.replace("/", "__") + suffix)
+        return storage.join(self.root, key.replace("/", "__") + suffix)
 
     def _quarantine(self, key: str, why: str) -> None:
         """Move the phase's files aside (kept for a post-mortem) so it is computed again."""
         for suffix in (".json", CHECKPOINT_SUFFIX, LEGACY_SUFFIX):
             path = self._path(key, suffix)
-            if path.exists():
-                path.replace(path.with_name(path.name + ".corrupt"))
+            if storage.exists(path):
+                storage.rename(path, f"{path}.corrupt")
         log.warning("%s: %s; moved aside to %s.corrupt, the phase will be computed again",
-                    self._path(key, ".json"), why, self._path(key, ".json").name)
+                    self._path(key, ".json"), why, storage.name(self._path(key, ".json")))
 
     def _marker(self, key: str) -> dict | None:
         """The checked marker of a finished phase; None when it is not finished or does not check out."""
         path = self._path(key, ".json")
-        if not path.exists():
+        if not storage.exists(path):
             return None
         try:
-            marker = json.loads(path.read_bytes().decode("utf-8"))
+            marker = json.loads(storage.read_bytes(path).decode("utf-8"))
             if not isinstance(marker, dict) or marker.get("format") != FORMAT or "value" not in marker:
                 raise ValueError(f"not a phase file of format {FORMAT}")
         except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
@@ -289,18 +295,18 @@ class PhaseStore:
         if marker is None:
             return None
         expected = marker.get("weights") or {}
-        pt = self.root / expected.get("file", checkpoint_name(key, LEGACY_SUFFIX))  # no "file": a legacy .pt
-        if not pt.exists():
-            self._quarantine(key, f"its weights file {pt.name} is missing")
+        pt = storage.join(self.root, expected.get("file", checkpoint_name(key, LEGACY_SUFFIX)))  # no "file": a legacy .pt
+        if not storage.exists(pt):
+            self._quarantine(key, f"its weights file {storage.name(pt)} is missing")
             return None
-        if pt.stat().st_size != expected.get("bytes") or file_sha256(pt)[1] != expected.get("sha256"):
-            self._quarantine(key, f"its weights file {pt.name} is not the one it recorded "
-                                  f"({pt.stat().st_size} bytes, recorded {expected.get('bytes')})")
+        if storage.size(pt) != expected.get("bytes") or file_sha256(pt)[1] != expected.get("sha256"):
+            self._quarantine(key, f"its weights file {storage.name(pt)} is not the one it recorded "
+                                  f"({storage.size(pt)} bytes, recorded {expected.get('bytes')})")
             return None
         try:
             handle = self.system.load_weights(pt)
         except Exception as exc:  # noqa: BLE001 - a file that passed the checksum but does not load
-            self._quarantine(key, f"{pt.name} does not load ({type(exc).__name__}: {exc})")
+            self._quarantine(key, f"{storage.name(pt)} does not load ({type(exc).__name__}: {exc})")
             return None
         return Weights(key, handle, str(pt))
 
@@ -313,7 +319,7 @@ class PhaseStore:
         self.system.save_weights(handle, pt, base=base, base_model=base_model, trained=trained)
         size, sha256 = file_sha256(pt, sync=True)  # the weights are on disk before the marker says so
         fsync_dir(self.root)
-        self.put(key, stats, weights={"file": pt.name, "bytes": size, "sha256": sha256,
+        self.put(key, stats, weights={"file": storage.name(pt), "bytes": size, "sha256": sha256,
                                       "base": base})  # the .json marks them complete
         return Weights(key, handle, str(pt))
 
@@ -322,61 +328,25 @@ class PhaseStore:
 
     def has(self, key: str) -> bool:
         """Whether ``key`` has a marker (checked for integrity when it is read)."""
-        return self._path(key, ".json").exists()
+        return storage.exists(self._path(key, ".json"))
 
     def version_path(self, key: str) -> Path:
         """The checkpoint of a finished weights phase (:func:`load_checkpoint` reads it whole)."""
         path = self._path(key, CHECKPOINT_SUFFIX)
         legacy = self._path(key, LEGACY_SUFFIX)
-        return legacy if legacy.exists() and not path.exists() else path
+        return legacy if storage.exists(legacy) and not storage.exists(path) else path
 
     def weights_keys(self) -> list[str]:
         """Keys of every finished weights phase (a checkpoint with its ``.json`` marker)."""
-        return sorted({p.name.removesuffix(p.suffix).replace("__", "/")
-                       for suffix in (CHECKPOINT_SUFFIX, LEGACY_SUFFIX) for p in self.root.glob(f"*{suffix}")
-                       if _marker_of(p).exists()})
+        names = set(storage.listdir(self.root))
+        return sorted({n.removesuffix(suffix).replace("__", "/") for n in names
+                       for suffix in (CHECKPOINT_SUFFIX, LEGACY_SUFFIX)
+                       if n.endswith(suffix) and n.removesuffix(suffix) + ".json" in names})
 
 
 # --------------------------------------------------------------------------------------------------
 # The resume fingerprint
 # --------------------------------------------------------------------------------------------------
-
-_digest_lock = threading.Lock()
-_digests: dict[str, dict] = {}  # this process's copy of the on-disk digest cache
-
-
-def _digest_cache_path() -> Path:
-    return cache_dir() / "file_digests.json"
-
-
-def file_digest(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a file's bytes, cached by (path, size, mtime): a 100 MB data file is read once,
-    not at every start. A file rewritten in place gets a new mtime and so is read again."""
-    path = Path(path).resolve()
-    stat = path.stat()
-    ident = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    cache_file = _digest_cache_path()
-    with _digest_lock:
-        if not _digests and cache_file.exists():
-            try:
-                _digests.update(json.loads(cache_file.read_text()))
-            except (ValueError, OSError):  # a damaged cache only costs a re-read
-                pass
-        hit = _digests.get(str(path))
-        if hit and {k: hit.get(k) for k in ident} == ident:
-            return hit["sha256"]
-    sha256 = file_sha256(path)[1]
-    with _digest_lock:
-        _digests[str(path)] = ident | {"sha256": sha256}
-        try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(_digests))
-            os.replace(tmp, cache_file)
-        except OSError as exc:  # read-only home: the digest is still right, only not remembered
-            log.debug("cannot write %s: %s", cache_file, exc)
-    return sha256
-
 
 def _source_digest(value: str) -> str | None:
     """The digest of one local data source: a file's bytes, or a folder's JSONL names and contents."""
@@ -460,16 +430,17 @@ def check_store(cfg: Config) -> dict:
       the same), NumPy, the CPU's name when its features stay the same. A fingerprint written before
       stacks were recorded is warned about (the stack cannot be checked).
     """
-    phases = Path(cfg.run.output_dir) / "phases"
-    marker = phases / FINGERPRINT
+    phases = storage.join(cfg.run.output_dir, "phases")
+    marker = storage.join(phases, FINGERPRINT)
     fingerprint = json.loads(json.dumps(run_fingerprint(cfg), default=str))
-    stored = [p for p in phases.iterdir() if p.name != FINGERPRINT] if phases.is_dir() else []
+    stored = [n for n in storage.listdir(phases) if n != FINGERPRINT]
+    marker_exists = storage.exists(marker)
     if not cfg.run.resume:
-        if stored or marker.exists():
+        if stored or marker_exists:
             raise ResumeError(f"{phases} holds phases of an earlier run; pass run.resume=true to continue it "
                               f"or choose another run.output_dir")
         return fingerprint
-    if not marker.exists():
+    if not marker_exists:
         if stored:
             raise ResumeError(f"{marker} is missing but {phases} holds {len(stored)} phase files: the settings "
                               f"that wrote them cannot be checked. Restore the file, or start a new run in "
@@ -478,7 +449,7 @@ def check_store(cfg: Config) -> dict:
                           f"the run to resume as run.output_dir (Hydra's default output folder has a timestamp "
                           f"in its name, so each start gets a new one)")
     try:
-        old = json.loads(marker.read_bytes().decode("utf-8"))
+        old = json.loads(storage.read_bytes(marker).decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
         old, why = None, f"{type(exc).__name__}: {exc}"
     else:
@@ -521,8 +492,8 @@ def open_store(cfg: Config, system: GameSystem | None) -> PhaseStore:
     """The run's phase store under ``run.output_dir``, after :func:`check_store`; a new run's
     fingerprint is written (durably) before any phase."""
     fingerprint = check_store(cfg)
-    store = PhaseStore(Path(cfg.run.output_dir) / "phases", system)
-    marker = store.root / FINGERPRINT
-    if not marker.exists():
+    store = PhaseStore(storage.join(cfg.run.output_dir, "phases"), system)
+    marker = storage.join(store.root, FINGERPRINT)
+    if not storage.exists(marker):
         write_durably(marker, json.dumps(fingerprint, indent=1).encode("utf-8"))
     return store

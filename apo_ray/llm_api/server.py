@@ -163,7 +163,7 @@ class RequestGuard:
         while True:
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("request body not complete after %.0f s (%d bytes of %s): dropped", self.body_timeout_s,
                             size, declared.decode() if declared else "an undeclared length")
                 return await self._refuse(send, ChatRequestError(

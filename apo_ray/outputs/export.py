@@ -317,7 +317,7 @@ def _serve_exports() -> None:
     for line in sys.stdin:
         job = json.loads(line)
         try:
-            state = load_checkpoint(job["weights"])
+            state = load_checkpoint(job["weights"])  # a local path or a URI (apo_ray.storage)
             export_version(job["version"], state, Path(job["out"]), base_model=job["base_model"],
                            generation=job["generation"], meta=job["meta"])
             reply = {"folder": job["out"]}

@@ -13,6 +13,7 @@ A tracker that fails mid-run is logged and dropped: losing a log must not lose a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -20,6 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from apo_ray import storage
 from apo_ray.config import Config, to_dict
 from apo_ray.game.events import ArmRoundFinished, GameEvent, PhaseFinished, RoundFinished
 from apo_ray.game.plan import plan_phases
@@ -52,17 +54,20 @@ class RunObserver:
     def __init__(self, cfg: Config, store, data, *, plan: bool = True):
         self.cfg, self.store, self.data = cfg, store, data
         config = json.loads(json.dumps(to_dict(cfg), default=str))
-        out = Path(cfg.run.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        out = cfg.run.output_dir  # a folder or a URI (apo_ray.storage)
+        storage.makedirs(out)
         # Written now too (finish_run rewrites it): jobs/export.py needs it for a stopped run.
-        (out / "resolved_config.json").write_text(json.dumps(config, indent=2))
+        storage.write_text(storage.join(out, "resolved_config.json"), json.dumps(config, indent=2))
         self.trackers = make_trackers(cfg, config)
         planned = plan_phases(cfg, data) if plan else []
         self.progress = RunProgress(planned, store_done_keys(store, planned))
-        self.exporter = None
+        self.exporter, self._stage = None, contextlib.ExitStack()
         if cfg.run.save_models != "none":
+            # A URI output_dir: the folders are built in a local one, uploaded when the run closes.
+            self._models_uri = storage.join(out, "models")
+            models = self._stage.enter_context(storage.local_folder(self._models_uri, prefix="apo-models-"))
             self.exporter = BackgroundExporter(
-                out / "models", store.version_path, policy_model=cfg.model.policy, reward_model=cfg.model.reward,
+                models, store.version_path, policy_model=cfg.model.policy, reward_model=cfg.model.reward,
                 save_models=cfg.run.save_models, last_round=cfg.apo.rounds, generation=policy_generation_config(cfg))
         self._phase_no = 0
         self._evaluate: dict[tuple, float] = defaultdict(float)
@@ -167,6 +172,14 @@ class RunObserver:
                 self.exporter.close()
         except RuntimeError as exc:
             error = exc
+        finally:
+            if self.exporter is not None and storage.is_uri(self._models_uri):
+                _point_index_at(self.exporter.models_dir, self._models_uri)
+            if error is None and not failed:
+                self._stage.close()  # a URI output_dir: uploads the exported folders
+            else:  # not uploaded (`python jobs/export.py` exports from the phases later)
+                why = error or RuntimeError("the run failed")
+                self._stage.__exit__(type(why), why, None)
         out = Path(self.cfg.run.output_dir)
         for tracker in self.trackers:
             if hasattr(tracker, "log_file"):
@@ -191,3 +204,11 @@ class RunObserver:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close(failed=exc_type is not None)
+
+
+def _point_index_at(local_models: Path, models_uri: str) -> None:
+    """``models/index.json`` names each folder where it will be, under the URI, not in the local
+    folder it was built in."""
+    index = local_models / "index.json"
+    if index.exists():
+        index.write_text(index.read_text().replace(str(local_models), models_uri))

@@ -8,6 +8,7 @@ import logging
 import time
 from pathlib import Path
 
+from apo_ray import storage
 from apo_ray.config import Config, to_dict
 from apo_ray.core.arms import scored_by_rm_base_warning
 from apo_ray.game.loop import APOGame
@@ -22,10 +23,10 @@ def finish_run(cfg: Config, game: APOGame, records: list[dict], *, wall_seconds:
     """Write ``summary.json``, ``resolved_config.json``, ``run_timing.json`` (wall seconds of the
     game; CPU seconds of the process that played it, which in process is all of its work) and
     ``report.md`` with its tables and plots."""
-    out = Path(cfg.run.output_dir)
+    out = cfg.run.output_dir  # a folder or a URI (apo_ray.storage)
     stack = software_stack(cfg)
     write_summary(out, records, to_dict(cfg), stack=stack)
-    (out / "run_timing.json").write_text(json.dumps(
+    storage.write_text(storage.join(out, "run_timing.json"), json.dumps(
         {"wall_seconds": wall_seconds, "process_cpu_seconds": cpu_seconds, "in_process": cfg.run.in_process,
          "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
     d = game.data
@@ -50,17 +51,20 @@ def finish_run(cfg: Config, game: APOGame, records: list[dict], *, wall_seconds:
              f"Stack: {stack_line(stack)}.",
              f"Model weights (sha256): {model_digest_line(stack)}.",
              f"Wall time {wall_seconds / 60:.1f} min."]
-    return write_report(out, records, judge=judge, notes=notes, title=f"APO run `{cfg.run.name}`")
+    with storage.local_folder(out) as folder:  # a URI: written here, uploaded at the end
+        report = write_report(folder, records, judge=judge, notes=notes, title=f"APO run `{cfg.run.name}`")
+    return storage.join(out, report.name)
 
 
 def write_summary(output_dir: Path, records: list[dict], resolved_config: dict, stack: dict | None = None) -> Path:
     """``summary.json``: one record per (round, arm), each naming the ``stack`` that produced it
-    (:func:`apo_ray.game.stack.software_stack`) when given; ``resolved_config.json`` beside it."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "resolved_config.json").write_text(json.dumps(resolved_config, indent=2, default=str))
+    (:func:`apo_ray.game.stack.software_stack`) when given; ``resolved_config.json`` beside it (in a
+    folder or under a URI: :mod:`apo_ray.storage`)."""
+    storage.makedirs(output_dir)
+    storage.write_text(storage.join(output_dir, "resolved_config.json"),
+                       json.dumps(resolved_config, indent=2, default=str))
     if stack is not None:
         records = [{**r, "stack": stack} for r in records]
-    path = output_dir / "summary.json"
-    path.write_text(json.dumps(records, indent=2))
+    path = storage.join(output_dir, "summary.json")
+    storage.write_text(path, json.dumps(records, indent=2))
     return path

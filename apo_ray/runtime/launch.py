@@ -3,6 +3,7 @@ can offer, run the driver actor, tear everything down so Hydra multirun points d
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -25,6 +26,7 @@ from apo_ray.runtime.driver import DRIVER_NAME, APODriver
 from apo_ray.runtime.in_process import InProcessSystem
 from apo_ray.runtime.play import play_game
 from apo_ray.runtime.ray_system import ResourceWaitError
+from apo_ray.storage import is_uri
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +123,9 @@ def local_instance_cpus(cfg: Config) -> int:
 def run_namespace(cfg: Config) -> str:
     if cfg.cluster.namespace:
         return cfg.cluster.namespace
-    digest = hashlib.sha1(str(Path(cfg.run.output_dir).resolve()).encode()).hexdigest()[:8]
+    out = cfg.run.output_dir
+    where = out if is_uri(out) else str(Path(out).resolve())
+    digest = hashlib.sha1(where.encode()).hexdigest()[:8]
     return f"apo-{cfg.run.name}-{digest}"
 
 
@@ -143,7 +147,14 @@ def hydra_own_names(cfg: Config) -> set[str]:
 
 def claim(cfg: Config):
     """:func:`apo_ray.game.ownership.claim_output_dir` for ``run.output_dir``: this run's own folder
-    (new, empty or an earlier run's), locked against a second run while the block runs."""
+    (new, empty or an earlier run's), locked against a second run while the block runs. A URI
+    (``s3://...``) is not claimed: an object store has no lock file two clients can take atomically
+    here, so keeping two runs apart there is the user's (the phase store still refuses a fresh run
+    into a folder that holds phases)."""
+    if is_uri(cfg.run.output_dir):
+        log.warning("run.output_dir=%s is a URI: no ownership marker or lock (local folders only)",
+                    cfg.run.output_dir)
+        return contextlib.nullcontext(cfg.run.output_dir)
     return claim_output_dir(cfg.run.output_dir, ignore=hydra_own_names(cfg))
 
 
@@ -167,8 +178,15 @@ def _run_on_ray(cfg: Config) -> list[dict]:
         data = preflight(cfg)  # built once here; the driver plays on it and the judge reads its prompts
         wait_for_resources(cfg, cfg.cluster.resource_wait_s)
         namespace = run_namespace(cfg)
+        # Without custom resources the driver stays on this node if it can (the head, for a submitted
+        # job): a zero-CPU actor could otherwise land on a worker node and be lost with it.
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        placement = None if cfg.cluster.driver_resources else NodeAffinitySchedulingStrategy(
+            node_id=ray.get_runtime_context().get_node_id(), soft=True)
         driver = ray.remote(APODriver).options(  # two threads: status() answers while run() plays
             name=DRIVER_NAME, namespace=namespace, num_cpus=cfg.cluster.driver_cpus, max_concurrency=2,
+            resources=dict(cfg.cluster.driver_resources), scheduling_strategy=placement,
         ).remote(cfg, namespace, data)
         log.info("driver actor %s in namespace %s; output in %s", DRIVER_NAME, namespace, cfg.run.output_dir)
         try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 
 import ray
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from apo_ray.config import Config, DecodingConfig
 from apo_ray.game.store import load_checkpoint, write_checkpoint
@@ -40,6 +42,7 @@ from apo_ray.models.training import LearnerJob, run_job
 from apo_ray.models.weights import PackedWeights, pack_state_dict, put_weights, unpack_state_dict
 from apo_ray.runtime.telemetry import object_store_usage
 from apo_ray.runtime.workers import GeneratorWorker, ScorerWorker, fetch_weights, setup_process
+from apo_ray.storage import is_uri, join
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +60,12 @@ class ShardedPool:
     """
 
     def __init__(self, actor_cls, cfg: Config, n: int, *, cpus: float, gpus: float, name: str, namespace: str | None,
-                 max_restarts: int):
-        self.name = name
+                 max_restarts: int, resources: dict[str, float] | None = None,
+                 unavailable_wait_s: float = 600.0):
+        self.name, self.unavailable_wait_s = name, unavailable_wait_s
         self.actors = [
             actor_cls.options(name=f"{name}-{i}", namespace=namespace, num_cpus=cpus, num_gpus=gpus,
+                              resources=dict(resources or {}),  # custom: which nodes may hold it
                               max_restarts=max_restarts, max_task_retries=max_restarts, lifetime=None)
             .remote(cfg, cpus)
             for i in range(n)
@@ -68,9 +73,31 @@ class ShardedPool:
 
     def call_all(self, method: str, calls: list[tuple]) -> list:
         """``method(*args)`` for each ``args`` of ``calls``, call k on actor k mod N (each actor runs
-        its calls one after another). Returns the results in call order."""
-        refs = [getattr(self.actors[k % len(self.actors)], method).remote(*args) for k, args in enumerate(calls)]
-        return ray.get(refs)
+        its calls one after another). Returns the results in call order.
+
+        A call whose actor is unreachable (its node was lost; Ray answers ``ActorUnavailableError``
+        and does not retry it) is asked again until the actor is back, restarted on a node that
+        can hold it, for up to ``unavailable_wait_s``: the calls are pure functions of their
+        arguments (versioned weights), so a call that may have run once already is safe to repeat."""
+        def submit(k: int):
+            return getattr(self.actors[k % len(self.actors)], method).remote(*calls[k])
+
+        refs = [submit(k) for k in range(len(calls))]
+        results, deadline = [], None
+        for k in range(len(calls)):
+            while True:
+                try:
+                    results.append(ray.get(refs[k]))
+                    break
+                except ray.exceptions.ActorUnavailableError as exc:
+                    deadline = deadline or time.monotonic() + self.unavailable_wait_s
+                    if time.monotonic() > deadline:
+                        raise
+                    log.warning("%s-%d unavailable (%s); asking again once it is back", self.name,
+                                k % len(self.actors), str(exc).split(":")[0])
+                    time.sleep(1.0)
+                    refs[k] = submit(k)
+        return results
 
     def kill(self, close_timeout_s: float = 60.0) -> None:
         """``close`` each actor where it has one (stops child processes such as vLLM's engine, which
@@ -235,7 +262,8 @@ def _serve_learner_group(cfg: Config, queue, name: str, storage_path: str) -> No
     from ray.train.torch import TorchConfig, TorchTrainer
 
     c = cfg.cluster
-    resources = {"CPU": c.learner_cpus} | ({"GPU": c.learner_gpus} if c.learner_use_gpu else {})
+    resources = ({"CPU": c.learner_cpus} | ({"GPU": c.learner_gpus} if c.learner_use_gpu else {})
+                 | dict(c.learner_resources))
     TorchTrainer(
         _learner_service,
         train_loop_config={"queue": [queue], "cpus_per_worker": c.learner_cpus},
@@ -245,6 +273,12 @@ def _serve_learner_group(cfg: Config, queue, name: str, storage_path: str) -> No
         run_config=RunConfig(name=name, storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=c.max_actor_restarts)),
     ).fit()
+
+
+def this_node():
+    """A scheduling strategy for the node this process runs on (zero-CPU actors and tasks may
+    otherwise land on any node, including one that is later lost)."""
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
 
 
 class LearnerError(RuntimeError):
@@ -270,8 +304,13 @@ class LearnerGroup:
         self.started = False
         self.demand = (f"cluster.learner_workers={c.learner_workers} x cluster.learner_cpus={c.learner_cpus:g}"
                        + (f" + cluster.learner_gpus={c.learner_gpus:g}" if c.learner_use_gpu else ""))
-        self.queue = LearnerQueue.remote()
-        self.served = _serve_learner_group.remote(cfg, self.queue, self.name, storage_path)
+        # The group's control (this queue, the task running `fit` and with it Ray Train's controller,
+        # which Ray Train puts on the node of its caller) stays on the caller's node: a lost worker
+        # node then costs only learner workers, which Ray Train restarts, never the queue of jobs.
+        here = this_node()
+        self.queue = LearnerQueue.options(scheduling_strategy=here).remote()
+        self.served = _serve_learner_group.options(scheduling_strategy=here).remote(
+            cfg, self.queue, self.name, storage_path)
         self.ended = False
 
     def run(self, spec: LearnerJob, init: Weights, data_ref) -> tuple[Any, dict]:
@@ -325,12 +364,18 @@ class RaySystem:
     def __init__(self, cfg: Config, *, namespace: str | None = None, storage_path: str | None = None):
         c = cfg.cluster
         self.cfg = cfg
-        self.storage_path = storage_path or str(Path(cfg.run.output_dir) / "ray_train")
+        # Ray Train keeps only its own run state there (no checkpoints are reported to it), read by
+        # its controller on this node: beside a URI output_dir it stays on this node's disk.
+        out = cfg.run.output_dir
+        self.storage_path = storage_path or (str(Path(tempfile.gettempdir()) / "apo_ray_train") if is_uri(out)
+                                             else str(join(out, "ray_train")))
         self.generators = ShardedPool(GeneratorActor, cfg, c.num_generators, cpus=c.generator_cpus,
                                       gpus=c.generator_gpus, name="apo-generator", namespace=namespace,
-                                      max_restarts=c.max_actor_restarts)
+                                      max_restarts=c.max_actor_restarts, resources=c.generator_resources,
+                                      unavailable_wait_s=c.resource_wait_s)
         self.scorers = ShardedPool(ScorerActor, cfg, c.num_scorers, cpus=c.scorer_cpus, gpus=c.scorer_gpus,
-                                   name="apo-scorer", namespace=namespace, max_restarts=c.max_actor_restarts)
+                                   name="apo-scorer", namespace=namespace, max_restarts=c.max_actor_restarts,
+                                   resources=c.scorer_resources, unavailable_wait_s=c.resource_wait_s)
         self.learners: LearnerGroup | None = None
 
     # -- pools -------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def fetch_weights(weights: Weights) -> PackedWeights | dict[str, torch.Tensor] |
         if not weights.checkpoint:
             raise
         log.warning("%s: object store copy lost (its owner died); loading %s", weights.id, weights.checkpoint)
-        return load_checkpoint(weights.checkpoint)
+        return load_checkpoint(weights.checkpoint)  # a local path or a URI every node reaches
 
 
 class VersionedModel:
