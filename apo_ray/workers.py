@@ -19,6 +19,7 @@ import torch
 from apo_ray.config import Config, DecodingConfig
 from apo_ray.game import Generated, Weights
 from apo_ray.generation import generator_from_config
+from apo_ray.lora import is_adapter
 from apo_ray.scoring import scorer_from_config
 from apo_ray.weights import PackedWeights, load_packed_into, unpack_state_dict
 
@@ -77,7 +78,9 @@ class VersionedModel:
         elif state is None or self.obj is None:
             self.obj = self._build()
         if isinstance(state, PackedWeights):
-            if hasattr(self.obj, "load_packed"):
+            if is_adapter(state.names):  # a LoRA version: a few MB, applied as an adapter
+                self.obj.load_weights(unpack_state_dict(state))
+            elif hasattr(self.obj, "load_packed"):
                 self.obj.load_packed(state)  # generators: in place (transformers) or via shared memory (vLLM)
             elif isinstance(getattr(self.obj, "model", None), torch.nn.Module):
                 load_packed_into(self.obj.model, state)  # in place: one host->device copy
@@ -86,6 +89,8 @@ class VersionedModel:
             self.sync_bytes = state.total_bytes
         elif state is not None:
             self.obj.load_weights(state)
+            if is_adapter(state):
+                self.sync_bytes = sum(t.numel() * t.element_size() for t in state.values())
         self.loaded_id = weights.id
         self.sync_seconds = time.perf_counter() - start
         return self.obj
