@@ -216,6 +216,9 @@ class RunConfig:
     # Hugging Face folders under output_dir/models: every version (all), each arm's last round plus
     # the evaluation RM (last), or none (`python jobs/export.py` writes them later from phases/).
     save_models: str = "last"
+    # LoRA runs export each version as its peft adapter; true: also a merged model (<folder>/merged)
+    # that plain transformers loads without peft.
+    export_merged: bool = False
     tracking: list[str] = field(default_factory=list)  # any of tensorboard, mlflow, wandb (offline)
     mlflow_tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI or sqlite in output_dir/tracking
     wandb_project: str = "apo_ray"

@@ -61,7 +61,8 @@ class RunObserver:
         if cfg.run.save_models != "none":
             self.exporter = BackgroundExporter(
                 out / "models", store.weights_path, policy_model=cfg.model.policy, reward_model=cfg.model.reward,
-                save_models=cfg.run.save_models, last_round=cfg.apo.rounds, generation=policy_generation_config(cfg))
+                save_models=cfg.run.save_models, last_round=cfg.apo.rounds, generation=policy_generation_config(cfg),
+                merged=cfg.run.export_merged)
         self._phase_no = 0
         self._evaluate: dict[tuple, float] = defaultdict(float)
         log.info("run plan: %d phases (%d already done)", self.progress.total, self.progress.done)

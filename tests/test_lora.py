@@ -230,3 +230,71 @@ def test_scorer_serves_rm_adapters_with_their_head(tiny_model, hh_pairs):
     assert merged.score(prompts, responses) == pytest.approx(scores, abs=1e-4)
     scorer.load_pretrained()
     assert scorer.score(prompts, responses) != pytest.approx(scores, abs=1e-3)
+
+
+# ------------------------------------------------------------------------------ vLLM serving adapters
+
+
+@pytest.mark.slow
+def test_vllm_serves_each_version_as_an_adapter_like_transformers_with_peft(tiny_model, hh_pairs):
+    """One engine, three versions (two adapters, then the base): the greedy answers of transformers
+    with each adapter applied, no full weight reload, and no adapter folder left behind."""
+    pytest.importorskip("vllm")
+    from apo_ray.config import DecodingConfig
+    from apo_ray.vllm_engine import LORA_PREFIX, VLLMGenerator, _shm_dir
+    from apo_ray.weights import pack_state_dict
+
+    greedy = DecodingConfig(max_new_tokens=8, temperature=0.0)
+    prompts = [hh_pairs[i].prompt for i in (0, 3, 7, 11)]
+    first = _random_adapter(load_policy(TINY), "policy", scale=0.3)
+    second = {k: (-v if "lora_B" in k else v) for k, v in first.items()}  # B -> -B: the opposite update
+    hf = HFGenerator(TINY, decoding=greedy, max_prompt_tokens=48, prompts_per_batch=1, device="cpu")
+    expected = {"base": hf.generate(prompts, 1)}
+    for name, adapter in (("first", first), ("second", second)):
+        hf.load_weights(adapter)
+        expected[name] = hf.generate(prompts, 1)
+    assert len({str(v) for v in expected.values()}) == 3  # three different policies
+
+    gen = VLLMGenerator(TINY, decoding=greedy, max_prompt_tokens=48, dtype="float32", max_model_len=64,
+                        engine_kwargs={"kv_cache_memory_bytes": 64 << 20}, lora_rank=LORA.rank)
+    try:
+        assert gen.generate(prompts, 1) == expected["base"]
+        gen.load_weights(first)
+        assert gen.last_reload["bytes"] < 200_000  # the adapter only, not the model
+        assert gen.generate(prompts, 1) == expected["first"]
+        gen.load_packed(pack_state_dict(second))  # as it arrives from the object store
+        assert gen.generate(prompts, 1) == expected["second"]
+        assert len(list(_shm_dir().glob(f"{LORA_PREFIX}{__import__('os').getpid()}-*"))) == 1
+        gen.load_pretrained()
+        assert gen.generate(prompts, 1) == expected["base"]
+        assert set(gen.llm.llm_engine.list_loras()) == {2}  # the first adapter left the engine
+    finally:
+        gen.close()
+    assert not list(_shm_dir().glob(f"{LORA_PREFIX}{__import__('os').getpid()}-*"))
+
+
+def test_export_writes_the_peft_adapter_and_on_request_a_merged_model(tiny_model, policy_adapter, tmp_path):
+    """The exported adapter loads with peft on the base model, the merged model with plain
+    transformers, and both give the same logits (those of the adapter, not the base model's)."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from apo_ray.export import EXPORT_META, export_version
+    from apo_ray.models import resolve_model
+
+    folder = export_version("policy/apo/r1", policy_adapter, tmp_path / "r1", base_model=TINY, merged=True)
+    info = json.loads((folder / EXPORT_META).read_text())
+    assert info["format"] == "peft LoRA adapter" and info["base_model"] == TINY and info["lora_rank"] == LORA.rank
+    assert (folder / "adapter_model.safetensors").stat().st_size < 200_000
+    ids = torch.tensor([[1, 5, 9, 200, 31, 7]])
+    base = AutoModelForCausalLM.from_pretrained(resolve_model(TINY), dtype=torch.float32)
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits
+        with_adapter = PeftModel.from_pretrained(base, str(folder)).eval()(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(folder / "merged", dtype=torch.float32)(input_ids=ids).logits
+    assert not torch.allclose(with_adapter, base_logits, atol=1e-3)
+    assert torch.allclose(merged, with_adapter, atol=2e-2)  # merged is saved in the base checkpoint's dtype
+    plain = export_version("policy/apo/r1", policy_adapter, tmp_path / "plain", base_model=TINY)
+    assert not (plain / "merged").exists()
