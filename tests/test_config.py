@@ -45,6 +45,8 @@ def problems(**overrides) -> str:
     ("cluster__scorer_gpus", -1.0, "cluster.scorer_gpus must be >= 0, got -1.0"),
     ("cluster__resource_wait_s", 0.0, "cluster.resource_wait_s must be > 0, got 0.0"),
     ("eval__judge_max_failed_fraction", 1.5, "eval.judge_max_failed_fraction must be >= 0 and <= 1, got 1.5"),
+    ("policy__objective", "ppo", "policy.objective must be one of ['dpo', 'rjs'], got 'ppo'"),
+    ("policy__updater", "dpo", "policy.updater was renamed policy.objective: use policy.objective=dpo"),
 ])
 def test_each_bad_value_is_named(field, value, message):
     assert message in problems(**{field: value})
@@ -138,7 +140,7 @@ def test_main_job_refuses_splits_that_cannot_fit(tmp_path, hh_data_path):
 
 
 def test_deepspeed_strategy_without_deepspeed_says_what_to_install(hide_package):
-    from apo_ray.launch import require_extras
+    from apo_ray.runtime.launch import require_extras
 
     hide_package("deepspeed")
     cfg = Config()

@@ -1,4 +1,4 @@
-"""LoRA learners and adapter-only exchange (apo_ray/lora.py): the learners against a plain
+"""LoRA learners and adapter-only exchange (apo_ray/models/lora.py): the learners against a plain
 single-process peft loop, DDP and ZeRO-2 against one process, the receivers (transformers
 generator, scorer) against transformers + peft, the merged export, and the config checks.
 
@@ -12,12 +12,12 @@ import dataclasses
 import pytest
 import torch
 
-from apo_ray import lora
 from apo_ray.config import ConfigError, LoraConfig, validate
+from apo_ray.core.losses import apo_rm_loss, masked_lm_loss
 from apo_ray.data import RankedPair
-from apo_ray.generation import HFGenerator
-from apo_ray.losses import apo_rm_loss, masked_lm_loss
-from apo_ray.models import (
+from apo_ray.models import lora
+from apo_ray.models.generation import HFGenerator
+from apo_ray.models.loading import (
     encode_prompt_response,
     format_prompt,
     load_policy,
@@ -26,8 +26,8 @@ from apo_ray.models import (
     pad_batch,
     reward_forward,
 )
-from apo_ray.scoring import RewardScorer
-from apo_ray.training import PolicyLoss, TrainSettings, _steps, train_policy, train_reward_model
+from apo_ray.models.scoring import RewardScorer
+from apo_ray.models.training import PolicyLoss, TrainSettings, _steps, train_policy, train_reward_model
 
 TINY = "tiny-random-llama"
 LORA = LoraConfig(rank=4, alpha=8.0, dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"])
@@ -241,8 +241,8 @@ def test_vllm_serves_each_version_as_an_adapter_like_transformers_with_peft(tiny
     with each adapter applied, no full weight reload, and no adapter folder left behind."""
     pytest.importorskip("vllm")
     from apo_ray.config import DecodingConfig
-    from apo_ray.vllm_engine import LORA_PREFIX, VLLMGenerator, _shm_dir
-    from apo_ray.weights import pack_state_dict
+    from apo_ray.models.vllm_generator import LORA_PREFIX, VLLMGenerator, _shm_dir
+    from apo_ray.models.weights import pack_state_dict
 
     greedy = DecodingConfig(max_new_tokens=8, temperature=0.0)
     prompts = [hh_pairs[i].prompt for i in (0, 3, 7, 11)]
@@ -281,8 +281,8 @@ def test_export_writes_the_peft_adapter_and_on_request_a_merged_model(tiny_model
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from apo_ray.export import EXPORT_META, export_version
-    from apo_ray.models import resolve_model
+    from apo_ray.models.loading import resolve_model
+    from apo_ray.outputs.export import EXPORT_META, export_version
 
     folder = export_version("policy/apo/r1", policy_adapter, tmp_path / "r1", base_model=TINY, merged=True)
     info = json.loads((folder / EXPORT_META).read_text())
