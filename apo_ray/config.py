@@ -26,6 +26,7 @@ TRAIN_PRECISIONS = ("auto", "fp32", "bf16-autocast", "bf16")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SAVE_MODELS = ("all", "last", "none")
 TRACKERS = ("tensorboard", "mlflow", "wandb")
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora's MaxLoRARanks (max_lora_rank)
 
 
 # Upper bounds of what the code can use. The phase plan (progress.plan_phases) lists every phase of
@@ -107,6 +108,19 @@ class GenerationConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (peft) for a learner: ``rank`` 0 (default) trains the weights themselves.
+    With a rank, only the adapters (and the RM's scalar head, in full) are trained and exchanged;
+    ``trainable_layers`` then puts adapters on the top N blocks only (apo_ray/models/lora.py)."""
+
+    rank: int = 0
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
 class RMConfig:
     base_lr: float = 1e-6  # RM_Base (and evaluation RMs), trained on D_P before round 1
     base_epochs: int = 1
@@ -124,6 +138,7 @@ class RMConfig:
     warmup_ratio: float = 0.0
     score_batch: int = 32  # sequences per scoring forward pass
     trainable_layers: int | None = None  # fine-tune only the top N decoder blocks + head; None: all
+    lora: LoraConfig = field(default_factory=LoraConfig)  # rank > 0: train LoRA adapters + the head
 
 
 @dataclass
@@ -141,6 +156,7 @@ class PolicyConfig:
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
     trainable_layers: int | None = None  # fine-tune only the top N decoder blocks (+ norm); None: all
+    lora: LoraConfig = field(default_factory=LoraConfig)  # rank > 0: train LoRA adapters only
 
 
 @dataclass
@@ -229,6 +245,9 @@ class RunConfig:
     # Hugging Face folders under output_dir/models: every version (all), each arm's last round plus
     # the evaluation RM (last), or none (`python jobs/export.py` writes them later from phases/).
     save_models: str = "last"
+    # LoRA runs export each version as its peft adapter; true: also a merged model (<folder>/merged)
+    # that plain transformers loads without peft.
+    export_merged: bool = False
     tracking: list[str] = field(default_factory=list)  # any of tensorboard, mlflow, wandb (offline)
     mlflow_tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI or sqlite in output_dir/tracking
     wandb_project: str = "apo_ray"
@@ -383,6 +402,28 @@ def output_dir_errors(cfg: Config) -> list[str]:
     return e
 
 
+def lora_errors(lora: LoraConfig, where: str, cluster: ClusterConfig, generation: GenerationConfig | None) -> list[str]:
+    """Problems of one learner's ``lora`` section (``where``: e.g. ``policy.lora``)."""
+    e: list[str] = []
+    _number_check(e, f"{where}.rank", lora.rank, low=0, integer=True)
+    if not (_is_number(lora.rank) and lora.rank > 0):
+        return e
+    _number_check(e, f"{where}.alpha", lora.alpha, low=0, low_ok=False)
+    _number_check(e, f"{where}.dropout", lora.dropout, low=0, high=1, high_ok=False)
+    _check(e, bool(lora.target_modules) and all(isinstance(m, str) and m for m in lora.target_modules),
+           f"{where}.target_modules must name at least one module (e.g. q_proj), got {lora.target_modules!r}")
+    # peft's adapters live beside whole, unsharded weights; FSDP2 and ZeRO-3 shard them (untested here).
+    _check(e, cluster.learner_strategy == "ddp" or (cluster.learner_strategy == "deepspeed"
+                                                   and cluster.deepspeed_stage in (1, 2)),
+           f"{where}.rank={lora.rank} works with cluster.learner_strategy=ddp or deepspeed with "
+           f"cluster.deepspeed_stage 1 or 2; got learner_strategy={cluster.learner_strategy!r}, "
+           f"deepspeed_stage={cluster.deepspeed_stage!r}")
+    if generation is not None and generation.backend == "vllm":
+        _check(e, lora.rank <= max(VLLM_LORA_RANKS),
+               f"{where}.rank={lora.rank}: vLLM serves adapters up to rank {max(VLLM_LORA_RANKS)}")
+    return e
+
+
 def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: float | None = None,
              node_resources: list[dict[str, float]] | None = None) -> Config:
     """Raise :class:`ConfigError` listing every bad field; return ``cfg`` unchanged when all is well.
@@ -448,6 +489,8 @@ def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: fl
     for role in ("generator", "scorer", "learner", "driver"):
         e.extend(custom_resource_errors(f"cluster.{role}_resources", getattr(c, f"{role}_resources")))
     _check(e, c.deepspeed_stage in (1, 2, 3), f"cluster.deepspeed_stage must be 1, 2 or 3, got {c.deepspeed_stage!r}")
+    for name, learner in (("rm", rm), ("policy", p)):
+        e.extend(lora_errors(learner.lora, f"{name}.lora", c, cfg.generation if name == "policy" else None))
 
     _check(e, a.loss_reduction in RM_LOSS_REDUCTIONS,
            f"apo.loss_reduction must be one of {RM_LOSS_REDUCTIONS}, got {a.loss_reduction!r}")

@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
     for version in tqdm(versions, desc="export", unit="model"):
         state = load_checkpoint(store.version_path(version))
         folder = export_version(version, state, export_folder(models, version), base_model=base[version_kind(version)],
-                                generation=generation, meta=meta.get(version, {}), overwrite=args.overwrite)
+                                generation=generation, meta=meta.get(version, {}), overwrite=args.overwrite,
+                                merged=cfg.run.export_merged)
         done[version] = str(folder)
     write_index(models, {v: meta.get(v, {}) | {"folder": f} for v, f in done.items()})
     print(json.dumps(done, indent=2))

@@ -36,7 +36,8 @@ import torch
 from apo_ray.config import DecodingConfig
 from apo_ray.models.fastgen import FastSampler
 from apo_ray.models.loading import format_prompt, load_policy, load_tokenizer
-from apo_ray.models.weights import load_packed_into
+from apo_ray.models.lora import AdapterHost, is_adapter
+from apo_ray.models.weights import load_packed_into, unpack_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +85,12 @@ class HFGenerator:
                  share_prefill: bool = True, **_ignored):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         # fast: on CUDA, sample with apo_ray.models.fastgen.FastSampler (static KV cache + CUDA graphs).
-        self.fast = fast and self.device.startswith("cuda")
+        self.fast = fast and self.device.startswith("cuda")  # (rebuilt after each adapter switch)
         self._sampler = None
         self.tokenizer = load_tokenizer(model, padding_side="left")
+        self.model_name, self.dtype = model, dtype
         self.model = load_policy(model, dtype=dtype, device=self.device).eval()
+        self.adapter = AdapterHost(self.model)  # LoRA versions: served as adapters on this model
         self.decoding = decoding or DecodingConfig()
         self.stop = list(stop)
         self.max_prompt_tokens = max_prompt_tokens
@@ -97,11 +100,28 @@ class HFGenerator:
         self.last_stats = GenerationStats()
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        if is_adapter(state_dict):
+            self.adapter.load(state_dict)
+            self._sampler = None  # a captured sampler would not see adapter layers switched on or off
+            return
+        self.adapter.check_full_state()
         self.model.load_state_dict(state_dict, strict=True)
 
     def load_packed(self, packed) -> None:
         """Weights from a :class:`apo_ray.models.weights.PackedWeights`, copied into the model in place."""
+        if is_adapter(packed.names):
+            self.load_weights(unpack_state_dict(packed))
+            return
         load_packed_into(self.model, packed)
+
+    def load_pretrained(self) -> None:
+        """Back to the pretrained weights: for free where versions are adapters (their layers are
+        switched off), else the weights are read again."""
+        if self.adapter.peft is not None:
+            self.adapter.use_base()
+            self._sampler = None
+            return
+        self.model.load_state_dict(load_policy(self.model_name, dtype=self.dtype, device=self.device).state_dict())
 
     def _prompt_ids(self, prompts: list[str]) -> list[list[int]]:
         return prompt_token_ids(self.tokenizer, prompts, self.max_prompt_tokens)

@@ -27,7 +27,7 @@ def generator_kwargs(cfg: Config) -> dict:
     return {"decoding": g.sampling, "stop": list(g.stop), "max_prompt_tokens": g.max_prompt_tokens,
             "prompts_per_batch": g.prompts_per_batch, "seed": g.seed, "dtype": cfg.model.dtype,
             "fast": g.fast_sampler, "max_model_len": g.max_prompt_tokens + longest,
-            "engine_kwargs": dict(g.engine_kwargs)}
+            "engine_kwargs": dict(g.engine_kwargs), "lora_rank": cfg.policy.lora.rank}
 
 
 def generator_from_config(cfg: Config):

@@ -15,6 +15,7 @@ from apo_ray.models.loading import (
     pad_batch,
     reward_forward,
 )
+from apo_ray.models.lora import AdapterHost, is_adapter
 
 if TYPE_CHECKING:
     from apo_ray.config import Config
@@ -25,13 +26,27 @@ class RewardScorer:
                  device: str | None = None, **_ignored):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = load_tokenizer(model, padding_side="right")
+        self.model_name, self.dtype = model, dtype
         self.model = load_reward_model(model, dtype=dtype, device=self.device).eval()
+        self.adapter = AdapterHost(self.model)  # LoRA versions: served as adapters (+ head) on this model
         self.max_length = max_length
         self.score_batch = score_batch
         self.last_seconds = 0.0
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        if is_adapter(state_dict):
+            self.adapter.load(state_dict)
+            return
+        self.adapter.check_full_state()
         self.model.load_state_dict(state_dict, strict=True)
+
+    def load_pretrained(self) -> None:
+        """Back to the pretrained RM: for free where versions are adapters, else a fresh model."""
+        if self.adapter.peft is not None:
+            self.adapter.use_base()
+            return
+        self.model = load_reward_model(self.model_name, dtype=self.dtype, device=self.device).eval()
+        self.adapter = AdapterHost(self.model)
 
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:

@@ -45,6 +45,7 @@ from torch import nn
 from apo_ray.core.losses import apo_rm_loss, sequence_logprobs
 from apo_ray.core.objectives import policy_objective
 from apo_ray.data import RankedPair
+from apo_ray.models import lora as lora_mod
 from apo_ray.models.loading import (
     Encoded,
     decoder_layers,
@@ -261,9 +262,12 @@ class TrainedWeights:
     RM learning rate, 1e-8, moves weights far below bf16's resolution).
     """
 
-    def __init__(self, hf_model: nn.Module, rank: int, *, deepspeed_master: bool = False):
+    def __init__(self, hf_model: nn.Module, rank: int, *, deepspeed_master: bool = False,
+                 state: dict[str, torch.Tensor] | None = None):
         self.rank = rank
-        self._state = hf_model.state_dict(keep_vars=True)  # tensors or parameters (sharded or not)
+        # tensors or parameters (sharded or not); ``state``: another selection of them (a LoRA
+        # learner's adapter, under its exchange names: apo_ray/models/lora.py)
+        self._state = hf_model.state_dict(keep_vars=True) if state is None else state
         self._master = deepspeed_master
         self.collective = deepspeed_master or any(
             hasattr(t, "full_tensor") or hasattr(t, "ds_id") for t in self._state.values())
@@ -323,10 +327,14 @@ def _publish_state_dict(trained: TrainedWeights) -> dict[str, torch.Tensor] | No
     return trained.state_dict()
 
 
-def _trained_weights(hf_model: nn.Module, settings: TrainSettings) -> TrainedWeights:
+def _trained_weights(hf_model: nn.Module, settings: TrainSettings, adapter=None) -> TrainedWeights:
     """The stream of what a learner hands back: its weights in the precision it keeps its master
-    copy in (fp32 unless ``bf16``, whatever the strategy)."""
-    return TrainedWeights(hf_model, settings.rank,
+    copy in (fp32 unless ``bf16``, whatever the strategy). ``adapter`` ((peft model, spec) of a LoRA
+    learner): only the adapter, the RM's head and the metadata naming the base model."""
+    state = None
+    if adapter is not None:
+        state = lora_mod.adapter_parameters(adapter[0]) | {lora_mod.META_KEY: lora_mod.meta_tensor(adapter[1])}
+    return TrainedWeights(hf_model, settings.rank, state=state,
                           deepspeed_master=settings.strategy == "deepspeed" and settings.precision != "bf16")
 
 
@@ -357,12 +365,14 @@ class TrainSettings:
     strategy: str = "ddp"  # ddp (also plain, one process) | fsdp (FSDP2) | deepspeed (ZeRO)
     zero_stage: int = 2  # deepspeed only
     log_every_steps: int = 0  # 0: about ten progress lines per run
+    lora: Any = None  # a config.LoraConfig with rank > 0: train LoRA adapters (apo_ray/models/lora.py); None: weights
 
     @classmethod
     def for_role(cls, cfg: Config, role: str, *, lr: float, seed: int, epochs: int | None = None) -> TrainSettings:
         """The settings of an RM (``role="rm"``) or policy (``"policy"``) learner under ``cfg``."""
         c = cfg.cluster
-        common = {"lr": lr, "seed": seed, "precision": cfg.model.train_precision,
+        section = cfg.rm if role == "rm" else cfg.policy
+        common = {"lora": section.lora if section.lora.rank > 0 else None, "lr": lr, "seed": seed, "precision": cfg.model.train_precision,
                   "gradient_checkpointing": c.gradient_checkpointing, "compile": c.learner_compile,
                   "strategy": c.learner_strategy,
                   "zero_stage": c.deepspeed_stage}
@@ -492,19 +502,27 @@ def _run_steps(model: nn.Module, settings: TrainSettings, n_items: int,
                            "precision": settings.precision, "losses": losses, "lrs": lrs}
 
 
-def _fp32_init(hf_model: nn.Module, init_state: dict[str, torch.Tensor] | None):
+def _fp32_init(hf_model: nn.Module, init_state: dict[str, torch.Tensor] | None, adapter=None):
     """(trainable parameter, its fp32 initial value) pairs, when the job starts from fp32 weights
-    (a previous phase's): what DeepSpeed's fp32 master copies should start from."""
+    (a previous phase's): what DeepSpeed's fp32 master copies should start from. ``adapter``: a
+    LoRA learner's (peft model, spec); the initial values are then keyed by exchange names."""
     if init_state is None or not any(v.dtype == torch.float32 for v in init_state.values()):
         return None
+    if adapter is not None:
+        named = lora_mod.adapter_parameters(adapter[0])
+        return lambda: ((param, init_state[name]) for name, param in named.items()
+                        if name in init_state and init_state[name].dtype == torch.float32)
     return lambda: ((param, init_state[name]) for name, param in hf_model.named_parameters()
                     if param.requires_grad and init_state.get(name) is not None
                     and init_state[name].dtype == torch.float32)
 
 
-def _load_for_training(load, model_name: str, init_state: dict | None, settings: TrainSettings):
+def _load_for_training(load, model_name: str, init_state: dict | None, settings: TrainSettings,
+                       role: str = "policy"):
     """Seeded load of a model (``load``: load_policy or load_reward_model) and its right-padding
-    tokenizer, with the given initial weights and the settings' memory options.
+    tokenizer, with the given initial weights and the settings' memory options. Returns (tokenizer,
+    model, adapter): ``adapter`` is (peft model, spec) with ``settings.lora`` (the adapters injected
+    into ``model`` in place and started from ``init_state``, an adapter state dict), else None.
 
     Every rank loads the whole model here, before any sharding: in bf16 for ``bf16`` and for
     DeepSpeed's bf16 modes (its engine casts the module to bf16 anyway and keeps the fp32 master
@@ -518,14 +536,34 @@ def _load_for_training(load, model_name: str, init_state: dict | None, settings:
     tokenizer = load_tokenizer(model_name, padding_side="right")
     bf16 = settings.precision == "bf16" or (settings.strategy == "deepspeed" and settings.precision.startswith("bf16"))
     model = load(model_name, dtype="bfloat16" if bf16 else "float32")
-    if init_state is not None:
-        model.load_state_dict(init_state)
-    trainable = freeze_lower_layers(model, settings.trainable_layers)
+    adapter = None
+    if settings.lora is not None and (settings.strategy == "fsdp" or
+                                      (settings.strategy == "deepspeed" and settings.zero_stage == 3)):
+        raise ValueError(f"{role}.lora: LoRA learners run under ddp or deepspeed ZeRO-1/2, not "
+                         f"{settings.strategy}" + (" stage 3" if settings.strategy == "deepspeed" else ""))
+    if settings.lora is not None:
+        if init_state is not None and not lora_mod.is_adapter(init_state):
+            raise ValueError(f"{role}.lora.rank={settings.lora.rank}: the initial weights are a full state dict, "
+                             f"not an adapter (a checkpoint of a run without LoRA?)")
+        spec = lora_mod.spec_for(model, model_name, role, settings.lora, settings.trainable_layers)
+        peft_model = lora_mod.apply_lora(model, spec)
+        if init_state is not None:
+            lora_mod.check_spec(init_state, spec, f"{role} learner")
+            lora_mod.load_adapter(peft_model, init_state)
+        adapter = (peft_model, spec)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    else:
+        if init_state is not None:
+            model.load_state_dict(init_state)
+        trainable = freeze_lower_layers(model, settings.trainable_layers)
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    log.info("%s: %.1fM of %.1fM parameters trainable, precision %s", model_name, trainable / 1e6,
-             sum(p.numel() for p in model.parameters()) / 1e6, settings.precision)
-    return tokenizer, model
+        if adapter is not None:
+            model.enable_input_require_grads()  # the frozen embedding's output must carry grad into checkpoints
+    log.info("%s: %.1fM of %.1fM parameters trainable, precision %s%s", model_name, trainable / 1e6,
+             sum(p.numel() for p in model.parameters()) / 1e6, settings.precision,
+             f", LoRA rank {settings.lora.rank}" if adapter is not None else "")
+    return tokenizer, model, adapter
 
 
 def train_reward_model(model_name: str, init_state: dict[str, torch.Tensor] | None,
@@ -538,7 +576,7 @@ def train_reward_model(model_name: str, init_state: dict[str, torch.Tensor] | No
     if not pairs:
         raise ValueError("train_reward_model: no pairs to train on")
     settings = dataclasses.replace(settings, precision=resolve_precision(settings.precision, settings.device))
-    tokenizer, hf_model = _load_for_training(load_reward_model, model_name, init_state, settings)
+    tokenizer, hf_model, adapter = _load_for_training(load_reward_model, model_name, init_state, settings, "rm")
     if hf_model.config.pad_token_id is None:
         hf_model.config.pad_token_id = tokenizer.pad_token_id
     model = wrap_for_strategy(ScalarRewardModel(hf_model).to(settings.device), hf_model, settings, prepare_model)
@@ -564,10 +602,11 @@ def train_reward_model(model_name: str, init_state: dict[str, torch.Tensor] | No
         return value, int(batch["attention_mask"].sum())
 
     model, stats = _run_steps(model, settings, len(pairs), micro_loss, step_counts, "rm",
-                              _fp32_init(hf_model, init_state))
-    stats.update(pairs=len(pairs), apo_pairs=sum(p.kind == "apo" for p in pairs))
-    trained = _trained_weights(hf_model, settings)
-    stats["trained_tensors"] = trained.trained_names  # the checkpoint stores these alone
+                              _fp32_init(hf_model, init_state, adapter))
+    stats.update(pairs=len(pairs), apo_pairs=sum(p.kind == "apo" for p in pairs), **_lora_stats(adapter))
+    trained = _trained_weights(hf_model, settings, adapter)
+    if adapter is None:  # a LoRA version is small: its checkpoint keeps all of it
+        stats["trained_tensors"] = trained.trained_names  # the checkpoint stores these alone
     return publish(trained), stats
 
 
@@ -594,7 +633,7 @@ def train_policy(model_name: str, init_state: dict[str, torch.Tensor] | None,
         raise ValueError(f"train_policy: objective {objective.name!r} takes (prompt, {n_responses} responses) "
                          f"examples")
     settings = dataclasses.replace(settings, precision=resolve_precision(settings.precision, settings.device))
-    tokenizer, hf_model = _load_for_training(load_policy, model_name, init_state, settings)
+    tokenizer, hf_model, adapter = _load_for_training(load_policy, model_name, init_state, settings, "policy")
     hf_model.to(settings.device)
     prompts = {ex[0]: format_prompt(tokenizer, ex[0]) for ex in examples}
 
@@ -638,8 +677,21 @@ def train_policy(model_name: str, init_state: dict[str, torch.Tensor] | None,
         return value, int(batch["attention_mask"].sum())
 
     model, stats = _run_steps(model, settings, len(examples), micro_loss, step_counts, f"policy[{objective.name}]",
-                              _fp32_init(hf_model, init_state))
-    stats.update(examples=len(examples))
-    trained = _trained_weights(hf_model, settings)
-    stats["trained_tensors"] = trained.trained_names  # the checkpoint stores these alone
+                              _fp32_init(hf_model, init_state, adapter))
+    stats.update(examples=len(examples), **_lora_stats(adapter))
+    trained = _trained_weights(hf_model, settings, adapter)
+    if adapter is None:  # a LoRA version is small: its checkpoint keeps all of it
+        stats["trained_tensors"] = trained.trained_names  # the checkpoint stores these alone
     return publish(trained), stats
+
+
+def _lora_stats(adapter) -> dict:
+    """What a LoRA phase records beside its weights (the phase checkpoint's marker holds it): the
+    base model the adapter belongs to and its shape."""
+    if adapter is None:
+        return {}
+    spec = adapter[1]
+    return {"lora": {"base_model": spec.base_model, "rank": spec.rank, "alpha": spec.alpha,
+                     "target_modules": list(spec.target_modules),
+                     "layers": None if spec.layers is None else list(spec.layers),
+                     "modules_to_save": list(spec.modules_to_save)}}

@@ -24,6 +24,12 @@ small); on CPU :func:`cpu_engine_defaults` (eager, no chunked prefill) and an ex
 ``kv_cache_memory_bytes`` (512 MiB), since ``gpu_memory_utilization`` on the CPU backend is a
 fraction of the whole NUMA node's memory, which other processes share.
 
+LoRA (``policy.lora.rank`` > 0): the engine starts with ``enable_lora`` and each policy version,
+an adapter state dict (:mod:`apo_ray.models.lora`), is written as a peft folder in shared memory and
+added to the engine as a ``LoRARequest`` under a new id (the previous one removed): no weight of
+the base model moves, and the base policy is the engine without a request (free). Prefix-cache
+blocks are keyed by adapter, so nothing needs resetting.
+
 vLLM's engine and worker are child processes; :mod:`apo_ray.models.reaper` kills them if this process is
 SIGKILLed (Ray does not, by default).
 """
@@ -33,6 +39,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -43,17 +50,19 @@ from pathlib import Path
 
 import torch
 
-from apo_ray.config import VLLM_EXTRA_HINT, DecodingConfig
+from apo_ray.config import VLLM_EXTRA_HINT, VLLM_LORA_RANKS, DecodingConfig
 from apo_ray.models.generation import GenerationStats, cut_at_stop, prompt_seed, prompt_token_ids
 from apo_ray.models.loading import load_tokenizer, resolve_dtype, resolve_model
+from apo_ray.models.lora import is_adapter, write_peft_folder
 from apo_ray.models.reaper import start_reaper
-from apo_ray.models.weights import pack_state_dict, packed_layout, state_dict_specs
+from apo_ray.models.weights import pack_state_dict, packed_layout, state_dict_specs, unpack_state_dict
 
 log = logging.getLogger(__name__)
 
 EXTENSION = "apo_ray.models.vllm_generator.WeightReloadExtension"
 CPU_KV_CACHE_BYTES = 512 << 20
 SHM_PREFIX = "apo_ray-weights-"
+LORA_PREFIX = "apo_ray-lora-"
 
 
 # --- inside vLLM's worker process ------------------------------------------------------------------
@@ -106,6 +115,13 @@ def remove_stale_weight_files() -> None:
             os.kill(pid, 0)
         except ProcessLookupError:
             path.unlink(missing_ok=True)
+        except (ValueError, PermissionError):
+            continue
+    for path in _shm_dir().glob(f"{LORA_PREFIX}*"):  # adapter folders (see VLLMGenerator.load_adapter)
+        try:
+            os.kill(int(path.name[len(LORA_PREFIX):].split("-")[0]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
         except (ValueError, PermissionError):
             continue
 
@@ -176,7 +192,8 @@ class VLLMGenerator:
 
     def __init__(self, model: str, *, decoding: DecodingConfig | None = None, stop: Sequence[str] = (),
                  max_prompt_tokens: int = 256, seed: int = 0, dtype: str = "auto", device: str | None = None,
-                 max_model_len: int | None = None, engine_kwargs: dict | None = None, **_ignored):
+                 max_model_len: int | None = None, engine_kwargs: dict | None = None, lora_rank: int = 0,
+                 **_ignored):
         try:
             import vllm
         except ImportError as err:
@@ -196,6 +213,12 @@ class VLLMGenerator:
                               or max_prompt_tokens + self.decoding.max_new_tokens)
         args = {"model": path, "tokenizer": path, "dtype": resolve_dtype(dtype, self.device), "seed": seed,
                 "max_model_len": self.max_model_len, "enable_prefix_caching": True}
+        if lora_rank > 0:  # versions are adapters up to this rank (one served at a time)
+            args |= {"enable_lora": True, "max_loras": 1,
+                     "max_lora_rank": min(r for r in VLLM_LORA_RANKS if r >= lora_rank)}
+        self._lora = None  # the LoRARequest of the version served (None: the base model)
+        self._lora_folder: Path | None = None
+        self._lora_count = 0
         if self.device == "cpu":
             args |= cpu_engine_defaults(self.max_model_len)
             if not {"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(user):
@@ -226,6 +249,9 @@ class VLLMGenerator:
         """Weights from a :class:`apo_ray.models.weights.PackedWeights` (e.g. an object-store buffer)."""
         import numpy as np
 
+        if is_adapter(packed.names):
+            self.load_adapter(unpack_state_dict(packed))
+            return
         start = time.perf_counter()
         with shared_weights_file(packed.total_bytes) as (flat, path):
             np.copyto(flat.numpy(), packed.buffer[:packed.total_bytes])  # the one copy
@@ -235,6 +261,9 @@ class VLLMGenerator:
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Weights from a state dict (HF names), packed straight into shared memory."""
 
+        if is_adapter(state_dict):
+            self.load_adapter(state_dict)
+            return
         start = time.perf_counter()
         _, total = packed_layout(state_dict_specs(state_dict))
         with shared_weights_file(total) as (flat, path):
@@ -249,10 +278,39 @@ class VLLMGenerator:
         self.last_reload = {"bytes": nbytes, "seconds": seconds, "write_seconds": written - start,
                             "engine_seconds": seconds - (written - start)}
 
+    def load_adapter(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Serve an adapter state dict (:mod:`apo_ray.models.lora`): written as a peft folder in shared
+        memory, added to the engine under a new LoRA id (loaded now, so the time is counted here),
+        the previous adapter removed from the engine and from memory."""
+        from vllm.lora.request import LoRARequest
+
+
+        if not self.llm.llm_engine.vllm_config.lora_config:
+            raise ValueError("an adapter for a vLLM engine started without LoRA (policy.lora.rank is 0)")
+        start = time.perf_counter()
+        self._lora_count += 1
+        folder = _shm_dir() / f"{LORA_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
+        write_peft_folder(state_dict, folder, base_path=self.model_path)
+        written = time.perf_counter()
+        request = LoRARequest(f"policy-{self._lora_count}", self._lora_count, str(folder))
+        self.llm.llm_engine.add_lora(request)
+        previous, self._lora, old_folder, self._lora_folder = self._lora, request, self._lora_folder, folder
+        if previous is not None:
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+        if old_folder is not None:
+            shutil.rmtree(old_folder, ignore_errors=True)
+        seconds = time.perf_counter() - start
+        self.last_reload = {"bytes": sum(p.stat().st_size for p in folder.iterdir()), "seconds": seconds,
+                            "write_seconds": written - start, "engine_seconds": seconds - (written - start)}
+
     def load_pretrained(self) -> None:
         """Back to the weights the engine started with, through the same path as any other weights
         (vLLM's own reload from disk, ``reload_weights()`` without an iterator, reads the checkpoint,
-        which lacks the tied ``lm_head.weight``: see :func:`_pretrained_state_dict`)."""
+        which lacks the tied ``lm_head.weight``: see :func:`_pretrained_state_dict`). Where versions
+        are adapters, the base model is served by sending no adapter: nothing moves."""
+        if self.llm.llm_engine.vllm_config.lora_config:
+            self._lora = None
+            return
         self.load_weights(_pretrained_state_dict(self.model_path))
 
     # -- sampling ----------------------------------------------------------------------------------
@@ -272,7 +330,8 @@ class VLLMGenerator:
             repetition_penalty=d.repetition_penalty, max_tokens=d.max_new_tokens,
             seed=None if greedy else prompt_seed(seed, first_index + j), stop=self.stop or None,
         ) for j in range(len(ids))]
-        results = self.llm.generate([{"prompt_token_ids": row} for row in ids], params, use_tqdm=False)
+        results = self.llm.generate([{"prompt_token_ids": row} for row in ids], params, use_tqdm=False,
+                                    lora_request=self._lora)
         out = []
         for r in results:
             # Decoded by our tokenizer and cut by our rule, exactly as the transformers backend does.
@@ -286,6 +345,10 @@ class VLLMGenerator:
 
     def close(self) -> None:
         """Stop the engine's processes (also done, less politely, by the reaper if this process dies)."""
+        folder = getattr(self, "_lora_folder", None)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+            self._lora_folder = None
         llm = getattr(self, "llm", None)
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()

@@ -18,6 +18,12 @@ version as a folder that plain ``transformers`` and vLLM load with no code of ou
 
 Folders: ``<output_dir>/models/<version id>`` (``models/policy/apo/r2``, ``models/rm/base``, ...),
 written to a temporary folder and renamed, so a folder that exists is complete.
+
+A LoRA version (an adapter state dict, :mod:`apo_ray.models.lora`) is exported as a peft adapter folder
+(``adapter_config.json`` naming the base model's folder, ``adapter_model.safetensors``, the tokenizer,
+``apo_export.json``): ``PeftModel.from_pretrained`` on the base model loads it. With
+``run.export_merged`` the folder also holds ``merged/``: base + adapter merged into the plain
+folder described above.
 :class:`BackgroundExporter` writes them from a thread while the game goes on.
 """
 
@@ -41,6 +47,7 @@ import torch
 from apo_ray.config import SAVE_MODELS
 from apo_ray.game.store import load_checkpoint
 from apo_ray.models.loading import resolve_model
+from apo_ray.models.lora import is_adapter, merged_state_dict, read_spec, write_peft_folder
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +116,7 @@ def _build_on_meta(auto_cls, config, state_dict: Mapping[str, torch.Tensor], dty
 
 def export_version(version_id: str, state_dict: Mapping[str, torch.Tensor], out_dir: Path, *, base_model: str,
                    generation: Mapping[str, Any] | None = None, meta: Mapping[str, Any] | None = None,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, merged: bool = False) -> Path:
     """Write ``state_dict`` (weights of ``base_model``'s architecture) as a HF folder ``out_dir``;
     a policy's ``generation_config.json`` gets ``generation`` (see :func:`generation_config_values`).
     Returns ``out_dir``; an existing complete folder is kept unless ``overwrite``."""
@@ -124,6 +131,9 @@ def export_version(version_id: str, state_dict: Mapping[str, torch.Tensor], out_
     out_dir = Path(out_dir)
     if (out_dir / EXPORT_META).exists() and not overwrite:
         return out_dir
+    if is_adapter(state_dict):
+        return _export_adapter(version_id, state_dict, out_dir, base_model=base_model, generation=generation,
+                               meta=meta, overwrite=overwrite, merged=merged)
     kind = version_kind(version_id)
     source = resolve_model(base_model)
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -160,6 +170,35 @@ def export_version(version_id: str, state_dict: Mapping[str, torch.Tensor], out_
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card(info, tokenizer))
+        (tmp / EXPORT_META).write_text(json.dumps(info, indent=2, default=str) + "\n")
+        if overwrite and out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _export_adapter(version_id: str, adapter: Mapping[str, torch.Tensor], out_dir: Path, *, base_model: str,
+                    generation: Mapping[str, Any] | None, meta: Mapping[str, Any] | None, overwrite: bool,
+                    merged: bool) -> Path:
+    """A LoRA version: its peft adapter folder (+ ``merged/``, the full model, with ``merged``)."""
+    from transformers import AutoTokenizer
+
+    spec = read_spec(adapter)
+    source = resolve_model(base_model)
+    info = {"version": version_id, "kind": version_kind(version_id), "base_model": base_model,
+            "base_model_path": source, "format": "peft LoRA adapter", "lora_rank": spec.rank,
+            "lora_alpha": spec.alpha, "target_modules": list(spec.target_modules),
+            "modules_to_save": list(spec.modules_to_save), "merged": "merged/" if merged else None, **(meta or {})}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        write_peft_folder(adapter, tmp, base_path=source)
+        AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
+        if merged:
+            export_version(version_id, merged_state_dict(adapter), tmp / "merged", base_model=base_model,
+                           generation=generation, meta=meta)
         (tmp / EXPORT_META).write_text(json.dumps(info, indent=2, default=str) + "\n")
         if overwrite and out_dir.exists():
             shutil.rmtree(out_dir)
@@ -219,13 +258,15 @@ class BackgroundExporter:
     on disk by then)."""
 
     def __init__(self, models_dir: Path, version_path, *, policy_model: str, reward_model: str,
-                 save_models: str, last_round: int, generation: Mapping[str, Any] | None = None):
+                 save_models: str, last_round: int, generation: Mapping[str, Any] | None = None,
+                 merged: bool = False):
         if save_models not in SAVE_MODELS:
             raise ValueError(f"run.save_models must be one of {SAVE_MODELS}, got {save_models!r}")
         self.models_dir, self.version_path = Path(models_dir), version_path
         self.base = {"policy": policy_model, "rm": reward_model}
         self.save_models, self.last_round = save_models, last_round
         self.generation = dict(generation or {})
+        self.merged = merged  # LoRA versions: also write the merged model
         self.done: dict[str, str] = {}
         self.errors: dict[str, str] = {}
         self._meta: dict[str, dict] = {}
@@ -252,7 +293,7 @@ class BackgroundExporter:
                 folder = export_folder(self.models_dir, version)
                 job = {"version": version, "weights": str(self.version_path(version)), "out": str(folder),
                        "base_model": self.base[version_kind(version)], "generation": self.generation,
-                       "meta": self._meta[version]}
+                       "meta": self._meta[version], "merged": self.merged}
                 if child is None or child.poll() is not None:
                     child = self._start_child()
                 child.stdin.write(json.dumps(job) + "\n")
@@ -319,7 +360,7 @@ def _serve_exports() -> None:
         try:
             state = load_checkpoint(job["weights"])  # a local path or a URI (apo_ray.storage)
             export_version(job["version"], state, Path(job["out"]), base_model=job["base_model"],
-                           generation=job["generation"], meta=job["meta"])
+                           generation=job["generation"], meta=job["meta"], merged=job.get("merged", False))
             reply = {"folder": job["out"]}
         except Exception:  # noqa: BLE001 - any failure is the reply
             reply = {"error": traceback.format_exc()}

@@ -68,7 +68,8 @@ class RunObserver:
             models = self._stage.enter_context(storage.local_folder(self._models_uri, prefix="apo-models-"))
             self.exporter = BackgroundExporter(
                 models, store.version_path, policy_model=cfg.model.policy, reward_model=cfg.model.reward,
-                save_models=cfg.run.save_models, last_round=cfg.apo.rounds, generation=policy_generation_config(cfg))
+                save_models=cfg.run.save_models, last_round=cfg.apo.rounds, generation=policy_generation_config(cfg),
+                merged=cfg.run.export_merged)
         self._phase_no = 0
         self._evaluate: dict[tuple, float] = defaultdict(float)
         log.info("run plan: %d phases (%d already done)", self.progress.total, self.progress.done)

@@ -21,6 +21,7 @@ from apo_ray.game.store import load_checkpoint
 from apo_ray.game.system import Generated, Weights
 from apo_ray.models.generators import generator_from_config
 from apo_ray.models.loading import isolated_rng
+from apo_ray.models.lora import is_adapter
 from apo_ray.models.scoring import scorer_from_config
 from apo_ray.models.weights import PackedWeights, load_packed_into, unpack_state_dict
 
@@ -86,7 +87,9 @@ class VersionedModel:
         elif state is None or self.obj is None:
             self.obj = self._build()
         if isinstance(state, PackedWeights):
-            if hasattr(self.obj, "load_packed"):
+            if is_adapter(state.names):  # a LoRA version: a few MB, applied as an adapter
+                self.obj.load_weights(unpack_state_dict(state))
+            elif hasattr(self.obj, "load_packed"):
                 self.obj.load_packed(state)  # generators: in place (transformers) or via shared memory (vLLM)
             elif isinstance(getattr(self.obj, "model", None), torch.nn.Module):
                 load_packed_into(self.obj.model, state)  # in place: one host->device copy
@@ -95,6 +98,8 @@ class VersionedModel:
             self.sync_bytes = state.total_bytes
         elif state is not None:
             self.obj.load_weights(state)
+            if is_adapter(state):
+                self.sync_bytes = sum(t.numel() * t.element_size() for t in state.values())
         self.loaded_id = weights.id
         self.sync_seconds = time.perf_counter() - start
         return self.obj
