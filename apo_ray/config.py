@@ -61,6 +61,10 @@ class DataConfig:
     gold_queries: int | None = None  # cap on golden queries per round (None: all rm_pairs)
 
 
+# The paper's decoding of the policies' test answers (its section 5 / the authors' code).
+PAPER_TEST_DECODING = {"temperature": 0.3, "top_p": 0.85, "top_k": 5, "repetition_penalty": 1.05}
+
+
 @dataclass
 class DecodingConfig:
     """How one kind of answer is decoded; the same settings mean the same thing on every backend."""
@@ -83,7 +87,9 @@ class GenerationConfig:
     # policies go on to write the user's next turn themselves).
     stop: list[str] = field(default_factory=list)
     sampling: DecodingConfig = field(default_factory=DecodingConfig)  # the game's S samples per query
-    testing: DecodingConfig = field(default_factory=DecodingConfig)  # the policy's answers to test prompts
+    # The policy's answers to test prompts: the paper's test decoding (T 0.3, top_k 5, top_p 0.85,
+    # repetition penalty 1.05) unless a preset says otherwise, so every preset evaluates alike.
+    testing: DecodingConfig = field(default_factory=lambda: DecodingConfig(**PAPER_TEST_DECODING))
     # vLLM only: passed to vllm.LLM on top of apo_ray's defaults (apo_ray/vllm_engine.py), e.g.
     # {tensor_parallel_size: 2, gpu_memory_utilization: 0.5, kv_cache_memory_bytes: 1073741824}.
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -98,6 +104,11 @@ class RMConfig:
     pairs_per_batch: int = 64  # pairs per optimiser step (APO and preference pairs together)
     micro_pairs: int = 8  # pairs per forward/backward pass
     max_length: int = 512  # tokens of prompt + response
+    # Response tokens an RM reads (before the end-of-turn token it always ends with), one budget for
+    # gold answers, policy samples and test pairs alike; None: all that leaves the prompt a quarter
+    # of max_length. Set it to generation.sampling.max_new_tokens so that a gold answer cannot be
+    # told from a sample by its length alone (models.encode_prompt_response).
+    max_response_tokens: int | None = None
     weight_decay: float = 0.0
     # Learning rate per optimiser step: linear warmup from 0 over warmup_steps (or warmup_ratio of
     # the phase's steps when warmup_steps is 0), then constant | linear | cosine decay to 0 at the
@@ -339,6 +350,7 @@ def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: fl
     for name, value, low in ints:
         _number_check(e, name, value, low=low, integer=True)
     for name, value, null in (("rm.trainable_layers", rm.trainable_layers, "all layers"),
+                              ("rm.max_response_tokens", rm.max_response_tokens, "derived from rm.max_length"),
                               ("policy.trainable_layers", p.trainable_layers, "all layers"),
                               ("data.gold_queries", d.gold_queries, "every D_P prompt"),
                               ("eval.test_queries", ev.test_queries, "every test prompt")):

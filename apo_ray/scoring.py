@@ -22,11 +22,12 @@ if TYPE_CHECKING:
 
 class RewardScorer:
     def __init__(self, model: str, *, max_length: int = 512, score_batch: int = 32, dtype: str = "float32",
-                 device: str | None = None, **_ignored):
+                 device: str | None = None, max_response_tokens: int | None = None, **_ignored):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = load_tokenizer(model, padding_side="right")
         self.model = load_reward_model(model, dtype=dtype, device=self.device).eval()
         self.max_length = max_length
+        self.max_response_tokens = max_response_tokens  # the learners' budget: same cut when scored and trained
         self.score_batch = score_batch
         self.last_seconds = 0.0
 
@@ -40,7 +41,7 @@ class RewardScorer:
             raise ValueError(f"score: {len(prompts)} prompts but {len(responses)} responses")
         start = time.perf_counter()
         formatted = {p: format_prompt(self.tokenizer, p) for p in set(prompts)}
-        enc = [encode_prompt_response(self.tokenizer, formatted[p], r, self.max_length)
+        enc = [encode_prompt_response(self.tokenizer, formatted[p], r, self.max_length, self.max_response_tokens)
                for p, r in zip(prompts, responses)]
         order = sorted(range(len(enc)), key=lambda i: len(enc[i].input_ids))
         scores = [0.0] * len(enc)
@@ -58,4 +59,4 @@ class RewardScorer:
 def scorer_from_config(cfg: Config) -> RewardScorer:
     """The scorer ``cfg.model.reward`` / ``cfg.rm`` describe, with the pretrained weights."""
     return RewardScorer(cfg.model.reward, max_length=cfg.rm.max_length, score_batch=cfg.rm.score_batch,
-                        dtype=cfg.model.dtype)
+                        dtype=cfg.model.dtype, max_response_tokens=cfg.rm.max_response_tokens)

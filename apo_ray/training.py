@@ -349,6 +349,7 @@ class TrainSettings:
     strategy: str = "ddp"  # ddp (also plain, one process) | fsdp (FSDP2) | deepspeed (ZeRO)
     zero_stage: int = 2  # deepspeed only
     log_every_steps: int = 0  # 0: about ten progress lines per run
+    max_response_tokens: int | None = None  # response tokens kept (models.response_token_budget); None: derived
 
     @classmethod
     def for_role(cls, cfg: Config, role: str, *, lr: float, seed: int, epochs: int | None = None) -> TrainSettings:
@@ -363,7 +364,7 @@ class TrainSettings:
             return cls(examples_per_step=r.pairs_per_batch, micro_examples=r.micro_pairs, max_length=r.max_length,
                        epochs=r.epochs if epochs is None else epochs, weight_decay=r.weight_decay,
                        trainable_layers=r.trainable_layers, schedule=r.schedule, warmup_steps=r.warmup_steps,
-                       warmup_ratio=r.warmup_ratio, **common)
+                       warmup_ratio=r.warmup_ratio, max_response_tokens=r.max_response_tokens, **common)
         if role == "policy":
             p = cfg.policy
             return cls(examples_per_step=p.sequences_per_batch, micro_examples=p.micro_sequences,
@@ -530,7 +531,8 @@ def train_reward_model(model_name: str, init_state: dict[str, torch.Tensor] | No
     prompts = {p.prompt: format_prompt(tokenizer, p.prompt) for p in pairs}
 
     def encode(prompt: str, response: str) -> Encoded:
-        return encode_prompt_response(tokenizer, prompts[prompt], response, settings.max_length)
+        return encode_prompt_response(tokenizer, prompts[prompt], response, settings.max_length,
+                                      settings.max_response_tokens)
 
     def step_counts(step):
         return {"apo": sum(pairs[i].kind == "apo" for i in step), "pref": sum(pairs[i].kind == "pref" for i in step)}

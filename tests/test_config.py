@@ -149,3 +149,15 @@ def test_deepspeed_strategy_without_deepspeed_says_what_to_install(hide_package)
     require_extras(cfg)
     cfg.run.in_process, cfg.cluster.learner_strategy = False, "fsdp"  # PyTorch's own: nothing to install
     require_extras(cfg)
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))
+def test_every_preset_answers_test_prompts_with_the_test_decoding(preset):
+    # issue 21: hh_small sampled its test answers at T 1.0 (the schema default), not the paper's test
+    # decoding; and gold answers must be cut to the samples' length budget (one budget for both).
+    from apo_ray.config import PAPER_TEST_DECODING, compose
+
+    cfg = compose([f"experiment={preset}"])
+    testing = cfg.generation.testing
+    assert {k: getattr(testing, k) for k in PAPER_TEST_DECODING} == PAPER_TEST_DECODING
+    assert cfg.rm.max_response_tokens == cfg.generation.sampling.max_new_tokens, preset
