@@ -189,6 +189,11 @@ class EvalConfig:
     # {"prompt","chosen","rejected"} JSON lines, hf://, embedded:); non-empty turns it on.
     rm_all_paths: list[str] = field(default_factory=list)
     test_queries: int | None = None  # cap on test prompts the policy answers per round
+    # Evaluation RMs are a property of the data split, not of a seed: trained once per (their pairs,
+    # the RM settings), seeded from data.seed, kept in shared_rm_dir and reused by every run.seed
+    # (a per-seed evaluation RM adds its own noise to every policy row). false: one per run.
+    share_rms: bool = True
+    shared_rm_dir: str | None = None  # None: $APO_RAY_CACHE/eval_rms (~/.cache/apo_ray/eval_rms)
     judge: bool = False  # LLM judge: each arm's last policy vs the fixed arm's (RJS), positions swapped
     judge_pairs: int = 20  # test prompts judged per arm
     # Any OpenAI-compatible endpoint; the key comes from $OPENAI_API_KEY only. No base_url: our own

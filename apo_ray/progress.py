@@ -76,6 +76,12 @@ def plan_phases(cfg, data) -> list[dict]:
             self.values[key] = stats
             return Weights(key, handle)
 
+        def has(self, key):
+            return key in self.values
+
+        def adopt_weights(self, key, source, source_key):
+            self.values[key] = source.values.get(source_key)
+
     planned: list[dict] = []
 
     def on_phase(event: dict) -> None:
@@ -84,7 +90,8 @@ def plan_phases(cfg, data) -> list[dict]:
 
     game_log = logging.getLogger(game_module.__name__)
     with _silenced(game_log):
-        APOGame(cfg, PlanningSystem(), data, MemoryStore(), on_phase=on_phase).run()
+        APOGame(cfg, PlanningSystem(), data, MemoryStore(), on_phase=on_phase,
+                shared_store=lambda folder: MemoryStore()).run()
     return planned
 
 

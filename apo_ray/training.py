@@ -382,6 +382,10 @@ class RMLoss:
     apo_weight: float = 0.0
     reduction: str = "per_term"  # per_term (paper, eq. 15) | pooled (authors' code)
     samples_per_query: int = 1
+    # The ablation (RM_Base-AB): its "apo" pairs are slots, not data. They keep their places in the
+    # shuffled steps, so every step holds the same D_P pairs as APO's step of the same seed and the
+    # phase runs as many optimiser steps; they are never read, so only the APO pairs differ.
+    skip_apo_pairs: bool = False
 
 
 @dataclass(frozen=True)
@@ -528,7 +532,11 @@ def train_reward_model(model_name: str, init_state: dict[str, torch.Tensor] | No
     if hf_model.config.pad_token_id is None:
         hf_model.config.pad_token_id = tokenizer.pad_token_id
     model = wrap_for_strategy(ScalarRewardModel(hf_model).to(settings.device), hf_model, settings, prepare_model)
-    prompts = {p.prompt: format_prompt(tokenizer, p.prompt) for p in pairs}
+    read = [p for p in pairs if not (loss.skip_apo_pairs and p.kind == "apo")]
+    if not read:
+        raise ValueError("train_reward_model: every pair is a skipped APO slot; nothing to train on")
+    prompts = {p.prompt: format_prompt(tokenizer, p.prompt) for p in read}
+    first_read = next(i for i, p in enumerate(pairs) if not (loss.skip_apo_pairs and p.kind == "apo"))
 
     def encode(prompt: str, response: str) -> Encoded:
         return encode_prompt_response(tokenizer, prompts[prompt], response, settings.max_length,
@@ -538,6 +546,11 @@ def train_reward_model(model_name: str, init_state: dict[str, torch.Tensor] | No
         return {"apo": sum(pairs[i].kind == "apo" for i in step), "pref": sum(pairs[i].kind == "pref" for i in step)}
 
     def micro_loss(model, chunk, counts):
+        weight = 1.0
+        if loss.skip_apo_pairs:
+            chunk = [i for i in chunk if pairs[i].kind != "apo"]
+            if not chunk:  # only APO slots here: a zero-weighted pair keeps every rank's backward in step
+                chunk, weight = [first_read], 0.0
         # One forward over [good_1..good_k, bad_1..bad_k]: [2k, T] -> rewards [2k].
         enc = [encode(pairs[i].prompt, pairs[i].good) for i in chunk] + \
               [encode(pairs[i].prompt, pairs[i].bad) for i in chunk]
@@ -548,11 +561,13 @@ def train_reward_model(model_name: str, init_state: dict[str, torch.Tensor] | No
         value = apo_rm_loss(good[is_apo], bad[is_apo], good[~is_apo], bad[~is_apo], beta2=loss.beta2,
                             apo_weight=loss.apo_weight, reduction=loss.reduction,
                             samples_per_query=loss.samples_per_query, n_apo=counts["apo"], n_pref=counts["pref"])
-        return value, int(batch["attention_mask"].sum())
+        return value * weight, int(batch["attention_mask"].sum())
 
     model, stats = _run_steps(model, settings, len(pairs), micro_loss, step_counts, "rm",
                               _fp32_init(hf_model, init_state))
-    stats.update(pairs=len(pairs), apo_pairs=sum(p.kind == "apo" for p in pairs))
+    n_apo = sum(p.kind == "apo" for p in pairs)
+    stats.update(pairs=len(read), apo_pairs=len(read) - (len(pairs) - n_apo),
+                 apo_slots_skipped=n_apo if loss.skip_apo_pairs else 0)
     return publish(_trained_weights(hf_model, settings)), stats
 
 
