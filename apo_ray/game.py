@@ -654,6 +654,10 @@ def finish_run(cfg: Config, game: APOGame, records: list[dict], *, wall_seconds:
               f"{len(d.test_pairs)} test pairs ({test_from})."),
              eval_note,
              f"Wall time {wall_seconds / 60:.1f} min."]
+    if (out / "phases").is_dir():  # every item's score per model, beside the run's summary
+        from apo_ray.claims import item_score_rows, load_run, write_item_scores
+
+        write_item_scores(out / "item_scores.csv", item_score_rows(load_run(out, records)))
     return write_report(out, records, judge=judge, notes=notes, title=f"APO run `{cfg.run.name}`")
 
 
