@@ -118,6 +118,10 @@ class RMConfig:
     warmup_ratio: float = 0.0
     score_batch: int = 32  # sequences per scoring forward pass
     trainable_layers: int | None = None  # fine-tune only the top N decoder blocks + head; None: all
+    # With trainable_layers set, the frozen lower blocks' hidden states of each text are computed
+    # once and shared by every RM of the process (apo_ray/frozen_cache.py); this caps their memory.
+    # 0: off (every forward runs every block).
+    frozen_cache_mib: float = 2048.0
 
 
 @dataclass

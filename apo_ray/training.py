@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from apo_ray.data import RankedPair
+from apo_ray.frozen_cache import cached_reward_forward, prefix_cache_for, supports_prefix_cache
 from apo_ray.losses import apo_rm_loss, sequence_logprobs
 from apo_ray.models import (
     Encoded,
@@ -68,14 +69,31 @@ log = logging.getLogger(__name__)
 
 
 class ScalarRewardModel(nn.Module):
-    """Wraps a sequence-classification model so ``forward`` returns [B] rewards; DDP can wrap this."""
+    """Wraps a sequence-classification model so ``forward`` returns [B] rewards; DDP can wrap this.
+    With a ``prefix_cache`` the frozen lower blocks' states are read from it (frozen_cache.py)."""
 
-    def __init__(self, model):
+    def __init__(self, model, prefix_cache=None):
         super().__init__()
         self.model = model
+        self.prefix_cache = prefix_cache
 
     def forward(self, input_ids, attention_mask):
+        if self.prefix_cache is not None:
+            return cached_reward_forward(self.model, input_ids, attention_mask, self.prefix_cache)
         return reward_forward(self.model, input_ids, attention_mask)
+
+
+def _rm_prefix_cache(hf_model: nn.Module, settings: TrainSettings):
+    """The shared frozen-block cache for this learner, or None where it does not apply: no frozen
+    blocks (full-model training), the cache off, a sharded strategy, or a backbone it cannot split."""
+    if (settings.trainable_layers is None or settings.frozen_cache_mib <= 0 or settings.strategy != "ddp"
+            or settings.gradient_checkpointing or settings.compile or not supports_prefix_cache(hf_model)):
+        return None
+    n_frozen = hf_model.config.num_hidden_layers - settings.trainable_layers
+    if n_frozen <= 0:
+        return None
+    compute = f"{next(hf_model.parameters()).dtype}/{'autocast-bf16' if settings.precision == 'bf16-autocast' else 'none'}"
+    return prefix_cache_for(hf_model, n_frozen, compute, max_mib=settings.frozen_cache_mib)
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -350,6 +368,7 @@ class TrainSettings:
     zero_stage: int = 2  # deepspeed only
     log_every_steps: int = 0  # 0: about ten progress lines per run
     max_response_tokens: int | None = None  # response tokens kept (models.response_token_budget); None: derived
+    frozen_cache_mib: float = 0.0  # RMs with trainable_layers: share the frozen blocks' states (frozen_cache.py)
 
     @classmethod
     def for_role(cls, cfg: Config, role: str, *, lr: float, seed: int, epochs: int | None = None) -> TrainSettings:
@@ -364,7 +383,8 @@ class TrainSettings:
             return cls(examples_per_step=r.pairs_per_batch, micro_examples=r.micro_pairs, max_length=r.max_length,
                        epochs=r.epochs if epochs is None else epochs, weight_decay=r.weight_decay,
                        trainable_layers=r.trainable_layers, schedule=r.schedule, warmup_steps=r.warmup_steps,
-                       warmup_ratio=r.warmup_ratio, max_response_tokens=r.max_response_tokens, **common)
+                       warmup_ratio=r.warmup_ratio, max_response_tokens=r.max_response_tokens,
+                       frozen_cache_mib=r.frozen_cache_mib, **common)
         if role == "policy":
             p = cfg.policy
             return cls(examples_per_step=p.sequences_per_batch, micro_examples=p.micro_sequences,
@@ -531,7 +551,9 @@ def train_reward_model(model_name: str, init_state: dict[str, torch.Tensor] | No
     tokenizer, hf_model = _load_for_training(load_reward_model, model_name, init_state, settings)
     if hf_model.config.pad_token_id is None:
         hf_model.config.pad_token_id = tokenizer.pad_token_id
-    model = wrap_for_strategy(ScalarRewardModel(hf_model).to(settings.device), hf_model, settings, prepare_model)
+    cache = _rm_prefix_cache(hf_model, settings)
+    model = wrap_for_strategy(ScalarRewardModel(hf_model, cache).to(settings.device), hf_model, settings,
+                              prepare_model)
     read = [p for p in pairs if not (loss.skip_apo_pairs and p.kind == "apo")]
     if not read:
         raise ValueError("train_reward_model: every pair is a skipped APO slot; nothing to train on")
@@ -567,7 +589,8 @@ def train_reward_model(model_name: str, init_state: dict[str, torch.Tensor] | No
                               _fp32_init(hf_model, init_state))
     n_apo = sum(p.kind == "apo" for p in pairs)
     stats.update(pairs=len(read), apo_pairs=len(read) - (len(pairs) - n_apo),
-                 apo_slots_skipped=n_apo if loss.skip_apo_pairs else 0)
+                 apo_slots_skipped=n_apo if loss.skip_apo_pairs else 0,
+                 frozen_cache=cache.stats() if cache is not None else None)
     return publish(_trained_weights(hf_model, settings)), stats
 
 
