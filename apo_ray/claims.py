@@ -313,6 +313,20 @@ def claims_for(rounds: int) -> list[Claim]:
 CLAIMS = claims_for(3)
 
 
+def _record_or_lineage(run: Run, arm: str, r: int) -> dict | None:
+    """``arm``'s round-``r`` record, or that of an arm whose round r *is* ``arm``'s (apo_seq's round 1
+    is apo's: a run of apo_seq alone still answers the claims about RM_APO-v1)."""
+    rec = run.record(arm, r)
+    if rec is not None:
+        return rec
+    for mode in RM_UPDATE_MODES.values():
+        if mode.lineage(r) == arm and mode.name != arm:
+            rec = run.record(mode.name, r)
+            if rec is not None:
+                return rec
+    return None
+
+
 def _side_arrays(run: Run, claim: Claim) -> list[np.ndarray] | None:
     """The per-item arrays of A then B for one run, or None when the run lacks either model."""
     last = max(_rounds(run))
@@ -323,7 +337,7 @@ def _side_arrays(run: Run, claim: Claim) -> list[np.ndarray] | None:
             if arm == "base":
                 rm_id = BASE_RM
             else:
-                rec = run.record(arm, r)
+                rec = _record_or_lineage(run, arm, r)
                 if rec is None:
                     return None
                 rm_id = rec["rm"]
@@ -332,7 +346,7 @@ def _side_arrays(run: Run, claim: Claim) -> list[np.ndarray] | None:
                 return None
             out.extend(scores)
         else:
-            rec = run.record(arm, r)
+            rec = _record_or_lineage(run, arm, r)
             if rec is None:
                 return None
             scores = run.policy_scores(rec["eval_rm"], rec["policy"])
@@ -364,7 +378,7 @@ def _claim_statistic(claim: Claim, n_runs: int, n_bins: int):
 
 
 def judge_claims(runs: Sequence[Run], claims: Sequence[Claim] | None = None, *, n_resamples: int = N_RESAMPLES,
-                 seed: int = BOOTSTRAP_SEED) -> list[dict]:
+                 seed: int = BOOTSTRAP_SEED, kinds: Sequence[str] | None = None) -> list[dict]:
     """Each claim over ``runs`` (runs that differ only in ``run.seed``; :mod:`apo_ray.inference`
     has the model and its reasons).
 
@@ -385,6 +399,8 @@ def judge_claims(runs: Sequence[Run], claims: Sequence[Claim] | None = None, *, 
                          "pooled: " + ", ".join(str(r.dir) for r in runs))
     rounds = max(max(_rounds(r)) for r in runs)
     claims = list(claims) if claims is not None else claims_for(rounds)
+    if kinds is not None:  # the report's family of claims (Holm adjusts over these only)
+        claims = [c for c in claims if c.kind in kinds]
     rows = []
     for claim in claims:
         arrays = [_side_arrays(run, claim) for run in runs]
@@ -586,7 +602,7 @@ def _plot_by_round(path: Path, rms: Sequence[Mapping], policies: Sequence[Mappin
 def write_claims_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, title: str = "APO claims across seeds",
                         notes: Sequence[str] = (), machine: Mapping[str, Any] | None = None,
                         n_resamples: int = N_RESAMPLES, seed: int = BOOTSTRAP_SEED,
-                        sections: Sequence[str] = ()) -> Path:
+                        sections: Sequence[str] = (), kinds: Sequence[str] | None = None) -> Path:
     """``report.md``, ``claims.json`` and figures in ``out_dir`` from runs that differ in ``run.seed``.
 
     ``notes``: lines under the title (how it was run); ``machine``: what to record about where it ran
@@ -598,7 +614,7 @@ def write_claims_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = sorted((load_run(d) for d in run_dirs), key=lambda r: r.seed)
-    claims = judge_claims(runs, n_resamples=n_resamples, seed=seed)
+    claims = judge_claims(runs, n_resamples=n_resamples, seed=seed, kinds=kinds)
     within = {run.seed: run_comparisons(run.dir, n_resamples=n_resamples, seed=seed) for run in runs}
     rms, policies = _across_seeds(runs)
     seeds = [run.seed for run in runs]

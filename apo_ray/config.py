@@ -151,6 +151,9 @@ class APOConfig:
     loss_reduction: str = "per_term"
     rm_mode: str = "apo"  # apo | apo_seq | fixed | ablation (arms.RM_UPDATE_MODES)
     arms: list[str] = field(default_factory=list)  # several rm modes in one run (reports); [] = [rm_mode]
+    # An arm's last round when it needs fewer than `rounds` (e.g. {ablation: 1}: RM_Base-AB is a
+    # round-1 comparison); arms not named play every round.
+    arm_rounds: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -394,6 +397,11 @@ def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: fl
     for mode in cfg.arms:
         _check(e, mode in RM_UPDATE_MODES,
                f"apo.rm_mode/apo.arms: unknown rm mode {mode!r}; choose from {tuple(RM_UPDATE_MODES)}")
+    for mode, last in (a.arm_rounds or {}).items():
+        if mode not in cfg.arms:
+            e.append(f"apo.arm_rounds: {mode!r} is not one of this run's arms {cfg.arms}")
+        elif not isinstance(last, int) or isinstance(last, bool) or not 1 <= last <= a.rounds:
+            e.append(f"apo.arm_rounds.{mode} must be an int in [1, apo.rounds={a.rounds}], got {last!r}")
     objective = POLICY_OBJECTIVES.get(p.updater)
     _check(e, objective is not None, f"policy.updater must be one of {sorted(POLICY_OBJECTIVES)}, got {p.updater!r}")
     if objective is not None and _is_number(a.samples_per_query):

@@ -523,6 +523,8 @@ class APOGame:
         self.round_end(0)
         for r in range(1, self.cfg.apo.rounds + 1):
             for arm in self.cfg.arms:
+                if r > (self.cfg.apo.arm_rounds or {}).get(arm, self.cfg.apo.rounds):
+                    continue  # this arm's comparisons end earlier (apo.arm_rounds)
                 log.info("round %d/%d arm %s: start", r, self.cfg.apo.rounds, arm)
                 record = self.play_round(r, arm)
                 self.records.append(record)

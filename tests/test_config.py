@@ -45,6 +45,9 @@ def problems(**overrides) -> str:
     ("cluster__scorer_gpus", -1.0, "cluster.scorer_gpus must be >= 0, got -1.0"),
     ("cluster__resource_wait_s", 0.0, "cluster.resource_wait_s must be > 0, got 0.0"),
     ("eval__judge_max_failed_fraction", 1.5, "eval.judge_max_failed_fraction must be >= 0 and <= 1, got 1.5"),
+    ("apo__arm_rounds", {"ablation": 1}, "apo.arm_rounds: 'ablation' is not one of this run's arms ['apo']"),
+    ("apo__arm_rounds", {"apo": 4}, "apo.arm_rounds.apo must be an int in [1, apo.rounds=3], got 4"),
+    ("rm__max_response_tokens", 0, "rm.max_response_tokens must be >= 1 or null (derived from rm.max_length), got 0"),
 ])
 def test_each_bad_value_is_named(field, value, message):
     assert message in problems(**{field: value})

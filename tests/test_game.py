@@ -527,6 +527,23 @@ def test_one_evaluation_rm_per_data_split_is_shared_by_every_seed(tiny_cfg_facto
     assert a.store.get("scores/rm/eval/test/chosen") == b.store.get("scores/rm/eval/test/chosen")
 
 
+def test_rm_claims_layout_apo_seq_alone_and_a_round_one_ablation(tiny_cfg_factory, tmp_path):
+    # experiment=rm_claims' arms: apo_seq (whose round 1 is RM_APO-v1) and the ablation in round 1 only
+    from apo_ray.claims import claims_for, judge_claims, load_run
+
+    cfg = tiny_cfg_factory(apo__arms=["apo_seq", "ablation"], apo__rounds=2, apo__arm_rounds={"ablation": 1})
+    run = play(cfg, tmp_path / "run" / "phases")
+    assert sorted((r["rm_mode"], r["round"]) for r in run.records) == [
+        ("ablation", 0), ("ablation", 1), ("apo_seq", 0), ("apo_seq", 1), ("apo_seq", 2)]
+    assert all(c[0] != "policy/ablation/r1" for c in run.system.of("train_policy"))  # no round 2 for it
+    write_summary(tmp_path / "run", run.records, {"run": {"seed": 0}, "data": {"seed": 0}, "eval": {"n_bins": 10}})
+    rows = {r["key"]: r for r in judge_claims([load_run(tmp_path / "run")], kinds=("rm",))}
+    assert set(rows) == {c.key for c in claims_for(2) if c.kind == "rm"}
+    # RM_APO-v1 found through apo_seq's round 1; the ablation's round-1 RM; apo_seq's last RM
+    assert all("per_seed" in rows[k] for k in ("rm_acc_vs_base", "rm_acc_vs_ab", "seq_rm_ece"))
+    assert rows["rm_acc_vs_base"]["verdict"] == "undecided" and "one seed" in rows["rm_acc_vs_base"]["why"]
+
+
 def test_a_run_scored_by_rm_base_says_so(game, tmp_path, caplog):
     from apo_ray.report import write_report
 
