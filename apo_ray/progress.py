@@ -82,6 +82,13 @@ def plan_phases(cfg, data) -> list[dict]:
         def adopt_weights(self, key, source, source_key):
             self.values[key] = source.values.get(source_key)
 
+    def shared(folder):
+        """A shared evaluation RM another run already trained is not a phase of this one."""
+        store = MemoryStore()
+        if (folder / "rm.json").exists():
+            store.values["rm"] = {}
+        return store
+
     planned: list[dict] = []
 
     def on_phase(event: dict) -> None:
@@ -90,8 +97,7 @@ def plan_phases(cfg, data) -> list[dict]:
 
     game_log = logging.getLogger(game_module.__name__)
     with _silenced(game_log):
-        APOGame(cfg, PlanningSystem(), data, MemoryStore(), on_phase=on_phase,
-                shared_store=lambda folder: MemoryStore()).run()
+        APOGame(cfg, PlanningSystem(), data, MemoryStore(), on_phase=on_phase, shared_store=shared).run()
     return planned
 
 
