@@ -49,6 +49,10 @@ class RewardScorer:
         self.model.load_state_dict(state_dict, strict=True)
         self._refresh_cache()
 
+    def weights_changed(self) -> None:
+        """Weights were copied into ``self.model`` in place (packed weights on Ray)."""
+        self._refresh_cache()
+
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         """One float per (prompt, response), in input order."""
