@@ -502,6 +502,19 @@ def test_evaluation_rms_that_no_arm_trains_against_score_the_policies(tiny_cfg_f
     report = finish_run(cfg, game, records, wall_seconds=1.0).read_text()
     assert "WARNING" not in report and "under every evaluation RM" in report
     assert "rm/eval_test (RM_Test, 40 pairs), rm/eval_all (RM_All, 60 pairs)" in report
+    # every item's score per model beside the summary: each evaluation RM's test pairs and answers
+    import csv
+
+    with (tmp_path / "out" / "item_scores.csv").open() as f:
+        items = list(csv.DictReader(f))
+    n_test = len(data.test_pairs)
+    for rm in ("rm/base", "rm/eval_test", "rm/eval_all"):
+        rows = [r for r in items if r["kind"] == "rm_test_pair" and r["model"] == rm]
+        assert [int(r["item"]) for r in rows] == list(range(n_test))
+        acc = sum(float(r["score_a"]) > float(r["score_b"]) for r in rows) / n_test
+        assert acc == records[0]["eval_rm_quality"].get(rm, {"acc": records[0]["rm_test_acc"]})["acc"]
+    answers = [r for r in items if r["kind"] == "policy_test_answer" and r["scorer"] == "rm/eval_all"]
+    assert {r["model"] for r in answers} == {"policy/init", "policy/fixed/r1"}
 
 
 def test_one_evaluation_rm_per_data_split_is_shared_by_every_seed(tiny_cfg_factory, tmp_path):
