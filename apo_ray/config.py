@@ -13,6 +13,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from apo_ray.core.arms import ARM_TABLE
+from apo_ray.core.losses import RM_LOSS_REDUCTIONS
+from apo_ray.core.objectives import POLICY_OBJECTIVES
+
 LR_SCHEDULES = ("constant", "linear", "cosine")
 GENERATION_BACKENDS = ("transformers", "vllm")
 LEARNER_STRATEGIES = ("ddp", "deepspeed", "fsdp")
@@ -82,7 +86,7 @@ class GenerationConfig:
     max_prompt_tokens: int = 256  # prompts are left-truncated to this
     prompts_per_batch: int = 16  # prompts per generate call (each yields samples_per_query sequences)
     seed: int = 0
-    fast_sampler: bool = True  # on CUDA: static KV cache + CUDA-graph decode (apo_ray/fastgen.py)
+    fast_sampler: bool = True  # on CUDA: static KV cache + CUDA-graph decode (apo_ray/models/fastgen.py)
     # Responses are cut before the first of these strings (the authors cut at "\nHuman": small
     # policies go on to write the user's next turn themselves).
     stop: list[str] = field(default_factory=list)
@@ -90,7 +94,7 @@ class GenerationConfig:
     # The policy's answers to test prompts: the paper's test decoding (T 0.3, top_k 5, top_p 0.85,
     # repetition penalty 1.05) unless a preset says otherwise, so every preset evaluates alike.
     testing: DecodingConfig = field(default_factory=lambda: DecodingConfig(**PAPER_TEST_DECODING))
-    # vLLM only: passed to vllm.LLM on top of apo_ray's defaults (apo_ray/vllm_engine.py), e.g.
+    # vLLM only: passed to vllm.LLM on top of apo_ray's defaults (apo_ray/models/vllm_generator.py), e.g.
     # {tensor_parallel_size: 2, gpu_memory_utilization: 0.5, kv_cache_memory_bytes: 1073741824}.
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -119,14 +123,15 @@ class RMConfig:
     score_batch: int = 32  # sequences per scoring forward pass
     trainable_layers: int | None = None  # fine-tune only the top N decoder blocks + head; None: all
     # With trainable_layers set, the frozen lower blocks' hidden states of each text are computed
-    # once and shared by every RM of the process (apo_ray/frozen_cache.py); this caps their memory.
+    # once and shared by every RM of the process (apo_ray/models/frozen_cache.py); this caps their memory.
     # 0: off (every forward runs every block).
     frozen_cache_mib: float = 2048.0
 
 
 @dataclass
 class PolicyConfig:
-    updater: str = "rjs"  # objectives.POLICY_OBJECTIVES: rjs (LM loss on best-of-S) | dpo (best vs worst)
+    objective: str = "rjs"  # objectives.POLICY_OBJECTIVES: rjs (LM loss on best-of-S) | dpo (best vs worst)
+    updater: str | None = None  # the old name of `objective`: refused, naming the new one
     lrs: list[float] = field(default_factory=lambda: [5e-6, 2e-6, 9e-7])  # one per round (last repeats)
     epochs: int = 1
     sequences_per_batch: int = 128
@@ -149,7 +154,7 @@ class APOConfig:
     # per_term: the paper's eq. 15, apo_weight * mean over APO pairs + beta2 * mean over D_P pairs.
     # pooled: the authors' code, one mean over all pairs of a step, weights apo_weight / S and beta2.
     loss_reduction: str = "per_term"
-    rm_mode: str = "apo"  # apo | apo_seq | fixed | ablation (arms.RM_UPDATE_MODES)
+    rm_mode: str = "apo"  # apo | apo_seq | fixed | ablation (arms.ARM_TABLE)
     arms: list[str] = field(default_factory=list)  # several rm modes in one run (reports); [] = [rm_mode]
     # An arm's last round when it needs fewer than `rounds` (e.g. {ablation: 1}: RM_Base-AB is a
     # round-1 comparison); arms not named play every round.
@@ -340,10 +345,6 @@ def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: fl
     actors would wait forever, not fail): every actor of the run (the pools, the learner workers and
     the driver are alive at once) must fit the cluster together, and each one a single node.
     """
-    from apo_ray.arms import RM_UPDATE_MODES
-    from apo_ray.losses import RM_LOSS_REDUCTIONS
-    from apo_ray.objectives import POLICY_OBJECTIVES
-
     e: list[str] = []
     a, g, rm, p, c, d, ev = cfg.apo, cfg.generation, cfg.rm, cfg.policy, cfg.cluster, cfg.data, cfg.eval
     ints = (("apo.rounds", a.rounds, 1), ("apo.samples_per_query", a.samples_per_query, 1),
@@ -395,18 +396,19 @@ def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: fl
     _check(e, a.loss_reduction in RM_LOSS_REDUCTIONS,
            f"apo.loss_reduction must be one of {RM_LOSS_REDUCTIONS}, got {a.loss_reduction!r}")
     for mode in cfg.arms:
-        _check(e, mode in RM_UPDATE_MODES,
-               f"apo.rm_mode/apo.arms: unknown rm mode {mode!r}; choose from {tuple(RM_UPDATE_MODES)}")
+        _check(e, mode in ARM_TABLE,
+               f"apo.rm_mode/apo.arms: unknown rm mode {mode!r}; choose from {tuple(ARM_TABLE)}")
     for mode, last in (a.arm_rounds or {}).items():
         if mode not in cfg.arms:
             e.append(f"apo.arm_rounds: {mode!r} is not one of this run's arms {cfg.arms}")
         elif not isinstance(last, int) or isinstance(last, bool) or not 1 <= last <= a.rounds:
             e.append(f"apo.arm_rounds.{mode} must be an int in [1, apo.rounds={a.rounds}], got {last!r}")
-    objective = POLICY_OBJECTIVES.get(p.updater)
-    _check(e, objective is not None, f"policy.updater must be one of {sorted(POLICY_OBJECTIVES)}, got {p.updater!r}")
+    _check(e, p.updater is None, f"policy.updater was renamed policy.objective: use policy.objective={p.updater}")
+    objective = POLICY_OBJECTIVES.get(p.objective)
+    _check(e, objective is not None, f"policy.objective must be one of {sorted(POLICY_OBJECTIVES)}, got {p.objective!r}")
     if objective is not None and _is_number(a.samples_per_query):
         _check(e, a.samples_per_query >= objective.responses_per_example,
-               f"policy.updater={p.updater} needs apo.samples_per_query >= {objective.responses_per_example}")
+               f"policy.objective={p.objective} needs apo.samples_per_query >= {objective.responses_per_example}")
     _check(e, g.backend in GENERATION_BACKENDS, f"generation.backend must be one of {GENERATION_BACKENDS}, got {g.backend!r}")
     for section in ("sampling", "testing"):
         e.extend(decoding_errors(getattr(g, section), f"generation.{section}"))
@@ -534,23 +536,6 @@ def from_omegaconf(node) -> Config:
     schema = OmegaConf.structured(Config)
     merged = OmegaConf.merge(schema, node)
     return OmegaConf.to_object(merged)
-
-
-def resolve_paths(cfg: Config, base_dir: str) -> Config:
-    """Make the config's local data paths absolute against ``base_dir`` (the directory the command
-    was started in) and check that they exist; hf:// and embedded: names pass unchanged. Raises
-    ``apo_ray.data.DataError`` naming the field, the path as given and the path tried."""
-    from apo_ray.data import resolve_sources
-
-    d = cfg.data
-    d.path = resolve_sources(d.path, "data.path", base_dir)
-    if d.test_path:
-        d.test_path = resolve_sources(d.test_path, "data.test_path", base_dir)
-    if d.golden_path:
-        d.golden_path = resolve_sources(d.golden_path, "data.golden_path", base_dir)
-    if cfg.eval.rm_all_paths:
-        cfg.eval.rm_all_paths = resolve_sources(list(cfg.eval.rm_all_paths), "eval.rm_all_paths", base_dir)
-    return cfg
 
 
 def compose(overrides: list[str], config_dir: str | None = None) -> Config:

@@ -1,6 +1,6 @@
 """Preference data, golden answers, query files and the paper's deterministic splits.
 
-Layer 2: plain Python, no Ray. Everything here is deterministic for a given input and seed, so the
+Plain Python, no Ray. Everything here is deterministic for a given input and seed, so the
 same run configuration always sees the same RM pairs, LLM queries and test pairs.
 
 Input formats (auto-detected per JSON line):
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
-from apo_ray.config import ConfigError
+from apo_ray.config import Config, ConfigError
 
 logger = logging.getLogger("apo_ray.data")
 
@@ -566,3 +566,18 @@ def iter_batches(items: Sequence[T], batch_size: int) -> Iterator[list[T]]:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for start in range(0, len(items), batch_size):
         yield list(items[start : start + batch_size])
+
+
+def resolve_paths(cfg: Config, base_dir: str) -> Config:
+    """Make the config's local data paths absolute against ``base_dir`` (the directory the command
+    was started in) and check that they exist; hf:// and embedded: names pass unchanged. Raises
+    :class:`DataError` naming the field, the path as given and the path tried."""
+    d = cfg.data
+    d.path = resolve_sources(d.path, "data.path", base_dir)
+    if d.test_path:
+        d.test_path = resolve_sources(d.test_path, "data.test_path", base_dir)
+    if d.golden_path:
+        d.golden_path = resolve_sources(d.golden_path, "data.golden_path", base_dir)
+    if cfg.eval.rm_all_paths:
+        cfg.eval.rm_all_paths = resolve_sources(list(cfg.eval.rm_all_paths), "eval.rm_all_paths", base_dir)
+    return cfg

@@ -50,7 +50,7 @@ def model_numbers(shape: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from apo_ray.models import shape_config
+    from apo_ray.models.loading import shape_config
 
     config = shape_config(shape)
     with torch.device("meta"):
@@ -69,7 +69,7 @@ def model_numbers(shape: str) -> dict:
 def token_lengths(data: str, seed: int = 0) -> dict:
     """Mean tokens (and micro-batch padding) of prompts and chosen responses of the data."""
     from apo_ray.data import load_preference_pairs
-    from apo_ray.models import load_tokenizer
+    from apo_ray.models.loading import load_tokenizer
 
     tok = load_tokenizer("smollm2-135m-instruct")
     pairs = list(load_preference_pairs(data))

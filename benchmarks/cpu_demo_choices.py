@@ -34,7 +34,7 @@ def matmul_gflops(dtype: torch.dtype, n: int = 1024, repeats: int = 3) -> float:
 
 def sampling(prompts: list[str], samples: int, new_tokens: int, prompt_tokens: int) -> list[dict]:
     from apo_ray.config import DecodingConfig
-    from apo_ray.generation import HFGenerator
+    from apo_ray.models.generation import HFGenerator
 
     gen = HFGenerator(MODEL, decoding=DecodingConfig(max_new_tokens=new_tokens), max_prompt_tokens=prompt_tokens,
                       prompts_per_batch=len(prompts), dtype="auto", device="cpu")
@@ -55,7 +55,7 @@ def sampling(prompts: list[str], samples: int, new_tokens: int, prompt_tokens: i
 
 def rm_learner(pairs, trainable_layers: int, max_length: int) -> list[dict]:
     from apo_ray.data import RankedPair
-    from apo_ray.training import TrainSettings, train_reward_model
+    from apo_ray.models.training import TrainSettings, train_reward_model
 
     ranked = [RankedPair.from_preference(p) for p in pairs]
     rows = []
@@ -84,7 +84,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from apo_ray.data import load_preference_pairs
-    from apo_ray.models import has_fast_bf16
+    from apo_ray.models.loading import has_fast_bf16
 
     pairs = load_preference_pairs(args.data, limit=max(args.prompts, args.pairs))
     matmul = {"fp32_gflops": matmul_gflops(torch.float32), "bf16_gflops": matmul_gflops(torch.bfloat16, repeats=1),

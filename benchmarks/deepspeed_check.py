@@ -1,4 +1,4 @@
-"""On the GPU machine: the DeepSpeed ZeRO-2/3 learner path of apo_ray.training in one process (nccl),
+"""On the GPU machine: the DeepSpeed ZeRO-2/3 learner path of apo_ray.models.training in one process (nccl),
 RM and policy. Run: bash .gpu-bundle/install.sh && PYTHONPATH=/tmp/site:$PWD TORCH_CUDA_ARCH_LIST=9.0
 APO_RAY_CACHE=$PWD/.gpu-cache python benchmarks/deepspeed_check.py (2026-11-22, H100: both stages ran,
 finite losses, full 273-tensor state dicts gathered)."""
@@ -9,7 +9,7 @@ import torch.distributed as dist
 os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29511")
 dist.init_process_group("nccl")
 from apo_ray.data import RankedPair, load_preference_pairs
-from apo_ray.training import TrainSettings, train_policy, train_reward_model
+from apo_ray.models.training import TrainSettings, train_policy, train_reward_model
 
 pairs = [RankedPair.from_preference(p) for p in load_preference_pairs(".gpu-cache/hh-rlhf", limit=16)]
 for stage in (2, 3):

@@ -1,4 +1,4 @@
-"""Sampling speed: transformers ``model.generate`` vs apo_ray.fastgen.FastSampler, side by side.
+"""Sampling speed: transformers ``model.generate`` vs apo_ray.models.fastgen.FastSampler, side by side.
 
 A random-init model of a real shape (config built in code, bf16), ``--batch`` rows of
 ``--prompt`` random prompt tokens, ``--new`` sampled tokens each (temperature 1, top-p 1, no top-k;
@@ -32,7 +32,7 @@ from results_io import write_result
 def model_config(shape: str):
     from transformers import LlamaConfig
 
-    from apo_ray.models import shape_config
+    from apo_ray.models.loading import shape_config
 
     if shape == "tiny":
         return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -85,7 +85,7 @@ def main() -> None:
     args = ap.parse_args()
     import transformers
 
-    from apo_ray.fastgen import FastSampler
+    from apo_ray.models.fastgen import FastSampler
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = build_model(args.shape, dtype, args.device)

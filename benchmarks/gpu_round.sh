@@ -7,7 +7,7 @@ out=${OUT:-/tmp/apo-gpu}; mkdir -p "$out"
 bash .gpu-bundle/install.sh
 export PYTHONPATH=/tmp/site:$PWD RAY_AUTH_MODE=disabled TORCH_CUDA_ARCH_LIST=9.0 RAY_USAGE_STATS_ENABLED=0 \
        APO_RAY_CACHE=$PWD/.gpu-cache PYTHONUNBUFFERED=1
-python -c "from apo_ray.models import resolve_model; resolve_model('smollm2-135m-random')"
+python -c "from apo_ray.models.loading import resolve_model; resolve_model('smollm2-135m-random')"
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader,nounits -lms 500 \
     > "$out/gpu_util.csv" &
 smi=$!

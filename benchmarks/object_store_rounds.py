@@ -49,8 +49,9 @@ def play(rounds: int, data: str) -> dict:
 
     import apo_ray
     from apo_ray.config import from_omegaconf, register_configs
-    from apo_ray.game import play_game
-    from apo_ray.ray_system import RaySystem
+    from apo_ray.game.events import ArmRoundFinished, RoundFinished
+    from apo_ray.runtime.play import play_game
+    from apo_ray.runtime.ray_system import RaySystem
 
     register_configs()
     out = tempfile.mkdtemp(prefix="apo-objstore-")
@@ -63,21 +64,21 @@ def play(rounds: int, data: str) -> dict:
     rows: dict[int, dict] = {}
     start = time.perf_counter()
 
-    def on_phase(event: dict) -> None:
-        if event["phase"] == "round_done" and event["arm"] == ARMS[-1]:
-            rows.setdefault(event["round"], {})["at_last_eval"] = object_store()
-        elif event["phase"] == "round_end":
-            rows.setdefault(event["round"], {})["round_end"] = {
-                "bytes": event["object_store_bytes"], "objects": event["object_store_objects"],
-                "live_versions": event["live_versions"]}
+    def on_event(event) -> None:
+        if isinstance(event, ArmRoundFinished) and event.arm == ARMS[-1]:
+            rows.setdefault(event.round, {})["at_last_eval"] = object_store()
+        elif isinstance(event, RoundFinished):
+            rows.setdefault(event.round, {})["round_end"] = {
+                "bytes": event.usage["object_store_bytes"], "objects": event.usage["object_store_objects"],
+                "live_versions": list(event.live_versions)}
             time.sleep(1.0)
-            rows[event["round"]]["one_second_later"] = object_store()
-            print(f"round {event['round']}: {event['object_store_bytes'] / 2**20:.1f} MiB, "
-                  f"{len(event['live_versions'])} versions alive; 1 s later "
-                  f"{rows[event['round']]['one_second_later']['bytes'] / 2**20:.1f} MiB", flush=True)
+            rows[event.round]["one_second_later"] = object_store()
+            print(f"round {event.round}: {event.usage['object_store_bytes'] / 2**20:.1f} MiB, "
+                  f"{len(event.live_versions)} versions alive; 1 s later "
+                  f"{rows[event.round]['one_second_later']['bytes'] / 2**20:.1f} MiB", flush=True)
 
     try:
-        play_game(cfg, RaySystem(cfg, namespace="bench-objstore"), on_phase=on_phase)
+        play_game(cfg, RaySystem(cfg, namespace="bench-objstore"), on_event=on_event)
     finally:
         ray.shutdown()
     return {"rounds": [dict(rows[r], round=r) for r in sorted(rows)], "wall_s": time.perf_counter() - start}

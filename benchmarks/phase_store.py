@@ -3,7 +3,7 @@
 Side by side in one run, on a random state dict of a real model shape (``--shape``, ``--dtype`` as in
 ``weight_sync.py``), in a temporary folder on the disk that holds ``--dir``:
 
-- ``save``: what a weights phase did before: ``LocalSystem.save_weights`` (``torch.save`` to a
+- ``save``: what a weights phase did before: ``InProcessSystem.save_weights`` (``torch.save`` to a
   temporary name + rename) and a plain JSON marker;
 - ``put_weights``: ``PhaseStore.put_weights`` now: the same save, then fsync of the file and the
   folder, SHA-256 of the file (read back, mostly from the page cache) and a marker written durably;
@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from apo_ray.config import Config
-from apo_ray.local import LocalSystem
-from apo_ray.store import PhaseStore
+from apo_ray.game.store import PhaseStore
+from apo_ray.runtime.in_process import InProcessSystem
 from benchmarks.weight_sync import DTYPES, random_state_dict
 
 
@@ -39,7 +39,7 @@ def timed(fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def old_save(system: LocalSystem, sd: dict, pt: Path) -> None:
+def old_save(system: InProcessSystem, sd: dict, pt: Path) -> None:
     """A weights phase before: the system's save and a plain marker."""
     system.save_weights(sd, pt)
     pt.with_suffix(".json").write_text(json.dumps({"loss": 1.0}))
@@ -55,16 +55,16 @@ def main() -> None:
     args = parser.parse_args()
     args.source_device = "cpu"
     sd = random_state_dict(args)
-    system = LocalSystem(Config())
+    system = InProcessSystem(Config())
     times: dict[str, list[float]] = {"save": [], "put_weights": [], "load": [], "get_weights": []}
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         store = PhaseStore(Path(tmp) / "phases", system)
         for i in range(args.repeats + 1):
             plain, key = Path(tmp) / f"plain{i}.pt", f"rm/r{i}"
             sample = {"save": timed(old_save, system, sd, plain),
-                      "put_weights": timed(store.put_weights, key, sd, {"loss": 1.0}),
+                      "put_weights": timed(store.put_version, key, sd, {"loss": 1.0}),
                       "load": timed(system.load_weights, plain),
-                      "get_weights": timed(store.get_weights, key)}
+                      "get_weights": timed(store.get_version, key)}
             if i:  # the first round warms the page cache and the allocator
                 for k, v in sample.items():
                     times[k].append(v)

@@ -26,9 +26,9 @@ from results_io import run_at_ref
 
 from apo_ray.config import Config, from_omegaconf
 from apo_ray.data import RankedPair, load_preference_pairs
-from apo_ray.game import Weights
-from apo_ray.ray_system import RaySystem
-from apo_ray.training import LearnerJob, RMLoss
+from apo_ray.game.system import Weights
+from apo_ray.models.training import LearnerJob, RMLoss
+from apo_ray.runtime.ray_system import RaySystem
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,7 +84,7 @@ def smoke_round(data: str) -> dict:
     from hydra import compose, initialize_config_dir
 
     from apo_ray.config import register_configs
-    from apo_ray.launch import run_on_ray
+    from apo_ray.runtime.launch import run_on_ray
 
     register_configs()
     out = tempfile.mkdtemp(prefix="apo-bench-")

@@ -1,5 +1,5 @@
 """What one seed of the RM claims costs in its RM phases, with and without the frozen-block states
-shared across RMs (apo_ray/frozen_cache.py), side by side in one run.
+shared across RMs (apo_ray/models/frozen_cache.py), side by side in one run.
 
 A "seed" here is the RM work of `experiment=rm_claims`' round 1 at a chosen scale, on the real
 SmolLM2-135M-Instruct and the real HH pairs of its blocks: train RM_Base on D_P; train RM_APO-v1
@@ -46,12 +46,12 @@ def main() -> None:
 
     import torch
 
-    from apo_ray import frozen_cache
     from apo_ray.config import compose
     from apo_ray.data import RankedPair, load_apo_splits
-    from apo_ray.generation import generator_from_config
-    from apo_ray.scoring import scorer_from_config
-    from apo_ray.training import LearnerJob, RMLoss, run_job
+    from apo_ray.models import frozen_cache
+    from apo_ray.models.generators import generator_from_config
+    from apo_ray.models.scoring import scorer_from_config
+    from apo_ray.models.training import LearnerJob, RMLoss, run_job
 
     torch.set_num_threads(args.threads)
     cfg = compose(["experiment=rm_claims"])

@@ -1,8 +1,8 @@
-"""Where a round's time goes: one demo-sized round of the in-process game (APOGame + LocalSystem,
+"""Where a round's time goes: one demo-sized round of the in-process game (APOGame + InProcessSystem,
 no Ray) with wall time per phase and the GPU's utilisation sampled during each phase.
 
 Sizes are the ``demo`` experiment's (conf/experiment/demo.yaml), one round, one arm (``--arms``).
-Learners run on ``--learner-device`` (LocalSystem itself trains on CPU; here its learner calls are
+Learners run on ``--learner-device`` (InProcessSystem itself trains on CPU; here its learner calls are
 given the device). ``--fast`` routes generation through FastSampler (HFGenerator(fast=True)).
 Utilisation: a background thread reads ``torch.cuda.utilization()`` (pynvml) or, failing that,
 ``nvidia-smi`` every ``--interval`` seconds; each phase gets the mean of the samples taken while it ran.
@@ -92,10 +92,10 @@ def demo_config(args):
 
 
 def make_system(cfg, args):
-    from apo_ray.local import LocalSystem
+    from apo_ray.runtime.in_process import InProcessSystem
 
     cfg.generation.fast_sampler = args.fast  # HFGenerator(fast=...): the FastSampler on CUDA
-    system = LocalSystem(cfg)
+    system = InProcessSystem(cfg)
     system.device = args.learner_device  # the learners' device
     return system
 
@@ -115,16 +115,18 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import transformers
 
-    from apo_ray.game import APOGame, PhaseStore, build_game_data
-
+    from apo_ray.game.events import PhaseFinished
+    from apo_ray.game.game_data import build_game_data
+    from apo_ray.game.loop import APOGame
+    from apo_ray.game.store import PhaseStore
     cfg = demo_config(args)
     events: list[dict] = []
 
-    def on_phase(event: dict) -> None:
-        if "seconds" in event:
+    def on_event(event) -> None:
+        if isinstance(event, PhaseFinished):
             end = time.perf_counter()
-            events.append({"phase": event["phase"], "key": event.get("key"), "seconds": event["seconds"],
-                           "start": end - event["seconds"], "end": end})
+            events.append({"phase": event.phase, "key": event.key, "seconds": event.seconds,
+                           "start": end - event.seconds, "end": end})
 
     sampler = Sampler(args.interval)
     sampler.start()
@@ -134,7 +136,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="round_phases."))
     try:
         system = make_system(cfg, args)
-        game = APOGame(cfg, system, data, PhaseStore(tmp / "phases", system), on_phase=on_phase)
+        game = APOGame(cfg, system, data, PhaseStore(tmp / "phases", system), on_event=on_event)
         records = game.run()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -13,7 +13,7 @@ blocks and test items):
 
 one seed after another, each in one process (``run.in_process``: the same game as on Ray, without a
 Ray instance to share the 2 cores with; ``run.resume``: a stopped sweep continues from each seed's
-last finished phase). Then :func:`apo_ray.claims.write_claims_report` writes ``report.md``,
+last finished phase). Then :func:`apo_ray.outputs.claims.write_claims_report` writes ``report.md``,
 ``claims.json`` and the figures into ``--out``, with the machine (CPU flags, cores, load average
 while it ran), every seed's wall and CPU time, and the seconds each kind of phase took.
 """
@@ -90,7 +90,7 @@ def run_seeds(seeds: list[int], runs_dir: Path, preset: str, overrides: list[str
 
 def phase_seconds(run_dir: Path) -> dict:
     """Seconds per kind of phase over the whole run (set-up phases counted once)."""
-    from apo_ray.report import wall_time_table
+    from apo_ray.outputs.report import wall_time_table
 
     records = json.loads((run_dir / "summary.json").read_text())
     phases, rows = wall_time_table(records)
@@ -180,7 +180,7 @@ def main() -> None:
 
     import torch
 
-    from apo_ray.claims import write_claims_report
+    from apo_ray.outputs.claims import write_claims_report
 
     run_dirs = [runs_dir / f"seed{s}" for s in seeds]
     missing = [str(d) for d in run_dirs if not (d / "summary.json").exists()]

@@ -3,7 +3,7 @@ model of a real shape on ``--batch`` x ``--seq`` random tokens, several variants
 
 Variants (``--variants``, comma list; names are ``+``-joined features):
   baseline                  fp32 master weights, torch.autocast(bf16), ``model(ids, labels=ids).loss``,
-                            fused AdamW: the plain loop of design.md / apo_ray.training
+                            fused AdamW: the plain loop of design.md / apo_ray.models.training
   bf16                      bf16 weights (and AdamW states), same loss
   bf16+compile              ``torch.compile(model)``
   bf16+compile+chunked-ce   compiled backbone; the loss never materialises the [tokens, vocab] fp32

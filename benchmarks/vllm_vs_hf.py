@@ -61,10 +61,10 @@ def main() -> None:
 
     from apo_ray.config import DecodingConfig
     from apo_ray.data import load_preference_pairs
-    from apo_ray.generation import HFGenerator
-    from apo_ray.models import load_policy, resolve_dtype
-    from apo_ray.vllm_engine import VLLMGenerator
-    from apo_ray.weights import load_packed_into, pack_state_dict
+    from apo_ray.models.generation import HFGenerator
+    from apo_ray.models.loading import load_policy, resolve_dtype
+    from apo_ray.models.vllm_generator import VLLMGenerator
+    from apo_ray.models.weights import load_packed_into, pack_state_dict
 
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)

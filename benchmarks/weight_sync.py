@@ -5,7 +5,7 @@ device, then one random tensor per parameter; tied embeddings counted once), and
 process (the "learner") into a separate Ray actor (the "pool member") onto ``--device``:
 
   naive         ray.put(state_dict) here; ray.get in the actor; .to(device) per tensor
-  packed        apo_ray.weights.put_weights here; get_weights(ref, device) in the actor
+  packed        apo_ray.models.weights.put_weights here; get_weights(ref, device) in the actor
   disk          torch.save to a local temp file here; torch.load + .to(device) in the actor
 
 Seconds are end to end: from the moment the sender holds the state dict to the moment the actor
@@ -31,7 +31,7 @@ from pathlib import Path
 import ray
 import torch
 
-from apo_ray.weights import get_weights, put_weights
+from apo_ray.models.weights import get_weights, put_weights
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
@@ -39,7 +39,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 def model_config(args: argparse.Namespace):
     from transformers import LlamaConfig
 
-    from apo_ray.models import shape_config
+    from apo_ray.models.loading import shape_config
 
     if args.shape in ("smollm2-135m", "qwen2.5-0.5b"):
         return shape_config(args.shape)

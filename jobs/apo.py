@@ -13,9 +13,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from apo_ray.config import from_omegaconf, register_configs, resolve_paths, validate
-from apo_ray.data import DataError
-from apo_ray.launch import USER_ERRORS, run_in_process, run_on_ray
+from apo_ray.config import from_omegaconf, register_configs, validate
+from apo_ray.data import DataError, resolve_paths
+from apo_ray.runtime.launch import USER_ERRORS, run_in_process, run_on_ray
 
 register_configs()
 

@@ -32,9 +32,15 @@ def main(argv: list[str] | None = None) -> dict:
     from tqdm import tqdm
 
     from apo_ray.config import from_omegaconf
-    from apo_ray.export import export_folder, export_version, select_versions, version_kind, write_index
-    from apo_ray.game import PhaseStore
-    from apo_ray.observer import policy_generation_config
+    from apo_ray.game.store import PhaseStore
+    from apo_ray.outputs.export import (
+        export_folder,
+        export_version,
+        select_versions,
+        version_kind,
+        write_index,
+    )
+    from apo_ray.outputs.observer import policy_generation_config
 
     run = Path(args.run_dir)
     config_path = run / "resolved_config.json"
@@ -54,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     generation = policy_generation_config(cfg)
     done = {}
     for version in tqdm(versions, desc="export", unit="model"):
-        state = torch.load(store.weights_path(version), map_location="cpu", weights_only=True)
+        state = torch.load(store.version_path(version), map_location="cpu", weights_only=True)
         folder = export_version(version, state, export_folder(models, version), base_model=base[version_kind(version)],
                                 generation=generation, meta=meta.get(version, {}), overwrite=args.overwrite)
         done[version] = str(folder)

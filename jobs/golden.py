@@ -25,10 +25,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python jobs/golden.py` from anywhere
 
-from apo_ray.config import compose, resolve_paths
-from apo_ray.data import golden_query_pairs, load_apo_splits
-from apo_ray.golden import collect_golden_answers, mostly_failed
-from apo_ray.judge import ChatAPI, add_endpoint_arguments
+from apo_ray.config import compose
+from apo_ray.data import golden_query_pairs, load_apo_splits, resolve_paths
+from apo_ray.llm_api.golden import collect_golden_answers, mostly_failed
+from apo_ray.llm_api.judge import ChatAPI, add_endpoint_arguments
 
 
 def main(argv: list[str] | None = None) -> dict:

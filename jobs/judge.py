@@ -21,7 +21,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python jobs/judge.py` from anywhere
 
 from apo_ray.data import query_key
-from apo_ray.judge import JudgeClient, JudgeError, add_endpoint_arguments, read_json_line, summarize_records
+from apo_ray.llm_api.judge import (
+    JudgeClient,
+    JudgeError,
+    add_endpoint_arguments,
+    read_json_line,
+    summarize_records,
+)
 
 
 def read_responses(path: str) -> dict[str, tuple[str, str]]:

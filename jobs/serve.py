@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python jobs/serve.py` from anywhere
 
-from apo_ray.serve import BACKENDS, DEFAULT_MAX_BODY_BYTES, start_server, stop_server
+from apo_ray.llm_api.server import BACKENDS, DEFAULT_MAX_BODY_BYTES, start_server, stop_server
 
 
 def main(argv: list[str] | None = None) -> None:

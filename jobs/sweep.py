@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{job_id}\t{status.get(job_id)}\t{' '.join(info['point'])}")
         failed += status.get(job_id) != JobStatus.SUCCEEDED
     if failed < len(jobs):
-        from apo_ray.sweep_report import write_sweep_report
+        from apo_ray.outputs.sweep_report import write_sweep_report
 
         print(f"sweep report: {write_sweep_report(root)}")
     return 1 if failed else 0

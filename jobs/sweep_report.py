@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python jobs/sweep_report.py` from anywhere
 
-from apo_ray.sweep_report import write_sweep_report
+from apo_ray.outputs.sweep_report import write_sweep_report
 
 
 def main(argv: list[str] | None = None) -> Path:

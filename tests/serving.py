@@ -23,11 +23,11 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def server_on_local_ray(model: str, key: str, **server_kwargs) -> Iterator:
-    """``apo_ray.serve.start_server(model, **server_kwargs)`` on a fresh 2-CPU local Ray, with
+    """``apo_ray.llm_api.server.start_server(model, **server_kwargs)`` on a fresh 2-CPU local Ray, with
     ``key`` as the server's API key; the app is stopped and Ray shut down afterwards."""
     import ray
 
-    from apo_ray.serve import API_KEY_ENV, start_server, stop_server
+    from apo_ray.llm_api.server import API_KEY_ENV, start_server, stop_server
 
     old_key = os.environ.get(API_KEY_ENV)
     os.environ[API_KEY_ENV] = key

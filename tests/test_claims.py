@@ -1,4 +1,4 @@
-"""apo_ray.claims on run folders whose scores are written by hand: verdicts of known sign and size.
+"""apo_ray.outputs.claims on run folders whose scores are written by hand: verdicts of known sign and size.
 
 Each fake run has the layout jobs/apo.py writes (summary.json, resolved_config.json, phases/ written
 through PhaseStore.put), 2 rounds of the four arms, 40 test pairs and 20 test prompts.
@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from apo_ray.claims import claims_for, judge_claims, load_run, run_comparisons, write_claims_report
-from apo_ray.game import PhaseStore
+from apo_ray.game.store import PhaseStore
+from apo_ray.outputs.claims import claims_for, judge_claims, load_run, run_comparisons, write_claims_report
 
 N_PAIRS, N_PROMPTS, ROUNDS = 40, 20, 2
 ARMS = ("fixed", "apo", "apo_seq", "ablation")
@@ -139,7 +139,7 @@ def test_within_run_comparisons_match_the_summary(runs):
 
 
 def test_judge_win_rate_interval():
-    from apo_ray.claims import judge_intervals
+    from apo_ray.outputs.claims import judge_intervals
 
     (row,) = judge_intervals({"apo": {"n": 20, "win": 7, "loss": 3, "tie": 2, "invalid": 8}})
     assert row["win_rate"]["rate"] == pytest.approx(0.35)

@@ -48,6 +48,8 @@ def problems(**overrides) -> str:
     ("apo__arm_rounds", {"ablation": 1}, "apo.arm_rounds: 'ablation' is not one of this run's arms ['apo']"),
     ("apo__arm_rounds", {"apo": 4}, "apo.arm_rounds.apo must be an int in [1, apo.rounds=3], got 4"),
     ("rm__max_response_tokens", 0, "rm.max_response_tokens must be >= 1 or null (derived from rm.max_length), got 0"),
+    ("policy__objective", "ppo", "policy.objective must be one of ['dpo', 'rjs'], got 'ppo'"),
+    ("policy__updater", "dpo", "policy.updater was renamed policy.objective: use policy.objective=dpo"),
 ])
 def test_each_bad_value_is_named(field, value, message):
     assert message in problems(**{field: value})
@@ -141,7 +143,7 @@ def test_main_job_refuses_splits_that_cannot_fit(tmp_path, hh_data_path):
 
 
 def test_deepspeed_strategy_without_deepspeed_says_what_to_install(hide_package):
-    from apo_ray.launch import require_extras
+    from apo_ray.runtime.launch import require_extras
 
     hide_package("deepspeed")
     cfg = Config()

@@ -1,4 +1,4 @@
-"""FastSampler (apo_ray/fastgen.py) against transformers ``generate`` on the tiny random Llama, CPU, fp32.
+"""FastSampler (apo_ray/models/fastgen.py) against transformers ``generate`` on the tiny random Llama, CPU, fp32.
 
 The CUDA-graph path is the same step function replayed; these tests pin down the eager step:
 greedy equals ``generate(do_sample=False)`` token for token on a left-padded batch, sampling equals
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from apo_ray.fastgen import FastSampler, process_logits, sample_next
+from apo_ray.models.fastgen import FastSampler, process_logits, sample_next
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_repetition_penalty_equals_hf_generate(model):
 
 
 def test_apply_repetition_penalty_arithmetic():
-    from apo_ray.fastgen import apply_repetition_penalty
+    from apo_ray.models.fastgen import apply_repetition_penalty
 
     logits = torch.tensor([[2.0, -2.0, 2.0, -2.0]])
     seen = torch.tensor([[True, True, False, False]])
@@ -166,7 +166,7 @@ def test_min_new_tokens_masks_eos(model):
 
 def test_hf_generator_fast_path_gives_the_same_samples(tiny_model):
     from apo_ray.config import DecodingConfig
-    from apo_ray.generation import HFGenerator
+    from apo_ray.models.generation import HFGenerator
 
     gen = HFGenerator(tiny_model, decoding=DecodingConfig(max_new_tokens=6, temperature=0.7, top_p=0.9), fast=True,
                       device="cpu")

@@ -1,4 +1,4 @@
-"""apo_ray.frozen_cache: the frozen lower blocks' states computed once per text give the same
+"""apo_ray.models.frozen_cache: the frozen lower blocks' states computed once per text give the same
 scores and training as the full forward; full-model training never uses them."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from apo_ray.data import RankedPair
-from apo_ray.frozen_cache import _caches
-from apo_ray.models import load_reward_model
-from apo_ray.scoring import RewardScorer
-from apo_ray.training import RMLoss, TrainSettings, train_reward_model
+from apo_ray.models.frozen_cache import _caches
+from apo_ray.models.loading import load_reward_model
+from apo_ray.models.scoring import RewardScorer
+from apo_ray.models.training import RMLoss, TrainSettings, train_reward_model
 
 TINY = "tiny-random-llama"  # 2 blocks: trainable_layers=1 freezes the embedding and block 0
 

@@ -1,11 +1,11 @@
-"""End-to-end tests of Algorithm 1 (apo_ray.game.APOGame) in one process (apo_ray.local.LocalSystem).
+"""End-to-end tests of Algorithm 1 (apo_ray.game.loop.APOGame) in one process (apo_ray.runtime.in_process.InProcessSystem).
 
 Two rounds of every RM mode (apo, apo_seq, fixed, ablation) on the tiny random Llama on CPU, checking
 that each mode does what it must: ``fixed`` never trains an RM, ``apo`` retrains from RM_Base on
 |gold| * S APO pairs plus D_P each round, ``apo_seq`` continues from its previous RM, ``ablation``
 trains without APO pairs, every policy changes every round, every loss is finite. Then: a run that
 crashes mid-round resumes from its phase store without recomputing finished phases and ends with the
-same records as the uninterrupted run; and the DPO policy updater plays a round.
+same records as the uninterrupted run; and the DPO policy objective plays a round.
 """
 
 from __future__ import annotations
@@ -23,10 +23,15 @@ import pytest
 import torch
 
 from apo_ray.config import DecodingConfig
-from apo_ray.game import APOGame, PhaseStore, Weights, build_game_data, eval_prompts, write_summary
-from apo_ray.generation import HFGenerator
-from apo_ray.local import LocalSystem
-from apo_ray.models import load_policy
+from apo_ray.game.events import ArmRoundFinished
+from apo_ray.game.game_data import build_game_data, eval_prompts
+from apo_ray.game.loop import APOGame
+from apo_ray.game.store import PhaseStore
+from apo_ray.game.system import Weights
+from apo_ray.models.generation import HFGenerator
+from apo_ray.models.loading import load_policy
+from apo_ray.outputs.summary import write_summary
+from apo_ray.runtime.in_process import InProcessSystem
 
 ARMS = ["apo", "apo_seq", "fixed", "ablation"]
 ROUNDS = 2
@@ -112,10 +117,10 @@ class GameRun:
 
 def play(cfg, root: Path, system=None) -> GameRun:
     data = build_game_data(cfg)
-    system = system or RecordingSystem(LocalSystem(cfg))
+    system = system or RecordingSystem(InProcessSystem(cfg))
     store = PhaseStore(root, system)
     events: list[dict] = []
-    game = APOGame(cfg, system, data, store, on_phase=events.append)
+    game = APOGame(cfg, system, data, store, on_event=events.append)
     records = game.run()
     return GameRun(cfg, data, store, system, records, events, game)
 
@@ -166,7 +171,11 @@ def test_records_per_round_and_arm_with_summary_fields(game, tmp_path):
     # round 0 is the common starting point: pretrained policy, RM_Base
     assert all(game.record(arm, 0)["policy"] == "policy/init" and game.record(arm, 0)["rm"] == "rm/base"
                for arm in ARMS)
-    assert sum(e["phase"] == "round_done" for e in game.events) == len(game.records)
+    done = [e for e in game.events if isinstance(e, ArmRoundFinished)]
+    assert [(e.round, e.arm) for e in done] == [(r["round"], r["rm_mode"]) for r in game.records]
+    # each arm-round event carries the policy's test answers and their evaluation-RM scores
+    assert all(len(e.test_answers) == len(e.test_scores) == e.record["test_queries"] > 0 for e in done)
+    assert all(e.record is r for e, r in zip(done, game.records))
     # the summary is plain JSON
     path = write_summary(tmp_path, game.records, {"arms": ARMS})
     assert json.loads(path.read_text()) == json.loads(json.dumps(game.records))
@@ -264,7 +273,7 @@ def test_ablation_is_step_matched_with_apo(game):
 
 
 def test_each_apo_round_reports_its_rm_accuracy_on_d_apo_before_and_after(game):
-    from apo_ray.metrics import preference_accuracy
+    from apo_ray.core.metrics import preference_accuracy
 
     for arm, r in (("apo", 1), ("apo", 2), ("apo_seq", 2)):
         rec = game.record(arm, r)
@@ -343,7 +352,7 @@ def test_only_versions_a_later_phase_reads_stay_alive(game):
 def test_crashed_run_resumes_without_recomputing_and_matches(game, tiny_cfg_factory, tmp_path):
     cfg = tiny_cfg_factory(apo__arms=["apo_seq"], apo__rounds=ROUNDS, **GREEDY_TESTS)
     root = tmp_path / "phases"
-    crashing = RecordingSystem(LocalSystem(cfg), crash_policy_from="policy/apo/r1")  # round 2's update
+    crashing = RecordingSystem(InProcessSystem(cfg), crash_policy_from="policy/apo/r1")  # round 2's update
     with pytest.raises(Crash):
         play(cfg, root, crashing)
     assert crashing.of("train_policy")[-1][0] == "policy/apo/r1"
@@ -371,8 +380,8 @@ def test_crashed_run_resumes_without_recomputing_and_matches(game, tiny_cfg_fact
 # ------------------------------------------------------------------------------ DPO
 
 
-def test_dpo_updater_plays_a_round(tiny_cfg_factory, tmp_path, pretrained_policy):
-    cfg = tiny_cfg_factory(apo__arms=["fixed"], apo__rounds=1, policy__updater="dpo")
+def test_dpo_objective_plays_a_round(tiny_cfg_factory, tmp_path, pretrained_policy):
+    cfg = tiny_cfg_factory(apo__arms=["fixed"], apo__rounds=1, policy__objective="dpo")
     run = play(cfg, tmp_path / "phases")
     rec = run.record("fixed", 1)
     stats = rec["policy_train"]
@@ -387,8 +396,7 @@ def test_dpo_updater_plays_a_round(tiny_cfg_factory, tmp_path, pretrained_policy
 
 def test_resume_refuses_changed_settings_and_fresh_runs_refuse_old_phases(tmp_path):
     from apo_ray.config import Config
-    from apo_ray.game import open_store
-
+    from apo_ray.game.store import open_store
     cfg = Config()
     cfg.run.output_dir = str(tmp_path)
     store = open_store(cfg, system=None)
@@ -410,12 +418,12 @@ def test_resume_refuses_changed_settings_and_fresh_runs_refuse_old_phases(tmp_pa
 def test_a_new_rm_update_mode_is_one_table_entry(tiny_cfg_factory, tmp_path, monkeypatch):
     """The game, the config check and the report read the table of modes: a mode added there (here
     a sequential ablation, continuing its own RM without D_APO) plays with no other change."""
-    from apo_ray import arms
-    from apo_ray.report import rm_table
+    from apo_ray.core import arms
+    from apo_ray.outputs.report import rm_table
 
-    mode = arms.RMUpdateMode("seq_ablation", "AB (seq)", "RM_AB-v{r}seq", "tab:pink", rm_init="previous",
+    mode = arms.Arm("seq_ablation", "AB (seq)", "RM_AB-v{r}seq", "tab:pink", rm_init="previous",
                              trains_on_apo_pairs=False)
-    monkeypatch.setitem(arms.RM_UPDATE_MODES, mode.name, mode)
+    monkeypatch.setitem(arms.ARM_TABLE, mode.name, mode)
     cfg = tiny_cfg_factory(apo__arms=["seq_ablation"], apo__rounds=2)
     run = play(cfg, tmp_path / "phases")
     P = len(run.data.pref_pairs)
@@ -455,7 +463,7 @@ class EmptySamples(RecordingSystem):
 def test_best_of_s_never_trains_on_an_empty_response(tiny_cfg_factory, tmp_path):
     cfg = tiny_cfg_factory(apo__arms=["fixed"], apo__rounds=1, apo__samples_per_query=3)
     data = build_game_data(cfg)
-    system = EmptySamples(LocalSystem(cfg), queries=tuple(data.llm_queries))
+    system = EmptySamples(InProcessSystem(cfg), queries=tuple(data.llm_queries))
     run = play(cfg, tmp_path / "phases", system=system)
     (examples,) = system.examples
     assert [q for q, _ in examples] == data.llm_queries[1:]  # the all-empty query is skipped
@@ -473,8 +481,7 @@ def _write_pairs(path: Path, pairs) -> Path:
 
 
 def test_evaluation_rms_that_no_arm_trains_against_score_the_policies(tiny_cfg_factory, hh_pairs, tmp_path):
-    from apo_ray.game import finish_run
-
+    from apo_ray.outputs.summary import finish_run
     prompts = list(dict.fromkeys(p.prompt for p in hh_pairs))
     first = {q: next(p for p in hh_pairs if p.prompt == q) for q in prompts[:70]}
     pairs = list(first.values())
@@ -486,7 +493,7 @@ def test_evaluation_rms_that_no_arm_trains_against_score_the_policies(tiny_cfg_f
     cfg.run.output_dir = str(tmp_path / "out")
     data = build_game_data(cfg)
     assert {p.prompt for p in data.test_pairs} == {p.prompt for p in pairs[40:50]}  # the test file, whole
-    system = RecordingSystem(LocalSystem(cfg))
+    system = RecordingSystem(InProcessSystem(cfg))
     store = PhaseStore(tmp_path / "out" / "phases", system)
     game = APOGame(cfg, system, data, store)
     records = game.run()
@@ -524,7 +531,7 @@ def test_one_evaluation_rm_per_data_split_is_shared_by_every_seed(tiny_cfg_facto
     for seed in (0, 1):
         cfg = tiny_cfg_factory(apo__arms=["fixed"], apo__rounds=1, run__seed=seed, eval__eval_rm=True,
                                data__eval_rm_pairs=6, eval__shared_rm_dir=str(tmp_path / "shared"))
-        runs[seed] = play(cfg, tmp_path / f"seed{seed}" / "phases", SeedRecorder(LocalSystem(cfg)))
+        runs[seed] = play(cfg, tmp_path / f"seed{seed}" / "phases", SeedRecorder(InProcessSystem(cfg)))
     a, b = runs[0], runs[1]
     n_eval = len(a.data.eval_rm_pairs)
     assert n_eval >= 6 and n_eval != len(a.data.pref_pairs)
@@ -542,7 +549,7 @@ def test_one_evaluation_rm_per_data_split_is_shared_by_every_seed(tiny_cfg_facto
 
 def test_rm_claims_layout_apo_seq_alone_and_a_round_one_ablation(tiny_cfg_factory, tmp_path):
     # experiment=rm_claims' arms: apo_seq (whose round 1 is RM_APO-v1) and the ablation in round 1 only
-    from apo_ray.claims import claims_for, judge_claims, load_run
+    from apo_ray.outputs.claims import claims_for, judge_claims, load_run
 
     cfg = tiny_cfg_factory(apo__arms=["apo_seq", "ablation"], apo__rounds=2, apo__arm_rounds={"ablation": 1})
     run = play(cfg, tmp_path / "run" / "phases")
@@ -558,7 +565,7 @@ def test_rm_claims_layout_apo_seq_alone_and_a_round_one_ablation(tiny_cfg_factor
 
 
 def test_a_run_scored_by_rm_base_says_so(game, tmp_path, caplog):
-    from apo_ray.report import write_report
+    from apo_ray.outputs.report import write_report
 
     assert all(r["eval_rm"] == "rm/base" and r["eval_rm_is_rm_base"] for r in game.records)
     report = write_report(tmp_path, game.records).read_text()
@@ -580,7 +587,7 @@ def test_run_seed_reaches_training_and_sampling_but_not_the_split(tiny_cfg_facto
     runs = {}
     for seed in (0, 1):
         cfg = tiny_cfg_factory(apo__arms=["apo", "fixed"], apo__rounds=1, run__seed=seed)
-        runs[seed] = play(cfg, tmp_path / f"seed{seed}" / "phases", SeedRecorder(LocalSystem(cfg)))
+        runs[seed] = play(cfg, tmp_path / f"seed{seed}" / "phases", SeedRecorder(InProcessSystem(cfg)))
     a, b = runs[0], runs[1]
     for block in ("pref_pairs", "llm_queries", "dev_pairs", "test_pairs"):
         assert getattr(a.data, block) == getattr(b.data, block)
@@ -600,8 +607,8 @@ def test_run_seed_reaches_training_and_sampling_but_not_the_split(tiny_cfg_facto
 def test_paired_intervals_read_the_runs_own_scores(game, tmp_path):
     """run_comparisons on a real game's phase store: each difference's estimate is the difference of
     the two records' test accuracy / ECE / policy score, and the report carries the intervals."""
-    from apo_ray.claims import run_comparisons
-    from apo_ray.report import write_report
+    from apo_ray.outputs.claims import run_comparisons
+    from apo_ray.outputs.report import write_report
 
     run_dir = game.store.root.parent
     write_summary(run_dir, game.records, {"eval": {"n_bins": 10}})

@@ -1,4 +1,4 @@
-"""apo_ray.inference: crossed seed x item intervals, Holm, one verdict rule, power; numbers by hand."""
+"""apo_ray.core.inference: crossed seed x item intervals, Holm, one verdict rule, power; numbers by hand."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 from scipy import stats
 
-from apo_ray.inference import (
+from apo_ray.core.inference import (
     Components,
     crossed_components,
     crossed_interval,

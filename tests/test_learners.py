@@ -1,4 +1,4 @@
-"""Tests for apo_ray.training: the RM learner (APO loss on D_APO + D_P), the policy learners (RJS
+"""Tests for apo_ray.models.training: the RM learner (APO loss on D_APO + D_P), the policy learners (RJS
 and DPO), the exactness of gradient accumulation and the per-rank slicing of optimiser steps.
 
 All on the tiny random Llama on CPU with real HH-RLHF pairs.
@@ -12,11 +12,24 @@ import math
 import pytest
 import torch
 
+from apo_ray.core.losses import masked_lm_loss, sequence_logprobs
 from apo_ray.data import RankedPair
-from apo_ray.losses import masked_lm_loss, sequence_logprobs
-from apo_ray.models import encode_prompt_response, format_prompt, load_policy, load_reward_model, pad_batch
-from apo_ray.scoring import RewardScorer
-from apo_ray.training import PolicyLoss, RMLoss, TrainSettings, _steps, train_policy, train_reward_model
+from apo_ray.models.loading import (
+    encode_prompt_response,
+    format_prompt,
+    load_policy,
+    load_reward_model,
+    pad_batch,
+)
+from apo_ray.models.scoring import RewardScorer
+from apo_ray.models.training import (
+    PolicyLoss,
+    RMLoss,
+    TrainSettings,
+    _steps,
+    train_policy,
+    train_reward_model,
+)
 
 TINY = "tiny-random-llama"
 STAT_FIELDS = {"steps", "loss_first", "loss_last", "loss_mean", "seconds", "tokens_per_s", "losses", "precision"}
@@ -127,7 +140,7 @@ def test_every_rank_runs_the_same_number_of_micro_batches(tiny_model, rm_init, p
 
 
 def test_trained_weights_stream_the_whole_state_dict_to_rank_0_only(tiny_model):
-    from apo_ray.training import TrainedWeights
+    from apo_ray.models.training import TrainedWeights
 
     model = load_policy(TINY)
     expected = model.state_dict()
@@ -287,7 +300,7 @@ def test_train_policy_dpo_raises_chosen_over_rejected(tiny_model, tiny_tokenizer
     assert gain.mean() > 0, gain
 
 
-def test_train_policy_rejects_unknown_updater_and_no_examples(tiny_model, sft_examples):
+def test_train_policy_rejects_unknown_objective_and_no_examples(tiny_model, sft_examples):
     with pytest.raises(ValueError, match=r"\['dpo', 'rjs'\]"):  # the error lists the valid names
         train_policy(TINY, None, sft_examples, settings(), loss=PolicyLoss("ppo"))
     with pytest.raises(ValueError):
@@ -306,7 +319,7 @@ def test_trainable_layers_freezes_the_embedding_and_lower_blocks(tiny_model, rm_
 
 
 def test_trainable_layers_counts_and_bounds(tiny_model):
-    from apo_ray.models import freeze_lower_layers
+    from apo_ray.models.loading import freeze_lower_layers
 
     model = load_policy(TINY)
     total = sum(p.numel() for p in model.parameters())
@@ -320,22 +333,22 @@ def test_trainable_layers_counts_and_bounds(tiny_model):
 
 
 def test_auto_precision_follows_the_device(monkeypatch):
-    from apo_ray import models, training
+    from apo_ray.models import loading, training
 
     for fast, dtype, precision in ((True, "bfloat16", "bf16-autocast"), (False, "float32", "fp32")):
-        monkeypatch.setattr(models, "has_fast_bf16", lambda device_type, fast=fast: fast)
+        monkeypatch.setattr(loading, "has_fast_bf16", lambda device_type, fast=fast: fast)
         assert training.resolve_precision("auto", "cpu") == precision
-        assert models.resolve_dtype("auto", "cpu") == dtype
+        assert loading.resolve_dtype("auto", "cpu") == dtype
         assert training.resolve_precision("bf16", "cpu") == "bf16"  # explicit settings are kept
-        assert models.resolve_dtype("float32", "cpu") == "float32"
+        assert loading.resolve_dtype("float32", "cpu") == "float32"
 
 
 def test_fast_bf16_on_this_cpu_is_what_torch_reports():
-    from apo_ray import models
+    from apo_ray.models import loading
 
     expected = bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-    models.has_fast_bf16.cache_clear()
-    assert models.has_fast_bf16("cpu") is expected
+    loading.has_fast_bf16.cache_clear()
+    assert loading.has_fast_bf16("cpu") is expected
 
 
 def test_learner_job_carries_every_setting_from_the_config(tiny_cfg):
@@ -343,7 +356,7 @@ def test_learner_job_carries_every_setting_from_the_config(tiny_cfg):
     what a worker trains with."""
     from dataclasses import fields, replace
 
-    from apo_ray.training import LearnerJob
+    from apo_ray.models.training import LearnerJob
 
     cfg = replace(tiny_cfg)
     cfg.rm.trainable_layers, cfg.rm.weight_decay, cfg.rm.micro_pairs = 1, 0.01, 3
@@ -357,7 +370,7 @@ def test_learner_job_carries_every_setting_from_the_config(tiny_cfg):
     cfg.rm.schedule, cfg.rm.warmup_steps = "cosine", 7
     assert LearnerJob.rm(cfg, lr=1.0, epochs=1, seed=0, loss=RMLoss()).settings.schedule == "cosine"
     assert LearnerJob.rm(cfg, lr=1.0, epochs=1, seed=0, loss=RMLoss()).settings.warmup_steps == 7
-    cfg.policy.updater, cfg.policy.dpo_beta = "dpo", 0.3
+    cfg.policy.objective, cfg.policy.dpo_beta = "dpo", 0.3
     policy = LearnerJob.policy(cfg, lr=1e-5, seed=1)
     assert (policy.role, policy.loss.objective, policy.loss.dpo_beta) == ("policy", "dpo", 0.3)
     assert policy.settings.examples_per_step == cfg.policy.sequences_per_batch
@@ -368,7 +381,7 @@ def test_learner_job_carries_every_setting_from_the_config(tiny_cfg):
 
 
 def _lrs(schedule: str, total: int, **kw) -> list[float]:
-    from apo_ray.training import make_lr_schedule
+    from apo_ray.models.training import make_lr_schedule
 
     param = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.AdamW([param], lr=2.0)
@@ -412,8 +425,8 @@ def test_learners_follow_the_schedule(tiny_model, rm_init, pref_pairs, sft_examp
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_model, tiny_tokenizer, rm_init, pref_pairs, role):
     """cluster.gradient_checkpointing recomputes activations in the backward pass instead of keeping
     them: the learner's model has it on, and its gradients equal those without it."""
-    from apo_ray.models import reward_forward
-    from apo_ray.training import _load_for_training
+    from apo_ray.models.loading import reward_forward
+    from apo_ray.models.training import _load_for_training
 
     tok = tiny_tokenizer
     enc = [encode_prompt_response(tok, format_prompt(tok, p.prompt), p.good, 64) for p in pref_pairs[:4]]
@@ -452,8 +465,8 @@ def run(rank, data, port, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     from apo_ray.data import RankedPair, load_preference_pairs
-    from apo_ray.models import load_reward_model
-    from apo_ray.training import TrainSettings, train_reward_model
+    from apo_ray.models.loading import load_reward_model
+    from apo_ray.models.training import TrainSettings, train_reward_model
 
     pairs = [RankedPair.from_preference(p) for p in load_preference_pairs(data, limit=8)]
     torch.manual_seed(0)
@@ -474,6 +487,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow  # two DeepSpeed processes over gloo
 def test_deepspeed_bf16_hands_back_and_resumes_from_fp32_master_weights(tiny_model, hh_data_path, tmp_path):
     """ZeRO-2 in bf16 (2 gloo processes): the weights handed back are DeepSpeed's fp32 master copies,
     so updates far below bf16's resolution (lr 1e-6 here; the paper's RM uses 1e-8) survive the

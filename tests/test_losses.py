@@ -1,11 +1,11 @@
-"""Hand-computed checks of apo_ray.losses (three-element tensors, arithmetic written out)."""
+"""Hand-computed checks of apo_ray.core.losses (three-element tensors, arithmetic written out)."""
 
 import math
 
 import pytest
 import torch
 
-from apo_ray.losses import (
+from apo_ray.core.losses import (
     apo_rm_loss,
     bt_ranking_loss,
     dpo_loss,

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -17,6 +19,7 @@ def _apo(*overrides: str) -> subprocess.CompletedProcess:
                           timeout=600, check=False)
 
 
+@pytest.mark.slow  # the judge starts a Ray Serve app
 def test_main_job_in_process_with_report_and_judge(tmp_path, tiny_model, hh_data_path):
     out = tmp_path / "run"
     proc = _apo("experiment=smoke", "run.in_process=true", "apo.rounds=1", "apo.arms=[fixed,apo]",

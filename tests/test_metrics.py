@@ -1,4 +1,4 @@
-"""Hand-computed checks of apo_ray.metrics."""
+"""Hand-computed checks of apo_ray.core.metrics."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from apo_ray.metrics import (
+from apo_ray.core.metrics import (
     calibration_errors,
     combine_verdicts,
     mean_and_stderr,

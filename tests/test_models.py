@@ -1,4 +1,4 @@
-"""Tests for apo_ray.models (resolution, chat formatting, encoding, padding, the reward head) and
+"""Tests for apo_ray.models.loading (resolution, chat formatting, encoding, padding, the reward head) and
 for the serving objects built on them: HFGenerator (generation.py) and RewardScorer (scoring.py).
 
 Everything runs on the offline tiny random Llama (SmolLM2's real tokenizer); one test loads the
@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from apo_ray.config import DecodingConfig
-from apo_ray.generation import HFGenerator
-from apo_ray.models import (
+from apo_ray.models.generation import HFGenerator
+from apo_ray.models.loading import (
     Encoded,
     encode_prompt_response,
     format_prompt,
@@ -26,7 +26,7 @@ from apo_ray.models import (
     response_token_budget,
     reward_forward,
 )
-from apo_ray.scoring import RewardScorer
+from apo_ray.models.scoring import RewardScorer
 
 TINY = "tiny-random-llama"
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from apo_ray.objectives import POLICY_OBJECTIVES, DirectPreference, RejectionSampling, policy_objective
+from apo_ray.core.objectives import POLICY_OBJECTIVES, DirectPreference, RejectionSampling, policy_objective
 
 
 def test_registry_holds_rjs_and_dpo_and_names_them_in_its_error():

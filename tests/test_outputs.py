@@ -52,15 +52,13 @@ def _cfg(run: Path):
 
 
 def _store(run: Path):
-    from apo_ray.game import PhaseStore
-
+    from apo_ray.game.store import PhaseStore
     return PhaseStore(run / "phases", system=None)
 
 
 def _texts(run: Path) -> tuple[list[str], list[str]]:
     """Prompts and responses to score and run through the models: the run's test prompts and answers."""
-    from apo_ray.game import build_game_data, eval_prompts
-
+    from apo_ray.game.game_data import build_game_data, eval_prompts
     cfg = _cfg(run)
     prompts = eval_prompts(cfg, build_game_data(cfg))
     answers = [a[0] for a in _store(run).get("samples/policy/apo/r1/test")]
@@ -88,8 +86,8 @@ def test_every_model_version_is_exported(sweep):
 def test_exported_rms_give_our_scores_with_plain_transformers(sweep):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from apo_ray.models import encode_prompt_response, format_prompt
-    from apo_ray.scoring import RewardScorer
+    from apo_ray.models.loading import encode_prompt_response, format_prompt
+    from apo_ray.models.scoring import RewardScorer
 
     run = sweep["run"]
     cfg = _cfg(run)
@@ -97,7 +95,7 @@ def test_exported_rms_give_our_scores_with_plain_transformers(sweep):
     answers[0] = ""  # an empty answer: the score is read at its end-of-turn token too
     scorer = RewardScorer(cfg.model.reward, max_length=cfg.rm.max_length, score_batch=4, dtype="float32")
     for version in ("rm/base", "rm/eval", "rm/apo/r1"):
-        scorer.load_weights(torch.load(_store(run).weights_path(version), weights_only=True))
+        scorer.load_weights(torch.load(_store(run).version_path(version), weights_only=True))
         ours = torch.tensor(scorer.score(prompts, answers))
         folder = run / "models" / version
         rm = AutoModelForSequenceClassification.from_pretrained(folder)
@@ -118,14 +116,14 @@ def test_exported_rms_give_our_scores_with_plain_transformers(sweep):
 def test_exported_policies_reproduce_our_logits(sweep):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from apo_ray.models import load_policy
+    from apo_ray.models.loading import load_policy
 
     run = sweep["run"]
     cfg = _cfg(run)
     _, answers = _texts(run)
     base = load_policy(cfg.model.policy)
     for version in ("policy/fixed/r1", "policy/apo/r1"):
-        state = torch.load(_store(run).weights_path(version), weights_only=True)
+        state = torch.load(_store(run).version_path(version), weights_only=True)
         ours_model = load_policy(cfg.model.policy)
         ours_model.load_state_dict(state)
         folder = run / "models" / version
@@ -169,8 +167,8 @@ def test_vllm_loads_an_exported_policy_folder(smollm2_model, tmp_path):
     pytest.importorskip("vllm")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from apo_ray.export import export_version, generation_config_values
-    from apo_ray.models import load_policy
+    from apo_ray.models.loading import load_policy
+    from apo_ray.outputs.export import export_version, generation_config_values
 
     model = load_policy("smollm2-135m-instruct")
     torch.manual_seed(0)
@@ -215,7 +213,7 @@ def test_greedy_and_sampling_decoding_give_generation_configs_transformers_saves
     from transformers import GenerationConfig
 
     from apo_ray.config import DecodingConfig
-    from apo_ray.export import generation_config_values
+    from apo_ray.outputs.export import generation_config_values
 
     saved = {}
     for name, decoding in (("greedy", DecodingConfig(temperature=0.0, max_new_tokens=9)),
@@ -231,7 +229,7 @@ def test_greedy_and_sampling_decoding_give_generation_configs_transformers_saves
 
 
 def test_save_models_selects_versions_from_the_records():
-    from apo_ray.export import select_versions
+    from apo_ray.outputs.export import select_versions
 
     records = [{"round": 0, "rm_mode": "fixed", "policy": "policy/init", "rm": "rm/base", "eval_rm": "rm/eval"},
                {"round": 1, "rm_mode": "fixed", "policy": "policy/fixed/r1", "rm": "rm/base", "eval_rm": "rm/eval"},
@@ -247,7 +245,7 @@ def test_save_models_selects_versions_from_the_records():
 
 
 def test_rm_pad_token_never_ends_a_scored_text(tiny_tokenizer):
-    from apo_ray.export import rm_pad_token
+    from apo_ray.outputs.export import rm_pad_token
 
     assert tiny_tokenizer.pad_token_id == tiny_tokenizer.eos_token_id  # SmolLM2: why the export needs this
     token, token_id = rm_pad_token(tiny_tokenizer)
@@ -351,8 +349,8 @@ def test_wandb_offline_run_holds_the_history(sweep):
 
 
 def test_a_missing_tracker_package_names_the_extra(tiny_cfg_factory, tmp_path, monkeypatch):
-    from apo_ray.launch import run_in_process
-    from apo_ray.tracking import TrackerUnavailable
+    from apo_ray.outputs.tracking import TrackerUnavailable
+    from apo_ray.runtime.launch import run_in_process
 
     monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow now raises ImportError
     cfg = tiny_cfg_factory(run__tracking=["mlflow"], run__output_dir=str(tmp_path))
@@ -374,10 +372,10 @@ def test_unknown_tracker_and_save_models_are_refused(tiny_cfg_factory):
 
 
 def test_one_progress_line_per_phase_with_rate_and_eta(sweep, tmp_path):
-    from apo_ray.game import build_game_data
-    from apo_ray.progress import plan_phases
+    from apo_ray.game.game_data import build_game_data
+    from apo_ray.game.plan import plan_phases
 
-    lines = [line for line in sweep["log"].splitlines() if "apo_ray.progress" in line and "] " in line]
+    lines = [line for line in sweep["log"].splitlines() if "apo_ray.outputs.progress" in line and "] " in line]
     cfg = _cfg(sweep["run"])
     cfg.eval.shared_rm_dir = str(tmp_path / "none_yet")  # point 0's plan: no shared evaluation RM existed
     planned = len(plan_phases(cfg, build_game_data(cfg)))
@@ -391,8 +389,8 @@ def test_one_progress_line_per_phase_with_rate_and_eta(sweep, tmp_path):
 
 
 def test_plan_counts_shared_phases_once(tiny_cfg_factory, hh_data_path):
-    from apo_ray.game import build_game_data
-    from apo_ray.progress import plan_phases
+    from apo_ray.game.game_data import build_game_data
+    from apo_ray.game.plan import plan_phases
 
     one = tiny_cfg_factory(apo__arms=["apo"])
     two = tiny_cfg_factory(apo__arms=["apo", "apo_seq"])
@@ -405,7 +403,8 @@ def test_plan_counts_shared_phases_once(tiny_cfg_factory, hh_data_path):
 
 
 def test_run_progress_eta_weights_phases_by_their_own_mean():
-    from apo_ray.progress import RunProgress
+    from apo_ray.game.events import PhaseFinished
+    from apo_ray.outputs.progress import RunProgress
 
     now = [0.0]
     plan = [{"phase": "train", "key": "a"}, {"phase": "score", "key": "b"}, {"phase": "train", "key": "c"},
@@ -413,16 +412,16 @@ def test_run_progress_eta_weights_phases_by_their_own_mean():
     progress = RunProgress(plan, done_keys={"a"}, clock=lambda: now[0])
     assert (progress.done, progress.total) == (1, 4)
     now[0] = 12.0
-    line = progress.on_phase({"phase": "score", "key": "b", "seconds": 2.0, "round": 1, "arm": "apo"}, 8, "scores/s")
+    line = progress.on_phase(PhaseFinished("score", "b", 2.0, round=1, arm="apo"), 8, "scores/s")
     assert line.startswith("[2/4] round 1 arm apo: score 2.0s (8 scores, 4.0 scores/s)")
     assert progress.eta_seconds() == pytest.approx(4.0)  # c: no train seen yet -> overall mean 2; d: 2
-    progress.on_phase({"phase": "train", "key": "c", "seconds": 30.0})
+    progress.on_phase(PhaseFinished("train", "c", 30.0))
     assert progress.eta_seconds() == pytest.approx(2.0)  # d: the mean of score phases
-    assert "ETA 2s" in progress.on_phase({"phase": "train", "key": "x", "seconds": 1.0})
+    assert "ETA 2s" in progress.on_phase(PhaseFinished("train", "x", 1.0))
 
 
 def test_chat_api_map_shows_a_progress_bar(capsys):
-    from apo_ray.judge import ChatAPI
+    from apo_ray.llm_api.judge import ChatAPI
 
     api = ChatAPI("http://127.0.0.1:9/v1", "none", concurrency=2)
     assert api.map(lambda x: x * x, [1, 2, 3], desc="judge", unit="answer") == [1, 4, 9]

@@ -231,8 +231,8 @@ import json, os, signal, sys, threading, time
 import ray
 from apo_ray.config import Config
 from apo_ray.data import load_preference_pairs
-from apo_ray.game import Weights
-from apo_ray.ray_system import RaySystem
+from apo_ray.game.system import Weights
+from apo_ray.runtime.ray_system import RaySystem
 
 cfg = Config()
 cfg.model.policy = cfg.model.reward = "tiny-random-llama"
@@ -287,10 +287,10 @@ import ray
 import torch
 from apo_ray.config import Config
 from apo_ray.data import RankedPair, load_preference_pairs
-from apo_ray.game import Weights
-from apo_ray.ray_system import LearnerError, RaySystem
-from apo_ray.training import LearnerJob, RMLoss
-from apo_ray.weights import unpack_state_dict
+from apo_ray.game.system import Weights
+from apo_ray.runtime.ray_system import LearnerError, RaySystem
+from apo_ray.models.training import LearnerJob, RMLoss
+from apo_ray.models.weights import unpack_state_dict
 
 cfg = Config()
 cfg.model.policy = cfg.model.reward = "tiny-random-llama"
@@ -364,10 +364,10 @@ import ray
 import torch
 from apo_ray.config import Config
 from apo_ray.data import RankedPair, load_preference_pairs
-from apo_ray.game import Weights
-from apo_ray.ray_system import RaySystem
-from apo_ray.training import LearnerJob, RMLoss
-from apo_ray.weights import unpack_state_dict
+from apo_ray.game.system import Weights
+from apo_ray.runtime.ray_system import RaySystem
+from apo_ray.models.training import LearnerJob, RMLoss
+from apo_ray.models.weights import unpack_state_dict
 
 cfg = Config()
 cfg.model.policy = cfg.model.reward = "tiny-random-llama"
@@ -494,10 +494,10 @@ import ray
 import torch
 from apo_ray.config import Config
 from apo_ray.data import load_preference_pairs
-from apo_ray.game import Weights
-from apo_ray.models import load_reward_model
-from apo_ray.ray_system import RaySystem
-from apo_ray.weights import pack_state_dict
+from apo_ray.game.system import Weights
+from apo_ray.models.loading import load_reward_model
+from apo_ray.runtime.ray_system import RaySystem
+from apo_ray.models.weights import pack_state_dict
 
 ray.init(address=sys.argv[1])
 pairs = load_preference_pairs(sys.argv[2], limit=12)
@@ -589,9 +589,9 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from apo_ray.config import Config
 from apo_ray.data import RankedPair, load_preference_pairs
-from apo_ray.game import Weights
-from apo_ray.ray_system import RaySystem, ResourceWaitError
-from apo_ray.training import LearnerJob, RMLoss
+from apo_ray.game.system import Weights
+from apo_ray.runtime.ray_system import RaySystem, ResourceWaitError
+from apo_ray.models.training import LearnerJob, RMLoss
 
 cfg = Config()
 cfg.model.policy = cfg.model.reward = "tiny-random-llama"

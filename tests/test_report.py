@@ -1,4 +1,4 @@
-"""apo_ray.report: tables, CSV/JSON and figures from fake summary.json records."""
+"""apo_ray.outputs.report: tables, CSV/JSON and figures from fake summary.json records."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from apo_ray.report import format_markdown_table, rm_display_name, write_report
+from apo_ray.outputs.report import format_markdown_table, rm_display_name, write_report
 
 ARMS = ("fixed", "apo", "apo_seq", "ablation")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -1,7 +1,7 @@
 """OpenAI-compatible serving on Ray Serve, the pairwise LLM judge and golden-answer collection.
 
 Two servers:
-- the real one (:func:`apo_ray.serve.start_server` on a local Ray, tiny random Llama): plumbing and
+- the real one (:func:`apo_ray.llm_api.server.start_server` on a local Ray, tiny random Llama): plumbing and
   schema, and end-to-end judge/golden runs (its text is random, so its verdicts are "invalid");
 - a scripted OpenAI-compatible HTTP server defined here, that returns canned texts and errors, to
   test the judge's and the collector's logic: swaps, retries, cache, refusals, resume.
@@ -24,8 +24,9 @@ import openai
 import pytest
 from serving import post, server_on_local_ray
 
+from apo_ray.core.metrics import OUTCOMES
 from apo_ray.data import load_golden_answers, load_preference_pairs, query_key
-from apo_ray.golden import (
+from apo_ray.llm_api.golden import (
     CANNED_REFUSALS,
     GOLDEN_SYSTEM_PROMPT,
     WHY_TURN,
@@ -33,9 +34,15 @@ from apo_ray.golden import (
     collect_golden_answers,
     is_bare_refusal,
 )
-from apo_ray.judge import ChatAPI, JudgeClient, JudgeError, cache_key, judge_messages, summarize_records
-from apo_ray.metrics import OUTCOMES
-from apo_ray.models import hh_to_messages
+from apo_ray.llm_api.judge import (
+    ChatAPI,
+    JudgeClient,
+    JudgeError,
+    cache_key,
+    judge_messages,
+    summarize_records,
+)
+from apo_ray.models.loading import hh_to_messages
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "tiny-random-llama"
@@ -207,7 +214,7 @@ def test_oversized_body_is_refused_before_generation(served):
 
 
 def test_chat_engine_refuses_instead_of_replacing_bad_values(tiny_model):
-    from apo_ray.serve import ChatEngine, ChatRequestError
+    from apo_ray.llm_api.server import ChatEngine, ChatRequestError
 
     engine = ChatEngine(TINY, max_new_tokens_cap=4)
     base = {"model": TINY, "messages": [{"role": "user", "content": "hi"}]}
@@ -222,7 +229,7 @@ def test_each_server_is_its_own_app_and_stopping_it_spares_the_others(served):
     serve.shutdown(), which deletes every application)."""
     from ray import serve
 
-    from apo_ray.serve import start_server, stop_server
+    from apo_ray.llm_api.server import start_server, stop_server
 
     @serve.deployment(ray_actor_options={"num_cpus": 0})
     def users_app(request) -> str:
@@ -456,8 +463,7 @@ def test_golden_job_and_game_agree_on_the_golden_queries(scripted, tmp_path):
     uses; a file collected for another split (another data.seed) leaves the game with fallbacks,
     and the game says how many."""
     from apo_ray.config import compose
-    from apo_ray.game import build_game_data
-
+    from apo_ray.game.game_data import build_game_data
     server = scripted(lambda body, call_no: completion(f"Golden answer {call_no}."))
     overrides = ["experiment=smoke", "data.gold_queries=5"]
     job = _load_job("golden")
@@ -642,8 +648,8 @@ def test_main_job_judge_fails_loudly(scripted, tmp_path, hh_data_path):
     """``eval.judge`` against an endpoint that refuses every request: the run stops with a
     JudgeError naming the arm and the error kind (jobs/apo.py prints it), not a table of invalids."""
     from apo_ray.config import Config
-    from apo_ray.launch import USER_ERRORS, judge_final_policies
-    from apo_ray.store import PhaseStore
+    from apo_ray.game.store import PhaseStore
+    from apo_ray.runtime.launch import USER_ERRORS, judge_final_policies
 
     server = scripted(FAILING["401"][0])
     cfg = Config()

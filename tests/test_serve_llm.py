@@ -1,4 +1,4 @@
-"""Ray's OpenAI app on vLLM (`ray.serve.llm`, assembled by :func:`apo_ray.serve.start_server`) against
+"""Ray's OpenAI app on vLLM (`ray.serve.llm`, assembled by :func:`apo_ray.llm_api.server.start_server`) against
 the real `openai` client over HTTP: chat, streaming chat, completions with logprobs, the model list;
 and the request guard in front of it (key first, body cap, bad sampling fields named). One engine
 (the tiny random Llama on vLLM's CPU build) serves the module. Skipped where vLLM is not installed.

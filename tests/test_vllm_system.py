@@ -45,8 +45,8 @@ def _resolved(out: Path):
 
 
 def _check_round1_answers_come_from_the_round1_policy(out: Path) -> None:
-    from apo_ray.game import build_game_data, eval_prompts
-    from apo_ray.generation import HFGenerator
+    from apo_ray.game.game_data import build_game_data, eval_prompts
+    from apo_ray.models.generation import HFGenerator
 
     cfg = _resolved(out)
     prompts = eval_prompts(cfg, build_game_data(cfg))

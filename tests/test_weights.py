@@ -1,4 +1,4 @@
-"""Tests for apo_ray.weights: packing round trips, zero-copy views, Ray transfer and ownership."""
+"""Tests for apo_ray.models.weights: packing round trips, zero-copy views, Ray transfer and ownership."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from apo_ray.weights import (
+from apo_ray.models.weights import (
     ALIGNMENT,
     PackedWeights,
     TensorSpec,
@@ -256,8 +256,8 @@ def test_actor_loads_weights_from_object_store(ray_local):
 def test_weights_whose_owner_died_are_reloaded_from_their_checkpoint(ray_local, tmp_path):
     """The object store copy dies with the process that put it; a version that was checkpointed is
     then read from its file (workers.fetch_weights), one that was not raises."""
-    from apo_ray.game import Weights
-    from apo_ray.workers import fetch_weights
+    from apo_ray.game.system import Weights
+    from apo_ray.runtime.workers import fetch_weights
 
     expected = torch.arange(1 << 16, dtype=torch.float32)
     checkpoint = tmp_path / "w.pt"

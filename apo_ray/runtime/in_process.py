@@ -1,0 +1,70 @@
+"""The game's machinery in one process, no Ray: one generator, one scorer, learners as function calls.
+
+Weights handles are CPU state dicts (``None`` = the pretrained weights). The generator and scorer
+are the pool actors' plain classes (:mod:`apo_ray.runtime.workers`), built on first use and reloaded only
+when a call asks for another version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from apo_ray.config import Config, DecodingConfig
+from apo_ray.game.system import (
+    Generated,
+    Weights,
+    batch_seed,
+    batches_by_length,
+    in_input_order,
+    merge_generated,
+)
+from apo_ray.models.training import LearnerJob, run_job
+from apo_ray.runtime.workers import GeneratorWorker, ScorerWorker
+
+
+class InProcessSystem:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.generator = GeneratorWorker(cfg, eager=False)
+        self.scorer = ScorerWorker(cfg, eager=False)
+
+    # The same seeded batches as RaySystem's pools, so a run gives the same samples in one process.
+    def generate(self, policy: Weights, prompts: list[str], n: int, seed: int,
+                 decoding: DecodingConfig | None = None) -> Generated:
+        start = time.perf_counter()
+        batches = batches_by_length([len(p) for p in prompts], self.cfg.generation.prompts_per_batch)
+        parts = [self.generator.generate(policy, [prompts[i] for i in b], n, batch_seed(seed, k), decoding)
+                 for k, b in enumerate(batches)]
+        return merge_generated(batches, parts, time.perf_counter() - start)
+
+    def score(self, rm: Weights, prompts: list[str], responses: list[str]) -> list[float]:
+        batches = batches_by_length([len(p) + len(r) for p, r in zip(prompts, responses)], self.cfg.rm.score_batch)
+        return in_input_order(batches, [self.scorer.score(rm, [prompts[i] for i in b], [responses[i] for i in b])
+                                        for b in batches])
+
+    def train(self, job: LearnerJob, init: Weights, data: list) -> tuple[Any, dict]:
+        # One process: the cluster's learner strategy (sharding over ranks) plays no part.
+        job = dataclasses.replace(job, settings=dataclasses.replace(job.settings, strategy="ddp"))
+        return run_job(job, init.handle, data, device=self.device)
+
+    def save_weights(self, handle: Any, path: Path) -> None:
+        tmp = Path(path).with_suffix(".pt.tmp")
+        torch.save(handle, tmp)
+        tmp.replace(path)
+
+    def load_weights(self, path: Path) -> Any:
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def resource_usage(self) -> dict[str, float]:
+        """Nothing to report: versions are state dicts in this process (the game keeps only the
+        live ones, as on Ray)."""
+        return {}
+
+    def shutdown(self) -> None:
+        """Nothing to stop: the models go with the process."""

@@ -1,0 +1,235 @@
+"""Start-up shared by the entry points: connect to (or start) Ray, validate against what the cluster
+can offer, run the driver actor, tear everything down so Hydra multirun points don't leak actors."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+
+from apo_ray.config import Config, ConfigError, resource_demand, total_demand, validate
+from apo_ray.core.arms import judge_baseline
+from apo_ray.data import DataError
+from apo_ray.game.game_data import GameData, build_game_data, eval_prompts
+from apo_ray.game.store import PhaseStore, ResumeError, check_store
+from apo_ray.llm_api.judge import JudgeClient, JudgeError, summarize_records
+from apo_ray.llm_api.server import start_server, stop_server
+from apo_ray.outputs.report import write_report
+from apo_ray.outputs.tracking import require_tracker
+from apo_ray.runtime.driver import DRIVER_NAME, APODriver
+from apo_ray.runtime.in_process import InProcessSystem
+from apo_ray.runtime.play import play_game
+from apo_ray.runtime.ray_system import ResourceWaitError
+
+log = logging.getLogger(__name__)
+
+
+# Errors in what the user asked for (config, data, output folder, cluster, endpoint): the entry points
+# print their message, which names the field, file or resource, instead of a traceback.
+USER_ERRORS = (ConfigError, DataError, ResumeError, ResourceWaitError, JudgeError)
+
+
+def connect_ray(cfg: Config) -> bool:
+    """Connect to ``cluster.address``, to the cluster of a submitted job (``RAY_ADDRESS``), or to a
+    cluster started with ``ray start`` on this machine; else start a local instance. Returns True
+    when this call started Ray (and so must shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=cfg.cluster.address, log_to_driver=True)
+        return True
+    try:
+        ray.init(address="auto", log_to_driver=True)
+    except ConnectionError:
+        ray.init(num_cpus=cfg.cluster.local_num_cpus, log_to_driver=True)
+    return True
+
+
+def run_namespace(cfg: Config) -> str:
+    if cfg.cluster.namespace:
+        return cfg.cluster.namespace
+    digest = hashlib.sha1(str(Path(cfg.run.output_dir).resolve()).encode()).hexdigest()[:8]
+    return f"apo-{cfg.run.name}-{digest}"
+
+
+def run_on_ray(cfg: Config) -> list[dict]:
+    import ray
+
+
+    started = connect_ray(cfg)
+    try:
+        resources = ray.cluster_resources()
+        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+        validate(cfg, cluster_cpus=resources.get("CPU", 0.0), cluster_gpus=resources.get("GPU", 0.0),
+                 node_resources=nodes)
+        require_extras(cfg)  # here, not in the driver actor: a clean error before any actor starts
+        data = preflight(cfg)  # built once here; the driver plays on it and the judge reads its prompts
+        wait_for_resources(cfg, cfg.cluster.resource_wait_s)
+        namespace = run_namespace(cfg)
+        driver = ray.remote(APODriver).options(  # two threads: status() answers while run() plays
+            name=DRIVER_NAME, namespace=namespace, num_cpus=cfg.cluster.driver_cpus, max_concurrency=2,
+        ).remote(cfg, namespace, data)
+        log.info("driver actor %s in namespace %s; output in %s", DRIVER_NAME, namespace, cfg.run.output_dir)
+        try:
+            records = ray.get(driver.run.remote())
+        except ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, USER_ERRORS):  # its message says it all; the remote traceback would bury it
+                raise err.cause from None
+            raise
+        finally:
+            ray.kill(driver)
+        if cfg.eval.judge:
+            judge_final_policies(cfg, records, data)
+        return records
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def preflight(cfg: Config) -> GameData:
+    """What can be refused before any actor starts: the data and its splits (a ConfigError or
+    DataError naming the field or file) and the output folder (a ResumeError)."""
+
+    data = build_game_data(cfg)
+    check_store(cfg)
+    return data
+
+
+def wait_for_resources(cfg: Config, timeout_s: float) -> None:
+    """Wait until the cluster can hold every actor of the run at once (the pools, the learner workers
+    and the driver live together); after ``timeout_s`` raise :class:`ResourceWaitError` naming what
+    is missing. Without this, an actor that never fits (other jobs hold the resources) waits forever.
+
+    The probe is a placement group with one bundle per actor (``PACK``: bundles may still spread over
+    nodes), removed as soon as Ray grants it: Ray grants it only when all bundles fit at the same time.
+    """
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    bundles = [actor.each for actor in resource_demand(cfg) for _ in range(actor.count) if actor.each]
+    if not bundles:
+        return
+    start = time.monotonic()
+    probe = placement_group(bundles, strategy="PACK")
+    try:
+        ready = probe.wait(timeout_seconds=timeout_s)
+    finally:
+        remove_placement_group(probe)
+    if ready:
+        log.info("cluster resources for %d actors free after %.1f s", len(bundles), time.monotonic() - start)
+        return
+    need, free, total = total_demand(cfg), ray.available_resources(), ray.cluster_resources()
+    short = [f"{k}: needs {v:g}, {free.get(k, 0.0):g} of {total.get(k, 0.0):g} free" for k, v in need.items()
+             if v > free.get(k, 0.0) + 1e-9]
+    layout = "; ".join(f"{k}: " + " + ".join(a.describe(k) for a in resource_demand(cfg) if k in a.each)
+                       for k in need)
+    raise ResourceWaitError(
+        f"waited {timeout_s:g} s (cluster.resource_wait_s) for the Ray cluster to free what this run's actors "
+        f"need at once ({layout}); still missing: "
+        f"{'; '.join(short) or 'enough on any one node (the free resources are split across nodes)'}. "
+        f"Other jobs or actors hold them: wait for them, lower those cluster.* settings, or raise "
+        f"cluster.resource_wait_s")
+
+
+def require_extras(cfg: Config) -> None:
+    """The optional packages the run asks for: each tracker of ``run.tracking``, and
+    DeepSpeed for ``cluster.learner_strategy=deepspeed`` (on Ray); an error names the extra to install."""
+    import importlib.util
+
+
+    for name in cfg.run.tracking:
+        require_tracker(name)
+    if cfg.cluster.learner_strategy == "deepspeed" and not cfg.run.in_process \
+            and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("cluster.learner_strategy=deepspeed needs DeepSpeed, which is not installed: "
+                          "pip install 'apo-ray[deepspeed]' (tested with deepspeed==0.19.8), or choose "
+                          "cluster.learner_strategy=fsdp (PyTorch's own sharding)")
+
+
+def run_in_process(cfg: Config) -> list[dict]:
+    validate(cfg)
+    require_extras(cfg)
+    data = build_game_data(cfg)
+    records = play_game(cfg, InProcessSystem(cfg), data=data)  # no model is loaded before the data checks pass
+    if cfg.eval.judge:
+        judge_final_policies(cfg, records, data)
+    return records
+
+
+def judge_final_policies(cfg: Config, records: list[dict], data: GameData | None = None) -> dict:
+    """The paper's GPT-4 comparison: each arm's last policy against the judge's baseline arm's
+    (``arms.judge_baseline``: RJS) on the same test prompts, asked twice with positions swapped.
+    Writes ``judge/<arm>.jsonl`` and ``judge_summary.json`` and adds the judge table and figure to
+    the report."""
+    import json
+
+
+    out = Path(cfg.run.output_dir)
+    baseline = judge_baseline()
+    last = {r["rm_mode"]: r for r in records if r["round"] == cfg.apo.rounds}
+    if baseline.name not in last or len(last) < 2:
+        log.warning("eval.judge needs the %s arm (the judge's baseline) and another arm; skipped", baseline.name)
+        return {}
+    store = PhaseStore(out / "phases", system=None)
+
+    def answers(policy_id: str) -> list[str]:
+        stored = store.get(f"samples/{policy_id}/test")
+        if stored is None:
+            raise ResumeError(f"{store.root}: no readable test answers of {policy_id} to judge; rerun with "
+                              f"run.resume=true to compute them again")
+        return [a[0] for a in stored]
+
+    data = data if data is not None else build_game_data(cfg)
+    prompts = eval_prompts(cfg, data)[: cfg.eval.judge_pairs]
+    base_url, served = cfg.eval.judge_base_url, None
+    if not base_url:
+
+        # Its own Serve application under a unique name and route, deleted afterwards: a user's
+        # Serve apps on the same cluster are left alone.
+        served = start_server(cfg.eval.judge_model, port=_free_port())
+        base_url = served.base_url
+    judge = JudgeClient(base_url, cfg.eval.judge_model, concurrency=cfg.eval.judge_concurrency,
+                        max_tokens=cfg.eval.judge_max_tokens, cache_path=out / "judge" / "cache.jsonl",
+                        max_failed_fraction=cfg.eval.judge_max_failed_fraction)
+    theirs = answers(last[baseline.name]["policy"])[: len(prompts)]
+    summaries = {}
+    try:
+        for arm, record in last.items():
+            if arm == baseline.name:
+                continue
+            failure = None
+            try:
+                judged = judge.judge_pairs(prompts, answers(record["policy"])[: len(prompts)], theirs)
+            except JudgeError as err:  # keep what was asked (failed requests are not cached: a rerun asks them)
+                failure, judged = err, err.records
+            (out / "judge").mkdir(exist_ok=True)
+            (out / "judge" / f"{arm}.jsonl").write_text("".join(json.dumps(j) + "\n" for j in judged))
+            if failure is not None:
+                raise JudgeError(f"eval.judge, arm {arm}: {failure} (eval.judge_base_url / "
+                                 f"eval.judge_max_failed_fraction)", judged)
+            summaries[arm] = summarize_records(judged)
+    finally:
+        if served is not None:
+
+            stop_server(served.app_name)
+    (out / "judge_summary.json").write_text(json.dumps(summaries, indent=2))
+    where = f"a local Ray Serve server ({served.backend})" if served is not None else base_url
+    previous = out / "report.json"
+    notes = json.loads(previous.read_text()).get("notes", []) if previous.exists() else []
+    notes.append(f"Judge: `{cfg.eval.judge_model}` at {where}, {len(prompts)} test prompts per arm, each asked "
+                 f"twice with positions swapped.")
+    write_report(out, records, judge=summaries, title=f"APO run `{cfg.run.name}`", notes=notes,
+                 judge_baseline=baseline.label)
+    return summaries
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
