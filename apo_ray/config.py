@@ -79,6 +79,10 @@ class DataConfig:
     gold_queries: int | None = None  # cap on golden queries per round (None: all rm_pairs)
 
 
+# The paper's decoding of the policies' test answers (its section 5 / the authors' code).
+PAPER_TEST_DECODING = {"temperature": 0.3, "top_p": 0.85, "top_k": 5, "repetition_penalty": 1.05}
+
+
 @dataclass
 class DecodingConfig:
     """How one kind of answer is decoded; the same settings mean the same thing on every backend."""
@@ -101,7 +105,9 @@ class GenerationConfig:
     # policies go on to write the user's next turn themselves).
     stop: list[str] = field(default_factory=list)
     sampling: DecodingConfig = field(default_factory=DecodingConfig)  # the game's S samples per query
-    testing: DecodingConfig = field(default_factory=DecodingConfig)  # the policy's answers to test prompts
+    # The policy's answers to test prompts: the paper's test decoding (T 0.3, top_k 5, top_p 0.85,
+    # repetition penalty 1.05) unless a preset says otherwise, so every preset evaluates alike.
+    testing: DecodingConfig = field(default_factory=lambda: DecodingConfig(**PAPER_TEST_DECODING))
     # vLLM only: passed to vllm.LLM on top of apo_ray's defaults (apo_ray/models/vllm_generator.py), e.g.
     # {tensor_parallel_size: 2, gpu_memory_utilization: 0.5, kv_cache_memory_bytes: 1073741824}.
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -129,6 +135,11 @@ class RMConfig:
     pairs_per_batch: int = 64  # pairs per optimiser step (APO and preference pairs together)
     micro_pairs: int = 8  # pairs per forward/backward pass
     max_length: int = 512  # tokens of prompt + response
+    # Response tokens an RM reads (before the end-of-turn token it always ends with), one budget for
+    # gold answers, policy samples and test pairs alike; None: all that leaves the prompt a quarter
+    # of max_length. Set it to generation.sampling.max_new_tokens so that a gold answer cannot be
+    # told from a sample by its length alone (models.encode_prompt_response).
+    max_response_tokens: int | None = None
     weight_decay: float = 0.0
     # Learning rate per optimiser step: linear warmup from 0 over warmup_steps (or warmup_ratio of
     # the phase's steps when warmup_steps is 0), then constant | linear | cosine decay to 0 at the
@@ -139,6 +150,10 @@ class RMConfig:
     score_batch: int = 32  # sequences per scoring forward pass
     trainable_layers: int | None = None  # fine-tune only the top N decoder blocks + head; None: all
     lora: LoraConfig = field(default_factory=LoraConfig)  # rank > 0: train LoRA adapters + the head
+    # With trainable_layers set, the frozen lower blocks' hidden states of each text are computed
+    # once and shared by every RM of the process (apo_ray/models/frozen_cache.py); this caps their memory.
+    # 0: off (every forward runs every block).
+    frozen_cache_mib: float = 2048.0
 
 
 @dataclass
@@ -170,6 +185,9 @@ class APOConfig:
     loss_reduction: str = "per_term"
     rm_mode: str = "apo"  # apo | apo_seq | fixed | ablation (arms.ARM_TABLE)
     arms: list[str] = field(default_factory=list)  # several rm modes in one run (reports); [] = [rm_mode]
+    # An arm's last round when it needs fewer than `rounds` (e.g. {ablation: 1}: RM_Base-AB is a
+    # round-1 comparison); arms not named play every round.
+    arm_rounds: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -223,6 +241,11 @@ class EvalConfig:
     # {"prompt","chosen","rejected"} JSON lines, hf://, embedded:); non-empty turns it on.
     rm_all_paths: list[str] = field(default_factory=list)
     test_queries: int | None = None  # cap on test prompts the policy answers per round
+    # Evaluation RMs are a property of the data split, not of a seed: trained once per (their pairs,
+    # the RM settings), seeded from data.seed, kept in shared_rm_dir and reused by every run.seed
+    # (a per-seed evaluation RM adds its own noise to every policy row). false: one per run.
+    share_rms: bool = True
+    shared_rm_dir: str | None = None  # None: $APO_RAY_CACHE/eval_rms (~/.cache/apo_ray/eval_rms)
     judge: bool = False  # LLM judge: each arm's last policy vs the fixed arm's (RJS), positions swapped
     judge_pairs: int = 20  # test prompts judged per arm
     # Any OpenAI-compatible endpoint; the key comes from $OPENAI_API_KEY only. No base_url: our own
@@ -455,6 +478,7 @@ def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: fl
     for name, value in (("run.seed", cfg.run.seed), ("data.seed", d.seed), ("generation.seed", g.seed)):
         _number_check(e, name, value, low=0, integer=True, high=MAX_SEED)
     for name, value, null in (("rm.trainable_layers", rm.trainable_layers, "all layers"),
+                              ("rm.max_response_tokens", rm.max_response_tokens, "derived from rm.max_length"),
                               ("policy.trainable_layers", p.trainable_layers, "all layers"),
                               ("data.gold_queries", d.gold_queries, "every D_P prompt"),
                               ("eval.test_queries", ev.test_queries, "every test prompt")):
@@ -497,6 +521,11 @@ def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: fl
     for mode in cfg.arms:
         _check(e, mode in ARM_TABLE,
                f"apo.rm_mode/apo.arms: unknown rm mode {mode!r}; choose from {tuple(ARM_TABLE)}")
+    for mode, last in (a.arm_rounds or {}).items():
+        if mode not in cfg.arms:
+            e.append(f"apo.arm_rounds: {mode!r} is not one of this run's arms {cfg.arms}")
+        elif not isinstance(last, int) or isinstance(last, bool) or not 1 <= last <= a.rounds:
+            e.append(f"apo.arm_rounds.{mode} must be an int in [1, apo.rounds={a.rounds}], got {last!r}")
     _check(e, p.updater is None, f"policy.updater was renamed policy.objective: use policy.objective={p.updater}")
     objective = POLICY_OBJECTIVES.get(p.objective)
     _check(e, objective is not None, f"policy.objective must be one of {sorted(POLICY_OBJECTIVES)}, got {p.objective!r}")

@@ -139,6 +139,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "docs" / "science"), help="where the report goes")
     ap.add_argument("--report-only", action="store_true", help="do not run; report on the runs in --runs-dir")
     ap.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
+    ap.add_argument("--claims", choices=("all", "rm"), default=None,
+                    help="the report's family of claims (Holm adjusts over it): all, or the RM claims only "
+                         "(the default for --preset rm_claims)")
     ap.add_argument("--keep-weights", action="store_true",
                     help="keep each finished seed's weight files (default: deleted; a finished run then "
                          "cannot be resumed for more rounds)")
@@ -151,6 +154,7 @@ def main() -> None:
     args = ap.parse_args()
 
     seeds = [int(s) for s in args.seeds.split(",")]
+    family = args.claims or ("rm" if args.preset == "rm_claims" else "all")
     runs_dir, out = Path(args.runs_dir).resolve(), Path(args.out).resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -212,7 +216,8 @@ def main() -> None:
                      f"`{Path(args.here_bench).name}` was run here during the sweep).")
     extra = [Path(args.notes).read_text()] if args.notes else []
     report = write_claims_report(run_dirs, out, title=f"APO's claims at small scale (`experiment={args.preset}`)",
-                                 notes=notes, machine=machine, n_resamples=args.resamples, sections=extra)
+                                 notes=notes, machine=machine, n_resamples=args.resamples, sections=extra,
+                                 kinds=("rm",) if family == "rm" else None)
     print(f"wrote {report}")
     for row in json.loads((out / "claims.json").read_text())["claims"]:
         print(f"{row['verdict']:>12}  {row['text']}")

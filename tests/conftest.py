@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,9 @@ def make_tiny_cfg(data_path: Path, **overrides) -> Config:
     cfg.policy.lrs = [1e-3]
     cfg.apo.rounds = 2
     cfg.apo.samples_per_query = 2
+    # Shared evaluation RMs in a folder of this config's own (a test that shares one across runs
+    # passes the same folder to both), never the user's cache.
+    cfg.eval.shared_rm_dir = tempfile.mkdtemp(prefix="apo-eval-rms-")
     for dotted, value in overrides.items():
         section, name = dotted.split("__")
         setattr(getattr(cfg, section), name, value)

@@ -80,6 +80,21 @@ def test_claims_of_known_sign_and_size(runs):
     assert acc["mean"] == pytest.approx(0.5) and acc["sd_seeds"] == pytest.approx(0.0)
     assert [p["estimate"] for p in acc["per_seed"]] == pytest.approx([0.5] * 3)
     assert 0.3 < acc["low"] < 0.5 < acc["high"] < 0.7 and acc["verdict"] == "held"
+    # The seeds agree exactly and share their items: no seed or seed x item variance is left, the item
+    # term has N - 1 = 39 df, and the interval is t_39 times one seed's bootstrap standard error.
+    from scipy import stats
+
+    se = acc["per_seed"][0]["se"]
+    assert acc["components"]["var_seed"] == pytest.approx(0, abs=1e-12)
+    assert acc["se_total"] == pytest.approx(se) and acc["df"] == pytest.approx(39)
+    assert acc["low"] == pytest.approx(0.5 - stats.t.ppf(0.975, 39) * se)
+    # Holm over the measured claims: every adjusted p at least its raw p, the smallest times m
+    measured = [r for r in rows.values() if "p" in r]
+    assert all(r["p_holm"] >= r["p"] for r in measured)
+    smallest = min(measured, key=lambda r: r["p"])
+    assert smallest["p_holm"] == pytest.approx(min(1.0, smallest["p"] * len(measured)))
+    # power at the paper's effect (accuracy: +1.13 points) from these components
+    assert 0 <= acc["power_paper_effect"] <= 1 and acc["seeds_needed_paper_effect"] >= 2
     assert rows["rm_acc_vs_ab"]["mean"] == pytest.approx(0.25) and rows["rm_acc_vs_ab"]["verdict"] == "held"
     # policies: -1 on every prompt in round 1 (the opposite of the claim), +0.5 in round 2
     r1, r2 = rows["policy_r1"], rows["policy_r2"]
@@ -87,7 +102,11 @@ def test_claims_of_known_sign_and_size(runs):
     assert r2["mean"] == pytest.approx(0.5) and r2["verdict"] == "held"
     # APO-seq's policy equal to APO's in round 2: exactly 0, undecided, nothing would decide it
     seq = rows["seq_policy_last"]
-    assert (seq["mean"], seq["verdict"], seq["items_needed"]) == (0.0, "undecided", math.inf)
+    assert (seq["mean"], seq["verdict"], seq["p"]) == (0.0, "undecided", 1.0)
+    assert seq["power_paper_effect"] is None  # the paper's policy scores are not in our units
+    # the two policy claims issue 21 added: RJS over rounds (0 here) and APO-v1 vs the ablation's (-1)
+    assert (rows["rjs_improves"]["mean"], rows["rjs_improves"]["verdict"]) == (0.0, "undecided")
+    assert (rows["policy_vs_ab_r1"]["mean"], rows["policy_vs_ab_r1"]["verdict"]) == (-1.0, "not held")
     # ECE by hand. RM_APO-v1, margin +1 on every pair: p = sigmoid(1) = 0.731 with label 1 (bin 7)
     # and 0.269 with label 0 (bin 2): ECE = (40 * (1 - p) + 40 * (1 - p)) / 80 = 1 - p = 0.269.
     # RM_Base, margin +1 on 20 pairs and -1 on 20: bin 7 holds 40 predictions p (20 labelled 1),
@@ -149,3 +168,13 @@ def test_claims_report_files(runs, tmp_path):
     assert data["seeds"] == [0, 1, 2] and len(data["claims"]) == len(claims_for(ROUNDS))
     for name in ("claims.png", "by_round.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # every item's score per model and seed: a claim's per-seed estimate recomputes from the CSV
+    import csv
+
+    with (out / "item_scores.csv").open() as f:
+        items = list(csv.DictReader(f))
+    assert {r["seed"] for r in items} == {"0", "1", "2"}
+    apo = [r for r in items if r["seed"] == "1" and r["model"] == "rm/apo/r1" and r["kind"] == "rm_test_pair"]
+    assert len(apo) == N_PAIRS and sum(float(r["score_a"]) > float(r["score_b"]) for r in apo) == RM_RIGHT["rm/apo/r1"]
+    answers = [r for r in items if r["seed"] == "2" and r["model"] == "policy/apo/r2"]
+    assert len(answers) == N_PROMPTS and answers[0]["scorer"] == "rm/eval"

@@ -49,6 +49,9 @@ def problems(**overrides) -> str:
     ("cluster__learner_resources", {"GPU": 1},
      "cluster.learner_resources.GPU: GPU is a built-in Ray resource, not a custom one (use cluster.learner_gpus)"),
     ("cluster__driver_resources", ["head"], "cluster.driver_resources must map custom Ray resource names to amounts"),
+    ("apo__arm_rounds", {"ablation": 1}, "apo.arm_rounds: 'ablation' is not one of this run's arms ['apo']"),
+    ("apo__arm_rounds", {"apo": 4}, "apo.arm_rounds.apo must be an int in [1, apo.rounds=3], got 4"),
+    ("rm__max_response_tokens", 0, "rm.max_response_tokens must be >= 1 or null (derived from rm.max_length), got 0"),
     ("policy__objective", "ppo", "policy.objective must be one of ['dpo', 'rjs'], got 'ppo'"),
     ("policy__updater", "dpo", "policy.updater was renamed policy.objective: use policy.objective=dpo"),
 ])
@@ -172,3 +175,15 @@ def test_deepspeed_strategy_without_deepspeed_says_what_to_install(hide_package)
     require_extras(cfg)
     cfg.run.in_process, cfg.cluster.learner_strategy = False, "fsdp"  # PyTorch's own: nothing to install
     require_extras(cfg)
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))
+def test_every_preset_answers_test_prompts_with_the_test_decoding(preset):
+    # issue 21: hh_small sampled its test answers at T 1.0 (the schema default), not the paper's test
+    # decoding; and gold answers must be cut to the samples' length budget (one budget for both).
+    from apo_ray.config import PAPER_TEST_DECODING, compose
+
+    cfg = compose([f"experiment={preset}"])
+    testing = cfg.generation.testing
+    assert {k: getattr(testing, k) for k in PAPER_TEST_DECODING} == PAPER_TEST_DECODING
+    assert cfg.rm.max_response_tokens == cfg.generation.sampling.max_new_tokens, preset

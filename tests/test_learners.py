@@ -6,6 +6,7 @@ All on the tiny random Llama on CPU with real HH-RLHF pairs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -204,6 +205,27 @@ def test_gradient_accumulation_is_exact(tiny_model, rm_init, pref_pairs, apo_pai
     moved = max_abs_diff(s6, rm_init)
     assert moved > 1e-3
     assert max_abs_diff(s1, s6) < 5e-5  # float summation order only (Adam magnifies tiny gradients)
+
+
+@pytest.mark.parametrize("micro", [1, 4])
+def test_skipped_apo_slots_keep_apos_steps_and_read_nothing(tiny_model, rm_init, pref_pairs, apo_pairs, micro):
+    """The ablation's RM: APO's step schedule (same number of steps, the same D_P pairs in each)
+    with the APO pairs left out. Equals APO's own training with the APO term weighted 0, which reads
+    the real pairs: so the slots' content is never used, and only the APO pairs differ."""
+    slots = [RankedPair("", "", "", "apo")] * len(apo_pairs)
+    kw = {"examples_per_step": 4, "micro_examples": micro, "epochs": 2}
+    zero = RMLoss(beta2=2.0, apo_weight=0.0)
+    s_real, st_real = train_reward_model(TINY, rm_init, apo_pairs + pref_pairs, settings(**kw), loss=zero)
+    s_slot, st_slot = train_reward_model(TINY, rm_init, slots + pref_pairs, settings(**kw),
+                                         loss=dataclasses.replace(zero, skip_apo_pairs=True))
+    _, st_apo = train_reward_model(TINY, rm_init, apo_pairs + pref_pairs, settings(**kw), loss=RMLoss(beta2=2.0))
+    assert st_slot["steps"] == st_apo["steps"] == 2 * 3  # 12 pairs / 4 a step, 2 epochs
+    assert st_slot["losses"] == pytest.approx(st_real["losses"], abs=1e-6)
+    # other batch widths (padding) change float summation order only; Adam magnifies tiny gradients
+    assert max_abs_diff(s_slot, s_real) < 5e-5 and max_abs_diff(s_slot, rm_init) > 1e-3
+    assert st_slot["apo_slots_skipped"] == 4 and st_slot["apo_pairs"] == 0 and st_slot["pairs"] == 8
+    with pytest.raises(ValueError, match="skipped APO slot"):
+        train_reward_model(TINY, rm_init, slots, settings(), loss=dataclasses.replace(zero, skip_apo_pairs=True))
 
 
 # ------------------------------------------------------------------------------ policy

@@ -23,6 +23,7 @@ from apo_ray.models.loading import (
     load_reward_model,
     pad_batch,
     resolve_model,
+    response_token_budget,
     reward_forward,
 )
 from apo_ray.models.scoring import RewardScorer
@@ -127,14 +128,46 @@ def test_encode_prompt_response_cuts_an_overlong_response_on_the_right(tiny_toke
     response = " ".join(["bread"] * 100)
     max_length = 40
     enc = encode_prompt_response(tok, prompt, response, max_length=max_length)
-    assert len(enc.input_ids) <= max_length
+    assert len(enc.input_ids) == max_length
     r_ids = tok(response, add_special_tokens=False)["input_ids"]
     n_resp = sum(enc.loss_mask)
     assert enc.loss_mask[-n_resp:] == [1] * n_resp and 0 not in enc.loss_mask[-n_resp:]
-    assert enc.input_ids[-n_resp:] == r_ids[:n_resp]  # the response's beginning is kept
+    # the response's beginning is kept, and it still ends with the end-of-turn token the RM reads
+    assert enc.input_ids[-n_resp:] == r_ids[:n_resp - 1] + [tok.eos_token_id]
+    assert n_resp - 1 == response_token_budget(max_length) == 40 - 10 - 1
     n_prompt = len(enc.input_ids) - n_resp
     assert n_prompt >= max_length // 4  # the prompt keeps at least a quarter
     assert enc.input_ids[:n_prompt] == tok(prompt, add_special_tokens=False)["input_ids"][-n_prompt:]
+
+
+def test_gold_and_samples_share_one_budget_and_always_end_with_the_end_token(tiny_tokenizer):
+    # Issue 21's artifact: a long gold answer lost its end token while short samples kept theirs, so
+    # the RM could tell gold from samples by the token it reads the score at.
+    tok = tiny_tokenizer
+    prompt = format_prompt(tok, MULTI_TURN)
+    p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    gold = " ".join(["Knead the dough gently"] * 30)  # far over any budget
+    sample = "Mix flour and water, then knead."  # under it
+    g_ids, s_ids = (tok(t, add_special_tokens=False)["input_ids"] for t in (gold, sample))
+    max_length, budget = 80, 12
+    assert len(s_ids) < budget < len(g_ids)
+    g = encode_prompt_response(tok, prompt, gold, max_length, max_response_tokens=budget)
+    s = encode_prompt_response(tok, prompt, sample, max_length, max_response_tokens=budget)
+    for enc in (g, s):
+        assert enc.input_ids[-1] == tok.eos_token_id and enc.loss_mask[-1] == 1
+        assert len(enc.input_ids) <= max_length
+    assert g.input_ids[-(budget + 1):] == g_ids[:budget] + [tok.eos_token_id]  # gold: its first `budget` tokens
+    assert sum(g.loss_mask) == budget + 1
+    assert s.input_ids[-(len(s_ids) + 1):] == s_ids + [tok.eos_token_id]  # the sample: whole
+    # both keep the END of the same prompt, as much as fits beside their response
+    for enc in (g, s):
+        n_prompt = len(enc.input_ids) - sum(enc.loss_mask)
+        assert enc.input_ids[:n_prompt] == p_ids[-n_prompt:]
+        assert n_prompt == min(len(p_ids), max_length - sum(enc.loss_mask))
+    # the budget is capped so the prompt keeps a quarter; an end token in the text is not doubled
+    assert response_token_budget(80, 500) == 80 - 20 - 1 and response_token_budget(80) == 59
+    twice = encode_prompt_response(tok, prompt, sample + tok.eos_token, max_length)
+    assert twice.input_ids == encode_prompt_response(tok, prompt, sample, max_length).input_ids
 
 
 def test_pad_batch_left_and_right():

@@ -38,6 +38,7 @@ def sweep(tmp_path_factory, tiny_model, hh_data_path):
     cmd = [sys.executable, "jobs/apo.py", "-m", "experiment=smoke", "run.in_process=true", "apo.rounds=1",
            "apo.arms=[fixed,apo]", "eval.eval_rm=true", "data.eval_rm_pairs=8", "run.save_models=all",
            f"run.tracking={TRACKERS}", f"data.path={hh_data_path}", f"hydra.sweep.dir={root}",
+           f"eval.shared_rm_dir={root / 'eval_rms'}",  # point 0 trains the evaluation RM, point 1 reuses it
            "apo.beta2=" + ",".join(str(b) for b in BETA2)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -139,7 +140,9 @@ def test_exported_policies_reproduce_our_logits(sweep):
         assert (ours - start).abs().max() > 1e-3  # the trained weights, not the base model's
         generation = GenerationConfig.from_pretrained(folder)
         assert generation.max_new_tokens == cfg.generation.testing.max_new_tokens
-        assert generation.top_k == 0 and generation.do_sample and generation.eos_token_id == tokenizer.eos_token_id
+        # the paper's test decoding, every preset's default since issue 21
+        assert generation.top_k == cfg.generation.testing.top_k == 5 and generation.temperature == 0.3
+        assert generation.do_sample and generation.eos_token_id == tokenizer.eos_token_id
 
 
 def test_export_job_writes_folders_for_a_stopped_run(sweep, tmp_path, capsys):
@@ -370,12 +373,16 @@ def test_unknown_tracker_and_save_models_are_refused(tiny_cfg_factory):
 # -- progress ----------------------------------------------------------------------------------------
 
 
-def test_one_progress_line_per_phase_with_rate_and_eta(sweep):
+def test_one_progress_line_per_phase_with_rate_and_eta(sweep, tmp_path):
     from apo_ray.game.game_data import build_game_data
     from apo_ray.game.plan import plan_phases
 
     lines = [line for line in sweep["log"].splitlines() if "apo_ray.outputs.progress" in line and "] " in line]
-    planned = len(plan_phases(_cfg(sweep["run"]), build_game_data(_cfg(sweep["run"]))))
+    cfg = _cfg(sweep["run"])
+    cfg.eval.shared_rm_dir = str(tmp_path / "none_yet")  # point 0's plan: no shared evaluation RM existed
+    planned = len(plan_phases(cfg, build_game_data(cfg)))
+    cfg.eval.shared_rm_dir = str(sweep["root"] / "eval_rms")  # now it does: one phase fewer to plan
+    assert len(plan_phases(cfg, build_game_data(cfg))) == planned - 1
     point0 = lines[:len(lines) // 2]
     assert re.search(rf"\[{planned}/{planned}\] round 1 arm apo: evaluated .* run 100% done", point0[-1])
     train = next(line for line in point0 if ": train_rm " in line)

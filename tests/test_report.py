@@ -204,3 +204,16 @@ def test_write_report_sparse_records(tmp_path):
     md = write_report(tmp_path, records).read_text()
     assert "RM_Base" in md and (tmp_path / "fig2_reward_by_round.png").exists()
     assert not (tmp_path / "reliability.png").exists()
+
+
+def test_report_prints_the_evaluation_rms_quality_and_the_d_apo_accuracy(tmp_path):
+    records = fake_records()
+    for rec in records:
+        rec["eval_rm_quality"] = {"rm/eval": {"acc": 0.625, "ece": 0.0312, "n": 400}}
+        if rec["rm_mode"] == "apo" and rec["round"] >= 1:
+            rec["rm_apo_acc_before"], rec["rm_apo_acc_after"] = 0.40, 0.875
+    md = write_report(tmp_path, records).read_text()
+    # 250 of 400: Wilson 95% interval [57.7, 67.1]
+    assert "- Scored by `rm/eval`: test accuracy 62.5% [57.7, 67.1] (Wilson 95%), ECE 0.0312, on 400 test pairs." in md
+    rows = [line for line in md.splitlines() if line.startswith("| APO (vR) |") and "87.5" in line]
+    assert rows == ["| APO (vR) | 1 | 40.0 | 87.5 | 400 |", "| APO (vR) | 2 | 40.0 | 87.5 | 400 |"]

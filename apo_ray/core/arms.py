@@ -28,6 +28,9 @@ class Arm:
     # they are computed once, under that mode's name.
     round1_as: str | None = None
     judge_baseline: bool = False  # the policy every other arm's is judged against
+    # Trains on APO's step schedule with the APO pairs left out (the ablation): the same number of
+    # optimiser steps, each with the same D_P pairs as APO's (``training.RMLoss.skip_apo_pairs``).
+    apo_step_matched: bool = False
     description: str = ""
 
     @property
@@ -51,8 +54,8 @@ ARM_TABLE: dict[str, Arm] = {m.name: m for m in (
                  trains_on_apo_pairs=True, round1_as="apo",
                  description="RM_APO-vR-seq: each round continues from the previous round's APO RM"),
     Arm("ablation", "RM_Base-AB", "RM_Base-AB(v{r})", "tab:green", rm_init="base",
-                 trains_on_apo_pairs=False,
-                 description="RM_Base-AB: RM_APO-v1's fine-tuning without any D_APO"),
+                 trains_on_apo_pairs=False, apo_step_matched=True,
+                 description="RM_Base-AB: RM_APO-v1's fine-tuning without any D_APO, step for step"),
 )}
 
 

@@ -46,6 +46,11 @@ class RoundRecord(TypedDict, total=False):
     rm_train: dict  # the RM learner's stats (no per-step lists)
     policy_train: dict
     resources_after_round: dict
+    rm_apo_acc_before: float  # APO arms: share of D_APO pairs the round's starting RM ranks gold first
+    rm_apo_acc_after: float  # ... and the RM the round trained
+    eval_rm_test_acc: float  # the primary evaluation RM's test accuracy and ECE (shared by every seed)
+    eval_rm_test_ece: float
+    eval_rm_quality: dict  # evaluation RM id -> {"acc", "ece", "n"} on the test pairs
 
 
 @dataclass(frozen=True)

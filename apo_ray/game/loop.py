@@ -37,9 +37,13 @@ How it departs from the paper / design choices:
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from apo_ray.config import Config, DecodingConfig
@@ -51,6 +55,7 @@ from apo_ray.game.events import ArmRoundFinished, GameEvent, PhaseFinished, Roun
 from apo_ray.game.game_data import GameData, eval_prompts
 from apo_ray.game.store import PhaseStore
 from apo_ray.game.system import GameSystem, Generated, Weights
+from apo_ray.models.loading import cache_dir
 from apo_ray.models.training import LearnerJob, RMLoss
 
 log = logging.getLogger(__name__)
@@ -60,7 +65,8 @@ class APOGame:
     with a typed event (:mod:`apo_ray.game.events`) after every phase, arm-round and round."""
 
     def __init__(self, cfg: Config, system: GameSystem, data: GameData, store: PhaseStore,
-                 on_event: Callable[[GameEvent], None] | None = None):
+                 on_event: Callable[[GameEvent], None] | None = None,
+                 shared_store: Callable[[Path], PhaseStore] | None = None):
         self.cfg, self.system, self.data, self.store = cfg, system, data, store
         self.on_event = on_event or (lambda event: None)
         self.records: list[RoundRecord] = []
@@ -72,6 +78,10 @@ class APOGame:
         self.apo_loss = RMLoss(beta2=a.beta2, apo_weight=a.apo_weight, reduction=a.loss_reduction,
                                samples_per_query=a.samples_per_query)
         self.objective = policy_objective(cfg.policy.objective, dpo_beta=cfg.policy.dpo_beta)
+        # Where shared evaluation RMs are kept (a folder per RM); the planner passes an in-memory one.
+        self.shared_store = shared_store or (lambda folder: PhaseStore(folder, system))
+        self.shared_stores: dict[str, PhaseStore] = {}
+        self.eval_rm_quality: dict[str, dict] = {}
 
     # Seeds of one run lie in [run.seed * SEED_STRIDE, (run.seed + 1) * SEED_STRIDE), so runs with
     # other seeds never reuse them (offsets are < 1000 * (rounds + 1)); run.seed 0 gives the offsets.
@@ -175,14 +185,14 @@ class APOGame:
                 ("rm/eval_all", bool(self.cfg.eval.rm_all_paths),
                  self.data.train_pairs + self.data.rm_all_extra_pairs, 3)):
             if on:
-                self.eval_rms[key] = self._train_rm(
-                    key, pretrained, [RankedPair.from_preference(p) for p in pairs], lr=rm_cfg.base_lr,
-                    epochs=rm_cfg.base_epochs, seed=self.seed(seed), loss=RMLoss(), timing=timing,
-                    name="train_eval_rm")
+                self.eval_rms[key] = self._eval_rm(key, [RankedPair.from_preference(p) for p in pairs], seed,
+                                                   timing)
         self.eval_rm = list(self.eval_rms.values())[-1] if self.eval_rms else self.rm_base
         if not self.eval_rms:
             self.eval_rms[self.rm_base.id] = self.rm_base
             log.warning(scored_by_rm_base_warning(self.cfg.arms))
+        # How good the judges of the policy rows are: every evaluation RM on the test pairs.
+        self.eval_rm_quality = {w.id: self._eval_rm_test_metrics(w, timing) for w in self.eval_rms.values()}
         self.policy0 = Weights("policy/init")
         self.state = {arm: {"policy": self.policy0, "rm": self.rm_base} for arm in self.cfg.arms}
         for arm in self.cfg.arms:
@@ -208,11 +218,22 @@ class APOGame:
 
         # 3. RM update: from RM_Base or from the arm's previous RM, on D_APO + D_P (the ablation:
         #    on D_P alone); the fixed arm keeps RM_Base.
+        apo_acc = {}
         if mode.trains_rm:
             init = rm if mode.rm_init == "previous" else self.rm_base
+            loss = self.apo_loss
+            if mode.apo_step_matched:  # APO's D_APO slots, unread: the same steps with the same D_P pairs
+                apo_pairs = [RankedPair("", "", "", "apo")] * (len(self.data.gold) * S)
+                loss = dataclasses.replace(loss, skip_apo_pairs=True)
             pairs = apo_pairs + [RankedPair.from_preference(p) for p in self.data.pref_pairs]
+            if mode.trains_on_apo_pairs:
+                apo_acc["rm_apo_acc_before"] = self._apo_accuracy(init, policy, apo_pairs, timing, **event)
             rm = self._train_rm(f"rm/{lineage}/r{r}", init, pairs, lr=cfg.rm.lr, epochs=cfg.rm.epochs,
-                                seed=self.seed(r), loss=self.apo_loss, timing=timing, name="train_rm", **event)
+                                seed=self.seed(r), loss=loss, timing=timing, name="train_rm", **event)
+            if mode.trains_on_apo_pairs:
+                apo_acc["rm_apo_acc_after"] = self._apo_accuracy(rm, policy, apo_pairs, timing, **event)
+                log.info("round %d arm %s: D_APO accuracy (gold over sample) %.3f before the RM update, %.3f after",
+                         r, arm, apo_acc["rm_apo_acc_before"], apo_acc["rm_apo_acc_after"])
 
         # 4-5. The policy answers every training query S times; the RM scores every sample and the
         #      policy objective picks each query's example (RJS: the best of S; DPO: best and worst).
@@ -240,7 +261,8 @@ class APOGame:
 
         self.state[arm] = {"policy": policy, "rm": rm}
         record = self.evaluate(r, arm, policy, rm, timing)
-        record.update(apo_pairs=len(apo_pairs), best_of_s_mean_score=sum(best_scores) / len(best_scores),
+        record.update(apo_acc)
+        record.update(apo_pairs=len(apo_pairs) if mode.trains_on_apo_pairs else 0, best_of_s_mean_score=sum(best_scores) / len(best_scores),
                       empty_samples=sum(not t.strip() for ss in samples for t in ss),
                       queries_skipped=len(queries) - len(examples),
                       rm_train=self.store.version_stats(rm.id) if mode.trains_rm else {},
@@ -248,6 +270,70 @@ class APOGame:
         for train in ("rm_train", "policy_train"):  # per-step lists stay in the phase store
             record[train] = {k: v for k, v in record[train].items() if k not in ("losses", "lrs")}
         return record
+
+    def _eval_rm(self, key: str, pairs: list[RankedPair], offset: int, timing: dict) -> Weights:
+        """The evaluation RM ``key`` on ``pairs``: with ``eval.share_rms``, trained once per (pairs,
+        RM settings, data.seed) in the shared folder and reused by every run.seed; else per run."""
+        rm_cfg = self.cfg.rm
+        if not self.cfg.eval.share_rms:
+            return self._train_rm(key, Weights("rm/pretrained"), pairs, lr=rm_cfg.base_lr, epochs=rm_cfg.base_epochs,
+                                  seed=self.seed(offset), loss=RMLoss(), timing=timing, name="train_eval_rm")
+        # data.seed, not run.seed: the same evaluation RM for every seed of the same data blocks
+        job = LearnerJob.rm(self.cfg, lr=rm_cfg.base_lr, epochs=rm_cfg.base_epochs,
+                            seed=self.cfg.data.seed * self.SEED_STRIDE + offset, loss=RMLoss())
+        store = self.shared_stores.setdefault(key, self.shared_store(shared_rm_folder(self.cfg, job, pairs)))
+        cached = store.get_version("rm")
+        if cached is not None:
+            timing.setdefault("train_eval_rm", 0.0)
+            log.info("%s: the shared evaluation RM in %s (trained once for these pairs and settings)", key,
+                     getattr(store, "root", "memory"))
+            if not self.store.has(key):
+                self.store.adopt_weights(key, store, "rm")
+            return Weights(key, cached.handle, cached.checkpoint)
+        start = time.perf_counter()
+        handle, stats = self.system.train(job, Weights("rm/pretrained"), pairs)
+        stats = {k: v for k, v in stats.items() if k != "losses"} | {"losses": stats.get("losses", [])}
+        stored = store.put_version("rm", handle, stats)
+        self.store.adopt_weights(key, store, "rm")
+        seconds = time.perf_counter() - start
+        timing["train_eval_rm"] = timing.get("train_eval_rm", 0.0) + seconds
+        self.on_event(PhaseFinished("train_eval_rm", key, seconds, items=stats.get("pairs"), train=stats))
+        return Weights(key, handle, stored.checkpoint)
+
+    def _eval_rm_test_metrics(self, rm: Weights, timing: dict) -> dict:
+        """``{"acc", "ece", "n"}`` of an evaluation RM on the test pairs (kept beside a shared RM, so
+        every seed reads the same numbers); {} without test pairs."""
+        pairs = self.data.test_pairs
+        if not pairs:
+            return {}
+        prompts = [p.prompt for p in pairs]
+        shared = self.shared_stores.get(rm.id)
+        scores = []
+        for side, texts in (("chosen", [p.chosen for p in pairs]), ("rejected", [p.rejected for p in pairs])):
+            if shared is None:
+                scores.append(self._scores(rm, prompts, texts, f"test/{side}", timing, "evaluate"))
+                continue
+            key = f"test_{pairs_digest(pairs)}_{side}"
+            value = shared.get(key)
+            if value is None:
+                value = self.system.score(rm, prompts, texts)
+                shared.put(key, value)
+            self.store.put(f"scores/{rm.id}/test/{side}", value)  # beside the run's other per-item scores
+            scores.append(value)
+        cal = calibration_errors(*scores, n_bins=self.cfg.eval.n_bins)
+        return {"acc": preference_accuracy(*scores), "ece": cal["ece"], "n": len(pairs)}
+
+    def _apo_accuracy(self, rm: Weights, policy: Weights, apo_pairs: list[RankedPair], timing: dict,
+                      **event) -> float:
+        """Share of D_APO pairs whose gold answer ``rm`` scores above the policy's sample: before
+        its update, how well the RM already separates them; after, what the APO term achieved (an
+        RM that learnt the gold/sample difference at all climbs towards 1)."""
+        prompts = [p.prompt for p in apo_pairs]
+        gold = self._scores(rm, prompts, [p.good for p in apo_pairs], f"{policy.id}/gold_pairs/gold", timing,
+                            "score_apo_pairs", **event)
+        samples = self._scores(rm, prompts, [p.bad for p in apo_pairs], f"{policy.id}/gold_pairs/sample", timing,
+                               "score_apo_pairs", **event)
+        return preference_accuracy(gold, samples)
 
     def evaluate(self, r: int, arm: str, policy: Weights, rm: Weights, timing: dict) -> RoundRecord:
         """RM accuracy/calibration on dev and test pairs; evaluation-RM score of the policy's test answers."""
@@ -282,6 +368,9 @@ class APOGame:
                   "eval_rm_is_rm_base": self.eval_rm.id == self.rm_base.id,
                   "gold_source": self.data.gold_source, "gold_counts": self.data.gold_counts, **metrics,
                   "policy_mean_reward": primary["mean"], "policy_reward_stderr": primary["stderr"],
+                  "eval_rm_test_acc": self.eval_rm_quality.get(self.eval_rm.id, {}).get("acc"),
+                  "eval_rm_test_ece": self.eval_rm_quality.get(self.eval_rm.id, {}).get("ece"),
+                  "eval_rm_quality": self.eval_rm_quality,
                   "policy_rewards": policy_rewards, "test_queries": len(queries),
                   "phase_seconds": {k: round(v, 3) for k, v in timing.items()}}
         self.on_event(ArmRoundFinished(r, arm, record, test_prompts=queries, test_answers=answers,
@@ -294,6 +383,8 @@ class APOGame:
         self.round_end(0)
         for r in range(1, self.cfg.apo.rounds + 1):
             for arm in self.cfg.arms:
+                if r > (self.cfg.apo.arm_rounds or {}).get(arm, self.cfg.apo.rounds):
+                    continue  # this arm's comparisons end earlier (apo.arm_rounds)
                 log.info("round %d/%d arm %s: start", r, self.cfg.apo.rounds, arm)
                 record = self.play_round(r, arm)
                 self.records.append(record)
@@ -317,6 +408,26 @@ class APOGame:
             if record["round"] == r:
                 record["resources_after_round"] = usage | {"model_versions_alive": len(live)}
         self.on_event(RoundFinished(r, tuple(sorted(live)), dict(usage)))
+
+
+def pairs_digest(pairs: list) -> str:
+    """A short sha256 of preference pairs' texts (PreferencePair or RankedPair), in order."""
+    h = hashlib.sha256()
+    for p in pairs:
+        texts = (p.prompt, p.chosen, p.rejected) if hasattr(p, "chosen") else (p.prompt, p.good, p.bad, p.kind)
+        h.update(json.dumps(texts).encode("utf-8"))
+    return h.hexdigest()[:16]
+
+
+def shared_rm_folder(cfg: Config, job: LearnerJob, pairs: list[RankedPair]) -> Path:
+    """The folder of a shared evaluation RM: named by everything its weights depend on (the
+    backbone, the learner settings with its seed, the pairs' texts), never by run.seed."""
+    settings = {k: v for k, v in dataclasses.asdict(job.settings).items()
+                if k not in ("device", "rank", "world_size", "log_every_steps")}
+    spec = json.dumps({"model": job.model, "settings": settings, "loss": dataclasses.asdict(job.loss),
+                       "pairs": pairs_digest(pairs), "n": len(pairs)}, sort_keys=True, default=str)
+    root = Path(cfg.eval.shared_rm_dir) if cfg.eval.shared_rm_dir else cache_dir() / "eval_rms"
+    return root / hashlib.sha256(spec.encode("utf-8")).hexdigest()[:20]
 
 
 def format_usage(usage: dict[str, float]) -> str:

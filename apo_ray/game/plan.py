@@ -66,6 +66,19 @@ def plan_phases(cfg, data) -> list[dict]:
             self.values[key] = stats
             return Weights(key, handle)
 
+        def has(self, key):
+            return key in self.values
+
+        def adopt_weights(self, key, source, source_key):
+            self.values[key] = source.values.get(source_key)
+
+    def shared(folder):
+        """A shared evaluation RM another run already trained is not a phase of this one."""
+        store = MemoryStore()
+        if (folder / "rm.json").exists():
+            store.values["rm"] = {}
+        return store
+
     planned: list[dict] = []
 
     def on_event(event: GameEvent) -> None:
@@ -74,7 +87,7 @@ def plan_phases(cfg, data) -> list[dict]:
 
     game_log = logging.getLogger(loop.__name__)
     with _silenced(game_log):
-        loop.APOGame(cfg, PlanningSystem(), data, MemoryStore(), on_event=on_event).run()
+        loop.APOGame(cfg, PlanningSystem(), data, MemoryStore(), on_event=on_event, shared_store=shared).run()
     return planned
 
 

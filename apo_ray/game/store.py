@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -322,6 +323,22 @@ class PhaseStore:
         self.put(key, stats, weights={"file": storage.name(pt), "bytes": size, "sha256": sha256,
                                       "base": base})  # the .json marks them complete
         return Weights(key, handle, str(pt))
+
+    def adopt_weights(self, key: str, source: PhaseStore, source_key: str) -> None:
+        """Record ``source``'s finished weights phase ``source_key`` as this store's ``key`` (a
+        shared evaluation RM in a run's own store, so the run's folder is complete): a hard link
+        where the filesystem allows, else a copy; the checksums come along."""
+        marker = source._marker(source_key)
+        if marker is None or "weights" not in marker:
+            raise FileNotFoundError(f"{source.root}: no finished weights phase {source_key!r} to adopt")
+        src, dst = source.version_path(source_key), self._path(key, ".pt")
+        dst.unlink(missing_ok=True)
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copyfile(src, dst)
+        fsync_dir(self.root)
+        self.put(key, marker["value"], weights=marker["weights"])
 
     def version_stats(self, key: str) -> dict:
         return self.get(key) or {}

@@ -347,20 +347,36 @@ class Encoded:
     loss_mask: list[int]  # 1 on response tokens (what the LM loss and sequence log-probs count)
 
 
-def encode_prompt_response(tokenizer, prompt_text: str, response: str, max_length: int) -> Encoded:
-    """Tokenise an already formatted prompt and a response (+ end-of-turn token).
+def response_token_budget(max_length: int, max_response_tokens: int | None = None) -> int:
+    """How many response tokens (the end-of-turn token not counted) a text of ``max_length`` keeps:
+    ``max_response_tokens`` when given, never more than leaves the prompt a quarter of
+    ``max_length`` and the end-of-turn token its place. One number for every response of a run,
+    gold and samples alike, so the cut cannot tell them apart."""
+    cap = max_length - max(1, max_length // 4) - 1
+    if cap < 1:
+        raise ValueError(f"max_length {max_length} leaves no room for a response")
+    return cap if max_response_tokens is None else max(1, min(int(max_response_tokens), cap))
 
-    When too long, the prompt loses its *beginning* (left truncation, as in the paper: the latest
-    turns matter most); the response is cut on the right only if it alone leaves < 1/4 of
-    ``max_length`` for the prompt.
+
+def encode_prompt_response(tokenizer, prompt_text: str, response: str, max_length: int,
+                           max_response_tokens: int | None = None) -> Encoded:
+    """Tokenise an already formatted prompt and a response, which always ends with the end-of-turn
+    token (the RM reads its score there, so a cut response must not lose it).
+
+    The response keeps its first :func:`response_token_budget` tokens (a right cut, the same for
+    every response: gold answers and policy samples), then the end-of-turn token; the prompt then
+    loses its *beginning* until the whole fits ``max_length`` (left truncation, as in the paper:
+    the latest turns matter most).
     """
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    max_response = max_length - max(1, max_length // 4)
-    if len(prompt_ids) + len(response_ids) > max_length:
-        response_ids = response_ids[:max_response] if len(response_ids) > max_response else response_ids
-        keep = max_length - len(response_ids)
-        prompt_ids = prompt_ids[-keep:]
+    eos = tokenizer.eos_token_id
+    content = tokenizer(response, add_special_tokens=False)["input_ids"]
+    while content and content[-1] == eos:  # a response that carries its own end token: counted once
+        content = content[:-1]
+    response_ids = content[:response_token_budget(max_length, max_response_tokens)] + [eos]
+    keep = max_length - len(response_ids)
+    if len(prompt_ids) > keep:
+        prompt_ids = prompt_ids[len(prompt_ids) - keep:]
     return Encoded(prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids))
 
 

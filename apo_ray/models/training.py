@@ -46,6 +46,7 @@ from apo_ray.core.losses import apo_rm_loss, sequence_logprobs
 from apo_ray.core.objectives import policy_objective
 from apo_ray.data import RankedPair
 from apo_ray.models import lora as lora_mod
+from apo_ray.models.frozen_cache import cached_reward_forward, prefix_cache_for, supports_prefix_cache
 from apo_ray.models.loading import (
     Encoded,
     decoder_layers,
@@ -70,14 +71,33 @@ log = logging.getLogger(__name__)
 
 
 class ScalarRewardModel(nn.Module):
-    """Wraps a sequence-classification model so ``forward`` returns [B] rewards; DDP can wrap this."""
+    """Wraps a sequence-classification model so ``forward`` returns [B] rewards; DDP can wrap this.
+    With a ``prefix_cache`` the frozen lower blocks' states are read from it (frozen_cache.py)."""
 
-    def __init__(self, model):
+    def __init__(self, model, prefix_cache=None):
         super().__init__()
         self.model = model
+        self.prefix_cache = prefix_cache
 
     def forward(self, input_ids, attention_mask):
+        if self.prefix_cache is not None:
+            return cached_reward_forward(self.model, input_ids, attention_mask, self.prefix_cache)
         return reward_forward(self.model, input_ids, attention_mask)
+
+
+def _rm_prefix_cache(hf_model: nn.Module, settings: TrainSettings):
+    """The shared frozen-block cache for this learner, or None where it does not apply: no frozen
+    blocks (full-model training), the cache off, a sharded strategy, a LoRA learner, or a backbone
+    it cannot split."""
+    if (settings.trainable_layers is None or settings.frozen_cache_mib <= 0 or settings.strategy != "ddp"
+            or settings.lora is not None  # peft wraps the blocks: the split forward does not apply
+            or settings.gradient_checkpointing or settings.compile or not supports_prefix_cache(hf_model)):
+        return None
+    n_frozen = hf_model.config.num_hidden_layers - settings.trainable_layers
+    if n_frozen <= 0:
+        return None
+    compute = f"{next(hf_model.parameters()).dtype}/{'autocast-bf16' if settings.precision == 'bf16-autocast' else 'none'}"
+    return prefix_cache_for(hf_model, n_frozen, compute, max_mib=settings.frozen_cache_mib)
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -366,6 +386,8 @@ class TrainSettings:
     zero_stage: int = 2  # deepspeed only
     log_every_steps: int = 0  # 0: about ten progress lines per run
     lora: Any = None  # a config.LoraConfig with rank > 0: train LoRA adapters (apo_ray/models/lora.py); None: weights
+    max_response_tokens: int | None = None  # response tokens kept (models.response_token_budget); None: derived
+    frozen_cache_mib: float = 0.0  # RMs with trainable_layers: share the frozen blocks' states (frozen_cache.py)
 
     @classmethod
     def for_role(cls, cfg: Config, role: str, *, lr: float, seed: int, epochs: int | None = None) -> TrainSettings:
@@ -381,7 +403,8 @@ class TrainSettings:
             return cls(examples_per_step=r.pairs_per_batch, micro_examples=r.micro_pairs, max_length=r.max_length,
                        epochs=r.epochs if epochs is None else epochs, weight_decay=r.weight_decay,
                        trainable_layers=r.trainable_layers, schedule=r.schedule, warmup_steps=r.warmup_steps,
-                       warmup_ratio=r.warmup_ratio, **common)
+                       warmup_ratio=r.warmup_ratio, max_response_tokens=r.max_response_tokens,
+                       frozen_cache_mib=r.frozen_cache_mib, **common)
         if role == "policy":
             p = cfg.policy
             return cls(examples_per_step=p.sequences_per_batch, micro_examples=p.micro_sequences,
@@ -399,6 +422,10 @@ class RMLoss:
     apo_weight: float = 0.0
     reduction: str = "per_term"  # per_term (paper, eq. 15) | pooled (authors' code)
     samples_per_query: int = 1
+    # The ablation (RM_Base-AB): its "apo" pairs are slots, not data. They keep their places in the
+    # shuffled steps, so every step holds the same D_P pairs as APO's step of the same seed and the
+    # phase runs as many optimiser steps; they are never read, so only the APO pairs differ.
+    skip_apo_pairs: bool = False
 
 
 @dataclass(frozen=True)
@@ -579,16 +606,28 @@ def train_reward_model(model_name: str, init_state: dict[str, torch.Tensor] | No
     tokenizer, hf_model, adapter = _load_for_training(load_reward_model, model_name, init_state, settings, "rm")
     if hf_model.config.pad_token_id is None:
         hf_model.config.pad_token_id = tokenizer.pad_token_id
-    model = wrap_for_strategy(ScalarRewardModel(hf_model).to(settings.device), hf_model, settings, prepare_model)
-    prompts = {p.prompt: format_prompt(tokenizer, p.prompt) for p in pairs}
+    cache = _rm_prefix_cache(hf_model, settings)
+    model = wrap_for_strategy(ScalarRewardModel(hf_model, cache).to(settings.device), hf_model, settings,
+                              prepare_model)
+    read = [p for p in pairs if not (loss.skip_apo_pairs and p.kind == "apo")]
+    if not read:
+        raise ValueError("train_reward_model: every pair is a skipped APO slot; nothing to train on")
+    prompts = {p.prompt: format_prompt(tokenizer, p.prompt) for p in read}
+    first_read = next(i for i, p in enumerate(pairs) if not (loss.skip_apo_pairs and p.kind == "apo"))
 
     def encode(prompt: str, response: str) -> Encoded:
-        return encode_prompt_response(tokenizer, prompts[prompt], response, settings.max_length)
+        return encode_prompt_response(tokenizer, prompts[prompt], response, settings.max_length,
+                                      settings.max_response_tokens)
 
     def step_counts(step):
         return {"apo": sum(pairs[i].kind == "apo" for i in step), "pref": sum(pairs[i].kind == "pref" for i in step)}
 
     def micro_loss(model, chunk, counts):
+        weight = 1.0
+        if loss.skip_apo_pairs:
+            chunk = [i for i in chunk if pairs[i].kind != "apo"]
+            if not chunk:  # only APO slots here: a zero-weighted pair keeps every rank's backward in step
+                chunk, weight = [first_read], 0.0
         # One forward over [good_1..good_k, bad_1..bad_k]: [2k, T] -> rewards [2k].
         enc = [encode(pairs[i].prompt, pairs[i].good) for i in chunk] + \
               [encode(pairs[i].prompt, pairs[i].bad) for i in chunk]
@@ -599,11 +638,14 @@ def train_reward_model(model_name: str, init_state: dict[str, torch.Tensor] | No
         value = apo_rm_loss(good[is_apo], bad[is_apo], good[~is_apo], bad[~is_apo], beta2=loss.beta2,
                             apo_weight=loss.apo_weight, reduction=loss.reduction,
                             samples_per_query=loss.samples_per_query, n_apo=counts["apo"], n_pref=counts["pref"])
-        return value, int(batch["attention_mask"].sum())
+        return value * weight, int(batch["attention_mask"].sum())
 
     model, stats = _run_steps(model, settings, len(pairs), micro_loss, step_counts, "rm",
                               _fp32_init(hf_model, init_state, adapter))
-    stats.update(pairs=len(pairs), apo_pairs=sum(p.kind == "apo" for p in pairs), **_lora_stats(adapter))
+    n_apo = sum(p.kind == "apo" for p in pairs)
+    stats.update(pairs=len(read), apo_pairs=len(read) - (len(pairs) - n_apo),
+                 apo_slots_skipped=n_apo if loss.skip_apo_pairs else 0,
+                 frozen_cache=cache.stats() if cache is not None else None, **_lora_stats(adapter))
     trained = _trained_weights(hf_model, settings, adapter)
     if adapter is None:  # a LoRA version is small: its checkpoint keeps all of it
         stats["trained_tensors"] = trained.trained_names  # the checkpoint stores these alone

@@ -34,12 +34,20 @@ from typing import Any
 import numpy as np
 
 from apo_ray.core.arms import ARM_TABLE, get_arm, judge_baseline
+from apo_ray.core.inference import (
+    Components,
+    crossed_interval,
+    holm,
+    items_needed,
+    power,
+    seeds_needed,
+    verdict,
+)
 from apo_ray.core.metrics import (
     mean_difference_interval,
     paired_bootstrap,
     proportion_interval,
     rm_difference_interval,
-    samples_to_decide,
     weighted_ece,
 )
 from apo_ray.game.store import PhaseStore
@@ -110,6 +118,49 @@ def load_run(run_dir: str | Path, records: Sequence[Mapping] | None = None) -> R
     config_path = run_dir / "resolved_config.json"
     config = json.loads(config_path.read_text()) if config_path.exists() else {}
     return Run(run_dir, [dict(r) for r in records], config, PhaseStore(phases, system=None))
+
+
+ITEM_SCORE_FIELDS = ("seed", "kind", "model", "scorer", "item", "score_a", "score_b")
+
+
+def item_score_rows(run: Run) -> list[dict]:
+    """Every per-item score the claims are computed from, one row per (model, scorer, test item):
+    ``rm_test_pair`` rows (an RM's rewards of the i-th test pair's chosen = score_a and rejected =
+    score_b response) and ``policy_test_answer`` rows (an evaluation RM's score of a policy's answer
+    to the i-th test prompt). Item i is the i-th test pair / prompt of the run's split (data.seed)."""
+    rows: list[dict] = []
+    rm_ids = list(dict.fromkeys([BASE_RM, *(r["rm"] for r in run.records),
+                                 *(k for r in run.records for k in (r.get("eval_rm_quality") or {}))]))
+    for rm_id in rm_ids:
+        scores = run.rm_scores(rm_id)
+        if scores is None:
+            continue
+        rows += [{"seed": run.seed, "kind": "rm_test_pair", "model": rm_id, "scorer": rm_id, "item": i,
+                  "score_a": float(g), "score_b": float(b)} for i, (g, b) in enumerate(zip(*scores))]
+    done = set()
+    for rec in run.records:
+        for eval_rm in rec.get("policy_rewards") or {rec.get("eval_rm"): None}:
+            key = (rec["policy"], eval_rm)
+            if key in done or eval_rm is None:
+                continue
+            done.add(key)
+            scores = run.policy_scores(eval_rm, rec["policy"])
+            if scores is not None:
+                rows += [{"seed": run.seed, "kind": "policy_test_answer", "model": rec["policy"], "scorer": eval_rm,
+                          "item": i, "score_a": float(x), "score_b": ""} for i, x in enumerate(scores)]
+    return rows
+
+
+def write_item_scores(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
+    """``item_scores.csv``: the rows of :func:`item_score_rows` (of one run or several seeds)."""
+    import csv
+
+    path = Path(path)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=ITEM_SCORE_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
 
 
 # -- within one run ------------------------------------------------------------------------------
@@ -254,6 +305,12 @@ def claims_for(rounds: int) -> list[Claim]:
               ("apo", 1), ("ablation", 1), +1, "0.064 vs 0.046", 0.018),
     ]
     paper_policy = {1: "1.610 vs 1.546", 2: "1.975 vs 1.896", 3: "2.204 vs 2.106"}
+    claims.insert(0, Claim("rjs_improves", f"RJS improves the policy: RJS round {rounds} above the initial policy",
+                           "policy", "score", ("fixed", -1), ("fixed", 0), +1,
+                           f"RM_All {paper_policy.get(rounds, '-').split(' vs ')[1]} vs 1.246 (Alpaca)"))
+    claims.append(Claim("policy_vs_ab_r1", "APO-v1's policy above RM_Base-AB's policy in round 1 (the ablation)",
+                        "policy", "score", ("apo", 1), ("ablation", 1), +1,
+                        "direction (section 5: APO's gain is not RM_Base-AB's extra fine-tuning)"))
     for r in range(1, rounds + 1):
         claims.append(Claim(f"policy_r{r}", f"APO policy above RJS in round {r}", "policy", "score",
                             ("apo", r), ("fixed", r), +1, f"RM_All {paper_policy.get(r, '-')}"))
@@ -270,6 +327,20 @@ def claims_for(rounds: int) -> list[Claim]:
 CLAIMS = claims_for(3)
 
 
+def _record_or_lineage(run: Run, arm: str, r: int) -> dict | None:
+    """``arm``'s round-``r`` record, or that of an arm whose round r *is* ``arm``'s (apo_seq's round 1
+    is apo's: a run of apo_seq alone still answers the claims about RM_APO-v1)."""
+    rec = run.record(arm, r)
+    if rec is not None:
+        return rec
+    for mode in ARM_TABLE.values():
+        if mode.lineage(r) == arm and mode.name != arm:
+            rec = run.record(mode.name, r)
+            if rec is not None:
+                return rec
+    return None
+
+
 def _side_arrays(run: Run, claim: Claim) -> list[np.ndarray] | None:
     """The per-item arrays of A then B for one run, or None when the run lacks either model."""
     last = max(_rounds(run))
@@ -280,7 +351,7 @@ def _side_arrays(run: Run, claim: Claim) -> list[np.ndarray] | None:
             if arm == "base":
                 rm_id = BASE_RM
             else:
-                rec = run.record(arm, r)
+                rec = _record_or_lineage(run, arm, r)
                 if rec is None:
                     return None
                 rm_id = rec["rm"]
@@ -289,7 +360,7 @@ def _side_arrays(run: Run, claim: Claim) -> list[np.ndarray] | None:
                 return None
             out.extend(scores)
         else:
-            rec = run.record(arm, r)
+            rec = _record_or_lineage(run, arm, r)
             if rec is None:
                 return None
             scores = run.policy_scores(rec["eval_rm"], rec["policy"])
@@ -320,28 +391,19 @@ def _claim_statistic(claim: Claim, n_runs: int, n_bins: int):
     return statistic
 
 
-def _verdict(claim: Claim, low: float, high: float, per_seed: Sequence[float]) -> str:
-    same_sign = all(np.sign(d) == claim.sign for d in per_seed)
-    if claim.sign * low > 0 and claim.sign * high > 0 and same_sign:
-        return "held"
-    if claim.sign * high < 0 and claim.sign * low < 0:
-        return "not held"
-    return "undecided"
-
-
 def judge_claims(runs: Sequence[Run], claims: Sequence[Claim] | None = None, *, n_resamples: int = N_RESAMPLES,
-                 seed: int = BOOTSTRAP_SEED) -> list[dict]:
-    """Each claim over ``runs`` (runs that differ only in ``run.seed``).
+                 seed: int = BOOTSTRAP_SEED, kinds: Sequence[str] | None = None) -> list[dict]:
+    """Each claim over ``runs`` (runs that differ only in ``run.seed``; :mod:`apo_ray.core.inference`
+    has the model and its reasons).
 
-    Per run: A - B with its paired bootstrap interval. Pooled: the mean over runs of A - B; its
-    test-item noise ``se_items`` from one bootstrap that resamples the test items shared by every
-    run (the same indices in every run), its seed noise ``sd_seeds / sqrt(k)`` from the spread of
-    the k runs; interval = mean +- z * sqrt(se_items^2 + sd_seeds^2 / k). Verdict: "held" when that
-    interval lies on the paper's side of 0 and every run's difference has the paper's sign; "not
-    held" when it lies on the other side; else "undecided". To decide (for the observed effect at
-    80% power, two-sided 5%): ``items_needed`` test items with one seed's noise per item, and
-    ``seeds_needed`` seeds with the observed spread; for accuracy/ECE also the test items needed to
-    see the paper's effect size.
+    Per run: A - B with its paired bootstrap interval over the test items. Pooled: the mean over
+    runs of A - B with the crossed seed x item model's standard error (the per-seed bootstrap
+    variances, the bootstrap variance of the mean over runs with the same items drawn in every run,
+    and the spread of the runs), a t interval with Satterthwaite df and a two-sided p-value; Holm's
+    adjustment over the claims measured here; verdict: "held" / "not held" when the adjusted p <
+    0.05, by the sign of the estimate, else "undecided". Power (tested at 0.05 / m, Holm's first
+    step, m claims measured) at the paper's effect where its units are ours (accuracy, ECE): now,
+    and the seeds (at these test items) and test items (at these seeds) for 80%.
     """
     if not runs:
         raise ValueError("judge_claims needs at least one run")
@@ -351,9 +413,8 @@ def judge_claims(runs: Sequence[Run], claims: Sequence[Claim] | None = None, *, 
                          "pooled: " + ", ".join(str(r.dir) for r in runs))
     rounds = max(max(_rounds(r)) for r in runs)
     claims = list(claims) if claims is not None else claims_for(rounds)
-    from scipy import stats
-
-    z = float(stats.norm.ppf(1 - (1 - CONFIDENCE) / 2))
+    if kinds is not None:  # the report's family of claims (Holm adjusts over these only)
+        claims = [c for c in claims if c.kind in kinds]
     rows = []
     for claim in claims:
         arrays = [_side_arrays(run, claim) for run in runs]
@@ -370,22 +431,34 @@ def judge_claims(runs: Sequence[Run], claims: Sequence[Claim] | None = None, *, 
                                   n_resamples=n_resamples, seed=seed)
         k = len(usable)
         estimates = [p["estimate"] for p in per_seed]
-        mean = float(np.mean(estimates))
-        sd_seeds = float(np.std(estimates, ddof=1)) if k > 1 else float("nan")
-        se_total = math.sqrt(pooled["se"] ** 2 + (sd_seeds ** 2 / k if k > 1 else 0.0))
-        low, high = mean - z * se_total, mean + z * se_total
         n_items = int(usable[0][1][0].size)
-        se_one_seed = float(np.mean([p["se"] for p in per_seed]))
-        row |= {"per_seed": per_seed, "mean": mean, "sd_seeds": sd_seeds, "se_items": pooled["se"],
-                "se_total": se_total, "low": low, "high": high, "n_items": n_items,
-                "verdict": _verdict(claim, low, high, estimates),
-                "items_needed": samples_to_decide(mean, se_one_seed, n_items, confidence=CONFIDENCE, power=POWER),
-                "seeds_needed": (samples_to_decide(mean, sd_seeds, 1, confidence=CONFIDENCE, power=POWER)
-                                 if k > 1 else None),
-                "items_needed_paper_effect": (samples_to_decide(claim.paper_effect, se_one_seed, n_items,
-                                                                confidence=CONFIDENCE, power=POWER)
-                                              if claim.paper_effect else None)}
+        crossed = crossed_interval(estimates, [p["se"] ** 2 for p in per_seed], pooled["se"] ** 2, n_items,
+                                   confidence=CONFIDENCE)
+        row |= {"per_seed": per_seed, "mean": crossed["estimate"],
+                "sd_seeds": float(np.std(estimates, ddof=1)) if k > 1 else float("nan"),
+                "se_items": pooled["se"], "se_total": crossed["se"], "df": crossed["df"], "t_crit": crossed["t_crit"],
+                "low": crossed["low"], "high": crossed["high"], "p": crossed["p"], "n_items": n_items,
+                "components": crossed["components"]}
         rows.append(row)
+    measured = [r for r in rows if "p" in r]
+    for r, adjusted in zip(measured, holm([r["p"] for r in measured])):
+        r["p_holm"] = adjusted
+        r["verdict"] = verdict(r["mean"], adjusted, r["sign"], alpha=1 - CONFIDENCE)
+    m = max(sum(not math.isnan(r["p"]) for r in measured), 1)
+    alpha = (1 - CONFIDENCE) / m
+    for r in measured:
+        r["alpha_power"], r["claims_tested"] = alpha, m
+        comp = Components(**r["components"])
+        effect = r.get("paper_effect")
+        if r["verdict"] == "undecided" and len(r["seeds"]) < 2:
+            r["why"] = "one seed: its noise is not measured"
+        if effect and not math.isnan(comp.var_seed):
+            effect = effect * r["sign"]
+            r["power_paper_effect"] = power(effect, comp, comp.k, comp.n, alpha=alpha)
+            r["seeds_needed_paper_effect"] = seeds_needed(effect, comp, comp.n, alpha=alpha, target=POWER)
+            r["items_needed_paper_effect"] = items_needed(effect, comp, comp.k, alpha=alpha, target=POWER)
+        else:
+            r["power_paper_effect"] = r["seeds_needed_paper_effect"] = r["items_needed_paper_effect"] = None
     return rows
 
 
@@ -413,23 +486,33 @@ def _needed(x: float | None) -> str:
     return f"{max(1, math.ceil(x)):,}"
 
 
+def _p(x: float | None) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return "<0.001" if x < 0.001 else f"{x:.3f}"
+
+
 def claims_table_md(rows: Sequence[Mapping[str, Any]]) -> str:
     table = []
     for row in rows:
         if "mean" not in row:
-            table.append([row["text"], row["paper"], "–", "–", "–", row["verdict"], "–", "–"])
+            table.append([row["text"], row["paper"], "–", "–", "–", "–", row["verdict"], "–", "–"])
             continue
         scale, digits, unit = _scale(row["metric"])
         seeds = "; ".join(f"s{s}: {_interval(p, row['metric'])}" for s, p in zip(row["seeds"], row["per_seed"]))
         pooled = (f"{_fmt(row['mean'], digits, scale, True)} [{_fmt(row['low'], digits, scale, True)}, "
-                  f"{_fmt(row['high'], digits, scale, True)}]{unit}")
-        need = f"{_needed(row['items_needed'])} items / {_needed(row['seeds_needed'])} seeds"
-        paper_need = _needed(row["items_needed_paper_effect"]) if row["items_needed_paper_effect"] else "–"
-        table.append([row["text"], row["paper"], seeds, pooled, _fmt(row["sd_seeds"], digits, scale),
-                      f"**{row['verdict']}**", need, paper_need])
+                  f"{_fmt(row['high'], digits, scale, True)}]{unit} (t, {_fmt(row['df'], 1)} df)")
+        if row.get("power_paper_effect") is None:
+            design = "– (no paper effect in our units)" if not row.get("paper_effect") else "– (one seed)"
+        else:
+            design = (f"{row['power_paper_effect']:.0%} now; {_needed(row['seeds_needed_paper_effect'])} seeds "
+                      f"or {_needed(row['items_needed_paper_effect'])} items")
+        table.append([row["text"], row["paper"], seeds, pooled, _p(row["p"]), _p(row.get("p_holm")),
+                      f"**{row['verdict']}**", f"{len(row['seeds'])} × {row['n_items']}", design])
     return format_markdown_table(
-        ["claim (A - B, paper's sign)", "paper", "per seed: A - B [95% CI]", "pooled [95% CI]", "sd over seeds",
-         "verdict", "to decide at the observed effect (80% power)", "test items for the paper's effect"], table)
+        ["claim (A - B, paper's sign)", "paper", "per seed: A - B [95% CI over items]",
+         "over seeds and items [95% CI]", "p", "p (Holm)", "verdict", "seeds × items",
+         "power at the paper's effect (80%: seeds at these items / items at these seeds)"], table)
 
 
 def _plot_claims(path: Path, rows: Sequence[Mapping[str, Any]]) -> bool:
@@ -527,7 +610,7 @@ def _plot_by_round(path: Path, rms: Sequence[Mapping], policies: Sequence[Mappin
 def write_claims_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, title: str = "APO claims across seeds",
                         notes: Sequence[str] = (), machine: Mapping[str, Any] | None = None,
                         n_resamples: int = N_RESAMPLES, seed: int = BOOTSTRAP_SEED,
-                        sections: Sequence[str] = ()) -> Path:
+                        sections: Sequence[str] = (), kinds: Sequence[str] | None = None) -> Path:
     """``report.md``, ``claims.json`` and figures in ``out_dir`` from runs that differ in ``run.seed``.
 
     ``notes``: lines under the title (how it was run); ``machine``: what to record about where it ran
@@ -537,7 +620,7 @@ def write_claims_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = sorted((load_run(d) for d in run_dirs), key=lambda r: r.seed)
-    claims = judge_claims(runs, n_resamples=n_resamples, seed=seed)
+    claims = judge_claims(runs, n_resamples=n_resamples, seed=seed, kinds=kinds)
     within = {run.seed: run_comparisons(run.dir, n_resamples=n_resamples, seed=seed) for run in runs}
     rms, policies = _across_seeds(runs)
     seeds = [run.seed for run in runs]
@@ -561,17 +644,19 @@ def write_claims_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, 
                                                  for r in machine["per_seed"]]] for ph in phases]), ""]
     md += ["## Claims", "", claims_table_md(claims), "",
            ("How to read it: A - B is the first model minus the second, in the paper's direction (the sign the "
-           "paper reports is the claim). Per seed: the paired percentile bootstrap over the test items (pairs "
-           f"for RMs, prompts for policies), {n_resamples} resamples, seeded. Pooled: the mean over seeds; its "
-           "interval is mean ± 1.96 · sqrt(se_items² + sd_seeds²/k), where se_items comes from one bootstrap that "
-           "resamples the shared test items in every seed at once, and sd_seeds is the spread of the k seeds' "
-           "differences (with k = 3 seeds that spread is itself rough). **held**: the pooled interval is on the "
-           "paper's side of 0 and every seed agrees in sign; **not held**: the pooled interval is on the other "
-           "side; **undecided**: it contains 0. To decide: test items needed = n · ((1.96 + 0.84) · se / |effect|)² "
-           "(a two-sided 5% test with 80% power at the observed mean effect, se the one-seed bootstrap standard "
-           "error at n items, assumed to shrink as 1/sqrt(n)); seeds needed = ((1.96 + 0.84) · sd_seeds / "
-           "|effect|)²; for accuracy and ECE also the test items needed if the effect were the paper's size. These "
-           "are estimates from the observed variance of this setup, not guarantees."), ""]
+            "paper reports is the claim). Per seed: the paired percentile bootstrap over the test items (pairs "
+            f"for RMs, prompts for policies), {n_resamples} resamples, seeded. Over seeds and items: the mean over "
+            "seeds, its standard error from the crossed seed × item model (apo_ray/core/inference.py: the spread of the "
+            "seeds, each seed's bootstrap variance and the bootstrap variance of the mean over seeds, so the "
+            "seed × item part is counted once), and Student's t with the Welch-Satterthwaite degrees of freedom "
+            "(k - 1 where the seed part dominates). p: two-sided, no difference; p (Holm): Holm's step-down "
+            "adjustment over the claims measured in this report (it bounds the chance of any wrong verdict, "
+            "whatever the dependence between claims that share a model). One rule: **held** when p (Holm) < 0.05 "
+            "and the estimate has the paper's sign, **not held** when p (Holm) < 0.05 and it has the other sign, "
+            "**undecided** otherwise. Power: at the paper's own effect size (accuracy and ECE only; the paper's "
+            "policy scores are in RM_All units, not ours), tested at 0.05 / m (Holm's first step), from this "
+            "report's variance components; then the seeds needed at these test items and the test items needed at "
+            "these seeds for 80%. Both are estimates from the observed variance of this setup."), ""]
     if "claims.png" in figures:
         md += [f"![{figures['claims.png']}](claims.png)", ""]
     md += [block.rstrip() + "\n" for block in sections]
@@ -583,7 +668,9 @@ def write_claims_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, 
           "{} ± {}".format(*(_fmt(v, 2, 100) for v in _mean_sd(r["acc"]))),
           *[_fmt(r["ece"].get(s), 4) for s in seeds], "{} ± {}".format(*(_fmt(v, 4) for v in _mean_sd(r["ece"])))]
          for r in rms]), ""]
-    md += ["## Policies across seeds (mean evaluation-RM score of the test answers)", "", format_markdown_table(
+    judges = list(dict.fromkeys(line for run in runs for line in eval_rm_quality_md(run.records) if line))
+    md += ["## Policies across seeds (mean evaluation-RM score of the test answers)", "", *judges,
+           *([""] if judges else []), format_markdown_table(
         ["arm", "round", *[f"s{s} (± stderr)" for s in seeds], "mean ± sd over seeds"],
         [[ARM_LABELS.get(p["arm"], p["arm"]), p["round"],
           *[f"{_fmt(p['score'].get(s))} ± {_fmt(p['stderr'].get(s))}" for s in seeds],
@@ -622,8 +709,12 @@ def write_claims_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, 
                                   "Δscore mean ± sd"], within_rows("policy")), ""]
     if "by_round.png" in figures:
         md += ["## Figures", "", f"![{figures['by_round.png']}](by_round.png)", ""]
+    write_item_scores(out / "item_scores.csv", [row for run in runs for row in item_score_rows(run)])
     md += ["## Files", "", ("- `claims.json`: every number above (per-seed intervals, pooled, verdicts, the "
-           "within-run comparisons, the machine and timing record)."), ""]
+           "within-run comparisons, the machine and timing record)."),
+           ("- `item_scores.csv`: every test item's score per model and seed (RM rewards of each test pair's chosen "
+            "and rejected response; evaluation-RM scores of each policy's test answers), from which any row above "
+            "can be recomputed."), ""]
     (out / "report.md").write_text("\n".join(md))
     data = {"title": title, "notes": list(notes), "machine": machine or {}, "seeds": seeds,
             "runs": [str(r.dir) for r in runs], "claims": claims, "within_run": within,
@@ -631,6 +722,22 @@ def write_claims_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, 
             "n_resamples": n_resamples, "bootstrap_seed": seed, "confidence": CONFIDENCE, "power": POWER}
     (out / "claims.json").write_text(json.dumps(jsonable(data), indent=1, default=str) + "\n")
     return out / "report.md"
+
+
+def eval_rm_quality_md(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """A line per evaluation RM: its test accuracy (Wilson 95% interval) and ECE, so that a reader
+    of the policy rows sees how good their judge is. [] when the records carry none."""
+    quality = next((r.get("eval_rm_quality") for r in records if r.get("eval_rm_quality")), None)
+    if not quality:
+        return []
+    lines = []
+    for rm, q in quality.items():
+        if not q or q.get("acc") is None:
+            continue
+        ci = proportion_interval(round(q["acc"] * q["n"]), q["n"])
+        lines.append(f"- Scored by `{rm}`: test accuracy {q['acc'] * 100:.1f}% [{ci['low'] * 100:.1f}, "
+                     f"{ci['high'] * 100:.1f}] (Wilson 95%), ECE {q['ece']:.4f}, on {q['n']} test pairs.")
+    return lines + [""] if lines else []
 
 
 # -- the per-run section of report.md ------------------------------------------------------------

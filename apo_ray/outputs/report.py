@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from apo_ray.core.arms import scored_by_rm_base_warning
-from apo_ray.outputs.claims import comparisons_md, plot_comparisons, run_comparisons
+from apo_ray.outputs.claims import comparisons_md, eval_rm_quality_md, plot_comparisons, run_comparisons
 from apo_ray.outputs.tables import (
     ARM_COLORS,
     ARM_LABELS,
@@ -127,7 +127,11 @@ def policy_table(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                     "mean_reward": _num(rec.get("policy_mean_reward")),
                     "reward_stderr": _num(rec.get("policy_reward_stderr")),
                     "best_of_s_mean_score": _num(rec.get("best_of_s_mean_score")),
-                    "apo_pairs": rec.get("apo_pairs"), "test_queries": rec.get("test_queries")})
+                    "apo_pairs": rec.get("apo_pairs"), "test_queries": rec.get("test_queries"),
+                    "eval_rm_test_acc": _num(rec.get("eval_rm_test_acc")),
+                    "eval_rm_test_ece": _num(rec.get("eval_rm_test_ece")),
+                    "rm_apo_acc_before": _num(rec.get("rm_apo_acc_before")),
+                    "rm_apo_acc_after": _num(rec.get("rm_apo_acc_after"))})
     return out
 
 
@@ -347,7 +351,8 @@ def _eval_rm_rows(records: Sequence[Mapping[str, Any]]) -> tuple[list[str], list
 
 _RM_CSV = ["rm", "name", "arm", "arms", "round", *_RM_METRICS]
 _POLICY_CSV = ["arm", "arm_label", "round", "policy", "rm", "eval_rm", "mean_reward", "reward_stderr",
-               "best_of_s_mean_score", "apo_pairs", "test_queries"]
+               "best_of_s_mean_score", "apo_pairs", "test_queries", "eval_rm_test_acc", "eval_rm_test_ece",
+               "rm_apo_acc_before", "rm_apo_acc_after"]
 
 
 def _paired_comparisons(out: Path, records: Sequence[Mapping[str, Any]],
@@ -443,6 +448,16 @@ def write_report(output_dir: str | Path, records: Sequence[Mapping[str, Any]], *
     md += ["## Table 3 — Policies: mean evaluation-RM score of test answers", "",
            format_markdown_table(["Arm", *[("Round 0 (start)" if r == 0 else f"Round {r}") for r in rounds]],
                                  [[arm_label(a), *[score(a, r) for r in rounds]] for a in arms]), ""]
+
+    md += eval_rm_quality_md(records)
+    apo_rows = [[arm_label(str(r.get("rm_mode"))), r.get("round"), _fmt(r.get("rm_apo_acc_before"), 1, 100),
+                 _fmt(r.get("rm_apo_acc_after"), 1, 100), r.get("apo_pairs")]
+                for r in _sorted_records(records) if r.get("rm_apo_acc_before") is not None]
+    if apo_rows:
+        md += ["### The RM update on D_APO: gold answer scored above the policy's sample (%)", "",
+               ("Before: the round's starting RM; after: the RM the round trained. The APO term pushes this up; "
+                "an RM that already ranks gold first has little left to learn from D_APO."), "",
+               format_markdown_table(["Arm", "Round", "before (%)", "after (%)", "APO pairs"], apo_rows), ""]
 
     eval_rms, eval_rows = _eval_rm_rows(records)
     if eval_rows:

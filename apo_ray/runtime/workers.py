@@ -93,6 +93,8 @@ class VersionedModel:
                 self.obj.load_packed(state)  # generators: in place (transformers) or via shared memory (vLLM)
             elif isinstance(getattr(self.obj, "model", None), torch.nn.Module):
                 load_packed_into(self.obj.model, state)  # in place: one host->device copy
+                if hasattr(self.obj, "weights_changed"):
+                    self.obj.weights_changed()  # the scorer re-keys its frozen-block cache
             else:
                 self.obj.load_weights(unpack_state_dict(state))
             self.sync_bytes = state.total_bytes
