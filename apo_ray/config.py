@@ -521,7 +521,9 @@ def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: fl
     for mode in cfg.arms:
         _check(e, mode in ARM_TABLE,
                f"apo.rm_mode/apo.arms: unknown rm mode {mode!r}; choose from {tuple(ARM_TABLE)}")
-    for mode, last in (a.arm_rounds or {}).items():
+    if a.arm_rounds is not None and not isinstance(a.arm_rounds, dict):
+        e.append(f"apo.arm_rounds must be a mapping of arms to their last round, got {a.arm_rounds!r}")
+    for mode, last in (a.arm_rounds if isinstance(a.arm_rounds, dict) else {}).items():
         if mode not in cfg.arms:
             e.append(f"apo.arm_rounds: {mode!r} is not one of this run's arms {cfg.arms}")
         elif not isinstance(last, int) or isinstance(last, bool) or not 1 <= last <= a.rounds:
