@@ -36,6 +36,7 @@ MAX_ROUNDS = 1000
 MAX_SAMPLES_PER_QUERY = 1024
 MAX_SEED = 2**32 - 1
 MAX_INT = 2**31 - 1
+MAX_LORA_RANK = 4096
 # The loss weights beyond which the fp32 gradient norm overflows and every optimiser step is skipped
 # (the RM's gradients are O(1) per unit weight; 1e30 made every RM step a no-op).
 MAX_LOSS_WEIGHT = 1e6
@@ -428,7 +429,8 @@ def output_dir_errors(cfg: Config) -> list[str]:
 def lora_errors(lora: LoraConfig, where: str, cluster: ClusterConfig, generation: GenerationConfig | None) -> list[str]:
     """Problems of one learner's ``lora`` section (``where``: e.g. ``policy.lora``)."""
     e: list[str] = []
-    _number_check(e, f"{where}.rank", lora.rank, low=0, integer=True)
+    _number_check(e, f"{where}.rank", lora.rank, low=0, high=MAX_LORA_RANK, integer=True,
+                  high_hint=" (an adapter of higher rank is no smaller than the matrix it adapts)")
     if not (_is_number(lora.rank) and lora.rank > 0):
         return e
     _number_check(e, f"{where}.alpha", lora.alpha, low=0, low_ok=False)
