@@ -80,7 +80,7 @@ def test_phase_store_on_s3_checks_and_quarantines_like_a_folder(s3, monkeypatch)
     store = open_store(cfg, InProcessSystem(cfg))
     store.put("samples/x", [["a", "b"]])
     weights = store.put_version("rm/base", {"w": torch.arange(6.0).reshape(2, 3)}, {"loss": 0.5})
-    assert weights.checkpoint == f"{cfg.run.output_dir}/phases/rm__base.pt"
+    assert weights.checkpoint == f"{cfg.run.output_dir}/phases/rm__base.safetensors"
     assert store.get("samples/x") == [["a", "b"]]
     assert torch.equal(store.get_version("rm/base").handle["w"], torch.arange(6.0).reshape(2, 3))
     assert store.weights_keys() == ["rm/base"]
@@ -141,13 +141,13 @@ def test_a_run_killed_mid_way_resumes_from_the_bucket(s3, tmp_path):
         job.wait(timeout=60)
     logs.append((tmp_path / "killed.log").read_text())
     before = _objects(client, "run/")
-    assert "run/summary.json" not in before and "run/phases/rm__base.pt" in before
+    assert "run/summary.json" not in before and "run/phases/rm__base.safetensors" in before
 
     run(f"s3://{BUCKET}/run", "run.resume=true", cwd=tmp_path / "hydra-resume")
     after = _objects(client, "run/")
     assert _comparable(json.loads(client.get_object(Bucket=BUCKET, Key="run/summary.json")["Body"].read())) == \
         _comparable(reference)
-    for key in ("run/phases/rm__base.json", "run/phases/rm__base.pt"):  # not recomputed
+    for key in ("run/phases/rm__base.json", "run/phases/rm__base.safetensors"):  # not recomputed
         assert after[key]["ETag"] == before[key]["ETag"] and after[key]["LastModified"] == before[key]["LastModified"]
     assert {"run/report.md", "run/resolved_config.json", "run/run_timing.json", "run/models/index.json",
             "run/models/policy/apo/r1/model.safetensors"} <= set(after)

@@ -331,14 +331,18 @@ class PhaseStore:
         marker = source._marker(source_key)
         if marker is None or "weights" not in marker:
             raise FileNotFoundError(f"{source.root}: no finished weights phase {source_key!r} to adopt")
-        src, dst = source.version_path(source_key), self._path(key, ".pt")
-        dst.unlink(missing_ok=True)
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copyfile(src, dst)
+        src = source.version_path(source_key)
+        dst = self._path(key, _suffix(src))  # the source's format (.safetensors, or a legacy .pt)
+        if storage.is_uri(src) or storage.is_uri(dst):
+            storage.write_bytes(dst, storage.read_bytes(src))
+        else:
+            Path(dst).unlink(missing_ok=True)
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copyfile(src, dst)
         fsync_dir(self.root)
-        self.put(key, marker["value"], weights=marker["weights"])
+        self.put(key, marker["value"], weights=dict(marker["weights"]) | {"file": storage.name(dst)})
 
     def version_stats(self, key: str) -> dict:
         return self.get(key) or {}

@@ -13,6 +13,7 @@ from apo_ray.config import Config, to_dict
 from apo_ray.core.arms import scored_by_rm_base_warning
 from apo_ray.game.loop import APOGame
 from apo_ray.game.stack import model_digest_line, software_stack, stack_line
+from apo_ray.outputs.claims import item_score_rows, load_run, write_item_scores
 from apo_ray.outputs.report import write_report
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ def finish_run(cfg: Config, game: APOGame, records: list[dict], *, wall_seconds:
              f"Model weights (sha256): {model_digest_line(stack)}.",
              f"Wall time {wall_seconds / 60:.1f} min."]
     with storage.local_folder(out) as folder:  # a URI: written here, uploaded at the end
+        if not storage.is_uri(out) and (folder / "phases").is_dir():  # every item's score per model
+            write_item_scores(folder / "item_scores.csv", item_score_rows(load_run(folder, records)))
         report = write_report(folder, records, judge=judge, notes=notes, title=f"APO run `{cfg.run.name}`")
     return storage.join(out, report.name)
 

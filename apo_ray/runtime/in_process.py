@@ -56,7 +56,7 @@ class InProcessSystem:
 
     def save_weights(self, handle: Any, path: Path, **checkpoint) -> None:
         """``checkpoint``: what :func:`apo_ray.game.store.write_checkpoint` takes (base, trained...)."""
-        write_checkpoint(Path(path), handle, **checkpoint)
+        write_checkpoint(path, handle, **checkpoint)
 
     def load_weights(self, path: Path) -> Any:
         return load_checkpoint(path)

@@ -410,7 +410,7 @@ class RaySystem:
     def save_weights(self, handle: Any, path: Path, **checkpoint) -> None:
         """Zero-copy views of the object-store buffer; only the tensors the checkpoint keeps (what
         the phase trained, ``checkpoint``: see :func:`apo_ray.game.store.write_checkpoint`) are copied."""
-        write_checkpoint(Path(path), unpack_state_dict(ray.get(handle)), **checkpoint)
+        write_checkpoint(path, unpack_state_dict(ray.get(handle)), **checkpoint)
 
     def load_weights(self, path: Path) -> Any:
         return ray.put(pack_state_dict(load_checkpoint(path)))
