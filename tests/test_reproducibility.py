@@ -181,6 +181,20 @@ def test_a_local_instance_gets_the_logical_cpus_the_run_needs(tiny_cfg, monkeypa
     assert local_instance_cpus(cfg) == 3
 
 
+def test_the_demo_fits_a_local_instance_on_two_cores_but_a_joined_two_cpu_cluster_is_refused(monkeypatch):
+    from apo_ray.config import ConfigError, compose, validate
+    from apo_ray.runtime.launch import local_instance_cpus
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    for overrides in (["experiment=demo"], ["experiment=demo", "cluster.local_num_cpus=null"]):
+        cfg = compose(overrides)
+        cpus = local_instance_cpus(cfg)
+        assert cpus == 6, overrides
+        validate(cfg, cluster_cpus=cpus, cluster_gpus=0.0, node_resources=[{"CPU": float(cpus)}])
+        with pytest.raises(ConfigError, match="needs 6 CPUs at once .* the Ray cluster has 2"):
+            validate(cfg, cluster_cpus=2.0, cluster_gpus=0.0, node_resources=[{"CPU": 2.0}])
+
+
 # ------------------------------------------------------------------------------ whole runs (slow)
 
 # Time and machine load, not results; and where the versions live (Ray's object store; nothing to
