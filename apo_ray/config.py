@@ -28,6 +28,18 @@ TRACKERS = ("tensorboard", "mlflow", "wandb")
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora's MaxLoRARanks (max_lora_rank)
 
 
+# Upper bounds of what the code can use. The phase plan (progress.plan_phases) lists every phase of
+# every round up front, so a huge round count hangs while it grows; seeds go to numpy (< 2**32);
+# other counts are torch sizes and indices (int32 on some kernels).
+MAX_ROUNDS = 1000
+MAX_SAMPLES_PER_QUERY = 1024
+MAX_SEED = 2**32 - 1
+MAX_INT = 2**31 - 1
+# The loss weights beyond which the fp32 gradient norm overflows and every optimiser step is skipped
+# (the RM's gradients are O(1) per unit weight; 1e30 made every RM step a no-op).
+MAX_LOSS_WEIGHT = 1e6
+
+
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the field and the value."""
 
@@ -161,7 +173,10 @@ class APOConfig:
 
 @dataclass
 class ClusterConfig:
-    address: str | None = None  # None: $RAY_ADDRESS or a new local instance
+    # None or "local": $RAY_ADDRESS (set by `ray job submit`) or else a private new local instance;
+    # "auto" joins the cluster `ray start` left on this machine; "host:port" that head's GCS.
+    address: str | None = None
+    connect_timeout_s: float = 60.0  # joining a given cluster fails with a clear error after this
     namespace: str | None = None  # None: apo-<run.name>
     num_generators: int = 1
     generator_cpus: float = 1.0
@@ -263,18 +278,26 @@ def _is_number(value: Any) -> bool:
 
 def _number_check(e: list[str], name: str, value: Any, *, low: float, low_ok: bool = True,
                   high: float | None = None, high_ok: bool = True, integer: bool = False,
-                  optional: bool = False, hint: str = "") -> None:
+                  optional: bool = False, hint: str = "", high_hint: str = "") -> None:
     """``name`` must be a finite number (an int when ``integer``) in the stated range; null when
-    ``optional``. Appends one message naming the field, the rule and the value."""
+    ``optional``. Appends one message naming the field, the rule and the value. The upper bound is
+    named only when the value is over it (``high_hint`` then says why it exists)."""
     if optional and value is None:
         return
-    rule = f"{'>=' if low_ok else '>'} {low:g}" + (f" and {'<=' if high_ok else '<'} {high:g}" if high is not None else "")
-    rule += " or null" if optional else ""
+
+    def fmt(x: float) -> str:
+        return str(x) if isinstance(x, int) else f"{x:g}"
+
+    rule = f"{'>=' if low_ok else '>'} {fmt(low)}"
+    full = rule + (f" and {'<=' if high_ok else '<'} {fmt(high)}" if high is not None else "")
+    null = " or null" if optional else ""
     typed = (isinstance(value, int) and not isinstance(value, bool)) if integer else _is_number(value)
     if not typed or not math.isfinite(value):
-        e.append(f"{name} must be {'an integer' if integer else 'a finite number'} {rule}{hint}, got {value!r}")
-    elif not (value >= low if low_ok else value > low) or not (high is None or (value <= high if high_ok else value < high)):
-        e.append(f"{name} must be {rule}{hint}, got {value!r}")
+        e.append(f"{name} must be {'an integer' if integer else 'a finite number'} {full}{null}{hint}, got {value!r}")
+    elif not (value >= low if low_ok else value > low):
+        e.append(f"{name} must be {rule}{null}{hint}, got {value!r}")
+    elif not (high is None or (value <= high if high_ok else value < high)):
+        e.append(f"{name} must be {full}{null}{hint}{high_hint}, got {value!r}")
 
 
 def _size_check(e: list[str], name: str, value: Any, *, required: bool) -> None:
@@ -290,10 +313,10 @@ def _size_check(e: list[str], name: str, value: Any, *, required: bool) -> None:
 def decoding_errors(d: DecodingConfig, where: str) -> list[str]:
     """What is wrong with one set of decoding settings, each message naming ``where.<field>``."""
     e: list[str] = []
-    _number_check(e, f"{where}.max_new_tokens", d.max_new_tokens, low=1, integer=True)
+    _number_check(e, f"{where}.max_new_tokens", d.max_new_tokens, low=1, integer=True, high=MAX_INT)
     _number_check(e, f"{where}.temperature", d.temperature, low=0, hint=" (0: greedy)")
     _number_check(e, f"{where}.top_p", d.top_p, low=0, low_ok=False, high=1)
-    _number_check(e, f"{where}.top_k", d.top_k, low=0, integer=True, hint=" (0: off)")
+    _number_check(e, f"{where}.top_k", d.top_k, low=0, integer=True, high=MAX_INT, hint=" (0: off)")
     _number_check(e, f"{where}.repetition_penalty", d.repetition_penalty, low=0, low_ok=False, hint=" (1.0: off)")
     return e
 
@@ -365,8 +388,7 @@ def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: fl
     """
     e: list[str] = []
     a, g, rm, p, c, d, ev = cfg.apo, cfg.generation, cfg.rm, cfg.policy, cfg.cluster, cfg.data, cfg.eval
-    ints = (("apo.rounds", a.rounds, 1), ("apo.samples_per_query", a.samples_per_query, 1),
-            ("rm.pairs_per_batch", rm.pairs_per_batch, 1), ("rm.micro_pairs", rm.micro_pairs, 1),
+    ints = (("rm.pairs_per_batch", rm.pairs_per_batch, 1), ("rm.micro_pairs", rm.micro_pairs, 1),
             ("rm.max_length", rm.max_length, 1), ("rm.score_batch", rm.score_batch, 1),
             ("rm.epochs", rm.epochs, 1), ("rm.base_epochs", rm.base_epochs, 1),
             ("policy.sequences_per_batch", p.sequences_per_batch, 1),
@@ -379,15 +401,23 @@ def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: fl
             ("eval.n_bins", ev.n_bins, 1), ("eval.judge_pairs", ev.judge_pairs, 1),
             ("eval.judge_concurrency", ev.judge_concurrency, 1), ("eval.judge_max_tokens", ev.judge_max_tokens, 1))
     for name, value, low in ints:
-        _number_check(e, name, value, low=low, integer=True)
+        _number_check(e, name, value, low=low, integer=True, high=MAX_INT)
+    _number_check(e, "apo.rounds", a.rounds, low=1, integer=True, high=MAX_ROUNDS,
+                  high_hint=" (each round trains an RM and a policy; every phase of every round is planned up front)")
+    _number_check(e, "apo.samples_per_query", a.samples_per_query, low=1, integer=True, high=MAX_SAMPLES_PER_QUERY)
+    for name, value in (("run.seed", cfg.run.seed), ("data.seed", d.seed), ("generation.seed", g.seed)):
+        _number_check(e, name, value, low=0, integer=True, high=MAX_SEED)
     for name, value, null in (("rm.trainable_layers", rm.trainable_layers, "all layers"),
                               ("policy.trainable_layers", p.trainable_layers, "all layers"),
                               ("data.gold_queries", d.gold_queries, "every D_P prompt"),
                               ("eval.test_queries", ev.test_queries, "every test prompt")):
-        _number_check(e, name, value, low=1, integer=True, optional=True, hint=f" ({null})")
-    _number_check(e, "cluster.local_num_cpus", c.local_num_cpus, low=1, integer=True, optional=True)
-    _number_check(e, "apo.beta2", a.beta2, low=0)
-    _number_check(e, "apo.apo_weight", a.apo_weight, low=0)
+        _number_check(e, name, value, low=1, integer=True, high=MAX_INT, optional=True, hint=f" ({null})")
+    _number_check(e, "cluster.local_num_cpus", c.local_num_cpus, low=1, integer=True, high=MAX_INT, optional=True)
+    for name, value in (("apo.beta2", a.beta2), ("apo.apo_weight", a.apo_weight)):
+        _number_check(e, name, value, low=0, high=MAX_LOSS_WEIGHT,
+                      high_hint=" (larger weights overflow the gradients: every RM step would be skipped)")
+    if _is_number(a.beta2) and _is_number(a.apo_weight) and a.beta2 == 0 and a.apo_weight == 0:
+        e.append("apo.beta2=0 and apo.apo_weight=0: the RM loss would be 0 and no RM step would change anything")
     for name, value in (("rm.lr", rm.lr), ("rm.base_lr", rm.base_lr), ("policy.dpo_beta", p.dpo_beta)):
         _number_check(e, name, value, low=0, low_ok=False)
     if not p.lrs:
@@ -399,7 +429,7 @@ def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: fl
     for name, learner in (("rm", rm), ("policy", p)):
         _check(e, learner.schedule in LR_SCHEDULES,
                f"{name}.schedule must be one of {LR_SCHEDULES}, got {learner.schedule!r}")
-        _number_check(e, f"{name}.warmup_steps", learner.warmup_steps, low=0, integer=True)
+        _number_check(e, f"{name}.warmup_steps", learner.warmup_steps, low=0, integer=True, high=MAX_INT)
         _number_check(e, f"{name}.warmup_ratio", learner.warmup_ratio, low=0, high=1, high_ok=False)
     for name in ("generator_cpus", "generator_gpus", "scorer_cpus", "scorer_gpus", "learner_cpus", "driver_cpus"):
         _number_check(e, f"cluster.{name}", getattr(c, name), low=0)
@@ -408,6 +438,7 @@ def validate(cfg: Config, *, cluster_cpus: float | None = None, cluster_gpus: fl
                       hint=" with cluster.learner_use_gpu=true")
     _number_check(e, "eval.judge_max_failed_fraction", ev.judge_max_failed_fraction, low=0, high=1)
     _number_check(e, "cluster.resource_wait_s", c.resource_wait_s, low=0, low_ok=False)
+    _number_check(e, "cluster.connect_timeout_s", c.connect_timeout_s, low=0, low_ok=False)
     _check(e, c.deepspeed_stage in (1, 2, 3), f"cluster.deepspeed_stage must be 1, 2 or 3, got {c.deepspeed_stage!r}")
     for name, learner in (("rm", rm), ("policy", p)):
         e.extend(lora_errors(learner.lora, f"{name}.lora", c, cfg.generation if name == "policy" else None))
@@ -543,10 +574,48 @@ def resource_problems(cfg: Config, *, cluster_cpus: float | None = None, cluster
     return problems
 
 
+def schema_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, sections included (``apo``, ``apo.beta2``, ...)."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        keys.append(prefix + f.name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            keys.extend(schema_keys(type(default), f"{prefix}{f.name}."))
+    return keys
+
+
+def unknown_keys(tree: dict, cls: type = Config, prefix: str = "") -> list[str]:
+    """Keys of ``tree`` (a plain dict of a composed config) that the schema does not have, each
+    with the nearest valid key (``+apo.beta_2=0.5``: Hydra adds it, and without this check it would
+    be dropped without a word). Free-form dict fields (``generation.engine_kwargs``) take any key."""
+    import difflib
+
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    problems = []
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if cls is Config and key == "hydra":  # Hydra's own section
+            continue
+        f = fields.get(key)
+        if f is None:
+            near = difflib.get_close_matches(name, schema_keys(), n=1, cutoff=0.6)
+            problems.append(f"{name} is not a setting of apo_ray" + (f" (did you mean {near[0]}?)" if near else ""))
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            problems.extend(unknown_keys(value, type(default), name + "."))
+    return problems
+
+
 def from_omegaconf(node) -> Config:
-    """A resolved ``Config`` from a Hydra/OmegaConf node (merged onto the schema, so types are checked)."""
+    """A resolved ``Config`` from a Hydra/OmegaConf node (merged onto the schema, so types are checked).
+    Keys outside the schema are refused (:func:`unknown_keys`), naming the nearest valid one."""
     from omegaconf import OmegaConf
 
+    unknown = unknown_keys(OmegaConf.to_container(node, resolve=False))
+    if unknown:
+        raise ConfigError("unknown config keys:\n  " + "\n  ".join(unknown))
     schema = OmegaConf.structured(Config)
     merged = OmegaConf.merge(schema, node)
     return OmegaConf.to_object(merged)

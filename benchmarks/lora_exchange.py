@@ -180,7 +180,7 @@ def main() -> None:
     ap.add_argument("--data", default=os.environ.get("APO_HH_DATA"))
     ap.add_argument("--out", default="benchmarks/results/lora_exchange.json")
     args = ap.parse_args()
-    result = {"when": datetime.datetime.now(datetime.timezone.utc).isoformat(), "machine": platform.processor()
+    result = {"when": datetime.datetime.now(datetime.UTC).isoformat(), "machine": platform.processor()
               or platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
               "rank": args.rank, "load_average_before": os.getloadavg()}
     if args.part in ("exchange", "both"):

@@ -3,11 +3,11 @@
 Side by side in one run, on a random state dict of a real model shape (``--shape``, ``--dtype`` as in
 ``weight_sync.py``), in a temporary folder on the disk that holds ``--dir``:
 
-- ``save``: what a weights phase did before: ``InProcessSystem.save_weights`` (``torch.save`` to a
-  temporary name + rename) and a plain JSON marker;
+- ``save``: a plain save: ``InProcessSystem.save_weights`` (the checkpoint file, here the whole
+  state dict, written under a temporary name + rename) and a plain JSON marker;
 - ``put_weights``: ``PhaseStore.put_weights`` now: the same save, then fsync of the file and the
   folder, SHA-256 of the file (read back, mostly from the page cache) and a marker written durably;
-- ``load`` / ``get_weights``: ``torch.load`` alone vs the store's size + checksum check and load.
+- ``load`` / ``get_weights``: the system's load alone vs the store's size + checksum check and load.
 
 Median of ``--repeats`` after one warm-up. Prints a table; writes JSON under ``benchmarks/results/``.
 
@@ -60,7 +60,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         store = PhaseStore(Path(tmp) / "phases", system)
         for i in range(args.repeats + 1):
-            plain, key = Path(tmp) / f"plain{i}.pt", f"rm/r{i}"
+            plain, key = Path(tmp) / f"plain{i}.safetensors", f"rm/r{i}"
             sample = {"save": timed(old_save, system, sd, plain),
                       "put_weights": timed(store.put_version, key, sd, {"loss": 1.0}),
                       "load": timed(system.load_weights, plain),
@@ -71,7 +71,7 @@ def main() -> None:
         size = plain.stat().st_size
     median = {k: statistics.median(v) for k, v in times.items()}
     rows = [("write a weights phase", "save", "put_weights"), ("read it back on resume", "load", "get_weights")]
-    print(f"{args.shape} {args.dtype}: {size / 1e9:.3f} GB per .pt, median of {args.repeats}")
+    print(f"{args.shape} {args.dtype}: {size / 1e9:.3f} GB per checkpoint, median of {args.repeats}")
     print("| what | before (s) | now (s) | ratio |\n|---|---|---|---|")
     for what, before, now in rows:
         print(f"| {what} | {median[before]:.3f} | {median[now]:.3f} | {median[now] / median[before]:.2f}x |")

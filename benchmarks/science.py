@@ -69,8 +69,9 @@ class LoadSampler(threading.Thread):
     def prune_finished(self) -> None:
         for run_dir in self.prune:
             if (run_dir / "run_timing.json").exists():
-                for weights in (run_dir / "phases").glob("*.pt"):
-                    weights.unlink()
+                for suffix in ("*.safetensors", "*.pt"):  # the checkpoints (.pt: written before 2026-12)
+                    for weights in (run_dir / "phases").glob(suffix):
+                        weights.unlink()
 
     def stop(self) -> list:
         self._done.set()

@@ -208,7 +208,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "benchmark": "weight_sync",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "args": vars(args),
         "tensors": len(sd),
         "bytes": nbytes,

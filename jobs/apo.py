@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from apo_ray.config import from_omegaconf, register_configs, validate
 from apo_ray.data import DataError, resolve_paths
+from apo_ray.game.ownership import os_cause
 from apo_ray.runtime.launch import USER_ERRORS, run_in_process, run_on_ray
 
 register_configs()
@@ -38,6 +39,8 @@ def main(node: DictConfig) -> None:
         records = run_in_process(cfg) if cfg.run.in_process else run_on_ray(cfg)
     except USER_ERRORS as err:  # the message names the field, file or resource at fault
         raise SystemExit(str(err)) from None
+    except OSError as err:  # disk full, permission denied, not a regular file: the cause and the path
+        raise SystemExit(f"error: {os_cause(err)} (run.output_dir={cfg.run.output_dir})") from None
     logging.getLogger("apo").info("finished %d records; summary in %s/summary.json", len(records),
                                   cfg.run.output_dir)
 

@@ -3,7 +3,8 @@
     python jobs/export.py /shared/runs/apo1                  # every version in phases/ -> models/
     python jobs/export.py /shared/runs/apo1 --versions 'policy/*' --out /tmp/policies
 
-Reads the run's ``resolved_config.json`` (base models, decoding settings) and ``phases/*.pt``; a run
+Reads the run's ``resolved_config.json`` (base models, decoding settings) and its checkpoints in
+``phases/`` (each the tensors its phase trained, over its base's: ``apo_ray.game.store.load_checkpoint``); a run
 started with ``run.save_models=none`` or stopped mid-way exports the same way. Folders that exist are
 kept unless ``--overwrite``. Shows a progress bar; prints ``{version: folder}`` as JSON.
 """
@@ -27,12 +28,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
 
-    import torch
     from omegaconf import OmegaConf
     from tqdm import tqdm
 
     from apo_ray.config import from_omegaconf
-    from apo_ray.game.store import PhaseStore
+    from apo_ray.game.store import PhaseStore, load_checkpoint
     from apo_ray.outputs.export import (
         export_folder,
         export_version,
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     generation = policy_generation_config(cfg)
     done = {}
     for version in tqdm(versions, desc="export", unit="model"):
-        state = torch.load(store.version_path(version), map_location="cpu", weights_only=True)
+        state = load_checkpoint(store.version_path(version))
         folder = export_version(version, state, export_folder(models, version), base_model=base[version_kind(version)],
                                 generation=generation, meta=meta.get(version, {}), overwrite=args.overwrite,
                                 merged=cfg.run.export_merged)

@@ -19,7 +19,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python jobs/serve.py` from anywhere
 
-from apo_ray.llm_api.server import BACKENDS, DEFAULT_MAX_BODY_BYTES, start_server, stop_server
+from apo_ray.llm_api.server import (
+    BACKENDS,
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_ONGOING_REQUESTS,
+    start_server,
+    stop_server,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,6 +45,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="vllm: prompt + answer tokens (default: the model's context length)")
     parser.add_argument("--max-new-tokens-cap", type=int, default=512, help="transformers: cap on max_tokens")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    parser.add_argument("--body-timeout-s", type=float, default=DEFAULT_BODY_TIMEOUT_S,
+                        help="a request body not complete by then is dropped with 408 (stalled uploads)")
+    parser.add_argument("--max-ongoing-requests", type=int, default=DEFAULT_MAX_ONGOING_REQUESTS,
+                        help="transformers: requests one replica holds at once (generation is one at a time)")
     parser.add_argument("--engine-kwargs", type=json.loads, default=None, help='vllm: JSON, e.g. \'{"seed": 1}\'')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -46,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
                           num_cpus_per_replica=args.num_cpus_per_replica,
                           num_gpus_per_replica=args.num_gpus_per_replica, dtype=args.dtype,
                           max_model_len=args.max_model_len, max_new_tokens_cap=args.max_new_tokens_cap,
-                          max_body_bytes=args.max_body_bytes, engine_kwargs=args.engine_kwargs)
+                          max_body_bytes=args.max_body_bytes, engine_kwargs=args.engine_kwargs,
+                          body_timeout_s=args.body_timeout_s, max_ongoing_requests=args.max_ongoing_requests)
     print(f"serving {args.model} at {served.base_url} ({served.backend}; Ctrl-C to stop)", flush=True)
     try:
         while True:

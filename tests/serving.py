@@ -55,3 +55,48 @@ def post(url: str, body: bytes, key: str | None, content_type: str = "applicatio
             return resp.status, json.load(resp)
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read() or b"{}")
+
+
+def _raw_headers(url: str, key: str | None, content_length: int) -> tuple[str, int, bytes]:
+    """(host, port, request head) of a raw POST to ``url``."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    head = (f"POST {parts.path} HTTP/1.1\r\nHost: {parts.hostname}:{parts.port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {content_length}\r\n"
+            + (f"Authorization: Bearer {key}\r\n" if key else "") + "\r\n")
+    return parts.hostname, parts.port, head.encode()
+
+
+def stalled_upload(url: str, key: str | None, declared_bytes: int = 1000, sent: bytes = b'{"mo') -> socket.socket:
+    """A client that declares ``declared_bytes`` of body, sends ``sent`` and then goes idle; the open
+    socket is returned (read it to see what the server did, close it to end the stall)."""
+    host, port, head = _raw_headers(url, key, declared_bytes)
+    sock = socket.create_connection((host, port), timeout=60)
+    sock.sendall(head + sent)
+    return sock
+
+
+def abandoned_request(url: str, key: str | None, body: dict, linger_s: float = 0.2) -> None:
+    """Send a whole request, wait ``linger_s`` for it to reach the server, and disconnect without
+    reading the answer."""
+    import time
+
+    data = json.dumps(body).encode()
+    host, port, head = _raw_headers(url, key, len(data))
+    with socket.create_connection((host, port), timeout=60) as sock:
+        sock.sendall(head + data)
+        time.sleep(linger_s)
+
+
+def read_status(sock: socket.socket, timeout_s: float) -> int | None:
+    """The HTTP status the server sent on ``sock`` within ``timeout_s`` (None: nothing, or closed)."""
+    sock.settimeout(timeout_s)
+    try:
+        first = sock.recv(64)
+    except OSError:
+        return None
+    finally:
+        sock.close()
+    parts = first.split(b" ", 2)
+    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None

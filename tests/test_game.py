@@ -20,17 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
+from apo_ray.outputs.summary import write_summary
 
 from apo_ray.config import DecodingConfig
 from apo_ray.game.events import ArmRoundFinished
 from apo_ray.game.game_data import build_game_data, eval_prompts
 from apo_ray.game.loop import APOGame
-from apo_ray.game.store import PhaseStore
+from apo_ray.game.store import PhaseStore, load_checkpoint
 from apo_ray.game.system import Weights
 from apo_ray.models.generation import HFGenerator
 from apo_ray.models.loading import load_policy
-from apo_ray.outputs.summary import write_summary
 from apo_ray.runtime.in_process import InProcessSystem
 
 ARMS = ["apo", "apo_seq", "fixed", "ablation"]
@@ -81,8 +80,8 @@ class RecordingSystem:
     def shutdown(self) -> None:
         self.inner.shutdown()
 
-    def save_weights(self, handle, path: Path) -> None:
-        self.inner.save_weights(handle, path)
+    def save_weights(self, handle, path: Path, **checkpoint) -> None:
+        self.inner.save_weights(handle, path, **checkpoint)
 
     def load_weights(self, path: Path):
         self.calls.append(("load_weights", Path(path).name))
@@ -110,7 +109,7 @@ class GameRun:
         return rec
 
     def weights(self, key: str) -> dict:
-        return torch.load(self.store._path(key, ".pt"), map_location="cpu", weights_only=True)
+        return load_checkpoint(self.store.version_path(key))
 
 
 def play(cfg, root: Path, system=None) -> GameRun:
@@ -190,7 +189,7 @@ def test_all_training_losses_are_finite(game):
                     continue
                 assert stats["steps"] >= 1
                 assert finite([stats["loss_first"], stats["loss_last"], stats["loss_mean"]]), (arm, r, train)
-    for key_file in game.store.root.glob("*.pt"):
+    for key_file in game.store.root.glob("*.safetensors"):
         stats = game.store.get(key_file.stem.replace("__", "/"))
         assert stats["losses"] and finite(stats["losses"]), key_file.name
 
@@ -218,7 +217,7 @@ def test_fixed_arm_never_changes_the_rm(game):
         assert rec["rm_test_acc"] == game.record("fixed", 0)["rm_test_acc"]
         assert rec["rm_test_ece"] == game.record("fixed", 0)["rm_test_ece"]
     assert not list(game.store.root.glob("rm__fixed*"))
-    rm_keys = {p.stem for p in game.store.root.glob("rm__*.pt")}
+    rm_keys = {p.stem for p in game.store.root.glob("rm__*.safetensors")}
     assert rm_keys == {"rm__base", "rm__apo__r1", "rm__apo__r2", "rm__apo_seq__r2", "rm__ablation__r1",
                        "rm__ablation__r2"}
 
@@ -327,7 +326,7 @@ def test_crashed_run_resumes_without_recomputing_and_matches(game, tiny_cfg_fact
     with pytest.raises(Crash):
         play(cfg, root, crashing)
     assert crashing.of("train_policy")[-1][0] == "policy/apo/r1"
-    assert (root / "rm__apo_seq__r2.pt").exists()  # round 2's RM was finished before the crash
+    assert (root / "rm__apo_seq__r2.safetensors").exists()  # round 2's RM was finished before the crash
     assert not (root / "policy__apo_seq__r2.json").exists()
 
     resumed = play(cfg, root)
@@ -346,6 +345,39 @@ def test_crashed_run_resumes_without_recomputing_and_matches(game, tiny_cfg_fact
         for k in COMPARED:
             assert rec[k] == pytest.approx(reference[k], abs=1e-6), (rec["round"], k)
     assert max_abs_diff(resumed.weights("policy/apo_seq/r2"), game.weights("policy/apo_seq/r2")) < 1e-6
+
+
+def test_checkpoints_leave_out_frozen_layers_and_a_resume_from_them_matches(tiny_cfg_factory, tmp_path):
+    """With the top block alone trained (trainable_layers=1 of the tiny model's 2), every checkpoint
+    holds that block, the final norm and the RM head, nothing below, and the phases folder is a
+    fraction of full checkpoints. A run crashed in round 2's policy update resumes from them (each
+    version rebuilt from its chain of bases) to the uninterrupted run's records and weights."""
+    from safetensors import safe_open
+
+    cfg = tiny_cfg_factory(apo__arms=["apo_seq"], apo__rounds=ROUNDS, rm__trainable_layers=1,
+                           policy__trainable_layers=1, **GREEDY_TESTS)
+    whole = play(cfg, tmp_path / "whole")
+    files = sorted(whole.store.root.glob("*.safetensors"))
+    assert {f.name for f in files} == {k.replace("/", "__") + ".safetensors" for k in whole.store.weights_keys()}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            names = list(fh.keys())
+        assert names and all(n.startswith(("model.layers.1.", "model.norm.", "score.")) for n in names), f.name
+    full_bytes = sum(t.numel() * t.element_size() for k in whole.store.weights_keys()
+                     for t in whole.weights(k).values())
+    stored_bytes = sum(f.stat().st_size for f in files)
+    assert stored_bytes < 0.6 * full_bytes, (stored_bytes, full_bytes)
+
+    root = tmp_path / "crashed"
+    with pytest.raises(Crash):
+        play(cfg, root, RecordingSystem(InProcessSystem(cfg), crash_policy_from="policy/apo/r1"))
+    resumed = play(cfg, root)
+    assert resumed.system.of("load_weights")  # the stored versions were rebuilt from their files
+    assert len(resumed.records) == len(whole.records)
+    for a, b in zip(whole.records, resumed.records):
+        for k in COMPARED:
+            assert b[k] == pytest.approx(a[k], abs=1e-6), (a["round"], k)
+    assert max_abs_diff(resumed.weights("policy/apo_seq/r2"), whole.weights("policy/apo_seq/r2")) < 1e-6
 
 
 # ------------------------------------------------------------------------------ DPO

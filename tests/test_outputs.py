@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from apo_ray.game.store import load_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "jobs"))
 
@@ -94,7 +96,7 @@ def test_exported_rms_give_our_scores_with_plain_transformers(sweep):
     answers[0] = ""  # an empty answer: the score is read at its end-of-turn token too
     scorer = RewardScorer(cfg.model.reward, max_length=cfg.rm.max_length, score_batch=4, dtype="float32")
     for version in ("rm/base", "rm/eval", "rm/apo/r1"):
-        scorer.load_weights(torch.load(_store(run).version_path(version), weights_only=True))
+        scorer.load_weights(load_checkpoint(_store(run).version_path(version)))
         ours = torch.tensor(scorer.score(prompts, answers))
         folder = run / "models" / version
         rm = AutoModelForSequenceClassification.from_pretrained(folder)
@@ -122,7 +124,7 @@ def test_exported_policies_reproduce_our_logits(sweep):
     _, answers = _texts(run)
     base = load_policy(cfg.model.policy)
     for version in ("policy/fixed/r1", "policy/apo/r1"):
-        state = torch.load(_store(run).version_path(version), weights_only=True)
+        state = load_checkpoint(_store(run).version_path(version))
         ours_model = load_policy(cfg.model.policy)
         ours_model.load_state_dict(state)
         folder = run / "models" / version

@@ -18,12 +18,22 @@ from apo_ray.game.store import PhaseStore, ResumeError, check_store, file_digest
 from apo_ray.runtime.in_process import InProcessSystem
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = "tiny-random-llama"
 
 
 @pytest.fixture(autouse=True)
 def own_digest_cache(tmp_path, monkeypatch):
-    """File digests cached in this test's folder, not in the user's ~/.cache."""
-    monkeypatch.setenv("APO_RAY_CACHE", str(tmp_path / "cache"))
+    """File digests cached in this test's folder, not in the user's ~/.cache. The converted models
+    already in the user's cache are linked in: the fingerprint digests the run's model files, and
+    converting SmolLM2 again in every test would only cost time."""
+    from apo_ray.models.loading import cache_dir
+
+    own = tmp_path / "cache"
+    own.mkdir()
+    for folder in cache_dir().glob("*"):
+        if (folder / "config.json").exists():
+            (own / folder.name).symlink_to(folder.resolve())
+    monkeypatch.setenv("APO_RAY_CACHE", str(own))
     monkeypatch.setattr(store_module, "_digests", {})
 
 
@@ -54,7 +64,8 @@ def test_phase_files_are_fsynced_before_and_after_the_rename(tmp_path, monkeypat
     store.put_version("rm/base", STATE, {"loss": 1.0})
     # the weights (InProcessSystem writes them under a temporary name) are on disk, file and folder entry,
     # before the marker that says they are complete
-    assert events == [("rename", "rm__base.pt.tmp", "rm__base.pt"), ("fsync", "rm__base.pt"), ("fsync", "phases"),
+    assert events == [("rename", "rm__base.safetensors.tmp", "rm__base.safetensors"), ("fsync", "rm__base.safetensors"),
+                      ("fsync", "phases"),
                       ("fsync", "rm__base.json.tmp"),
                       ("rename", "rm__base.json.tmp", "rm__base.json"), ("fsync", "phases")]
 
@@ -63,7 +74,7 @@ def test_marker_holds_the_size_and_checksum_of_the_weights(tmp_path):
     store = weights_store(tmp_path)
     store.put_version("rm/base", STATE, {"loss": 1.0})
     marker = json.loads((tmp_path / "rm__base.json").read_text())
-    pt = tmp_path / "rm__base.pt"
+    pt = tmp_path / "rm__base.safetensors"
     assert marker["value"] == {"loss": 1.0} and marker["weights"]["bytes"] == pt.stat().st_size
     assert marker["weights"]["sha256"] == store_module.file_sha256(pt)[1]
     loaded = store.get_version("rm/base")
@@ -89,7 +100,7 @@ def test_a_corrupt_json_phase_is_moved_aside_and_recomputed(tmp_path, caplog, da
 def test_a_corrupt_weights_file_is_moved_aside_and_recomputed(tmp_path, caplog, damage):
     store = weights_store(tmp_path)
     store.put_version("policy/apo/r1", STATE, {"loss": 1.0})
-    pt = tmp_path / "policy__apo__r1.pt"
+    pt = tmp_path / "policy__apo__r1.safetensors"
     data = pt.read_bytes()
     if damage == "truncate":
         pt.write_bytes(data[: len(data) // 2])
@@ -98,7 +109,7 @@ def test_a_corrupt_weights_file_is_moved_aside_and_recomputed(tmp_path, caplog, 
     else:
         pt.unlink()
     assert store.get_version("policy/apo/r1") is None
-    assert "policy__apo__r1.pt" in caplog.text and "computed again" in caplog.text
+    assert "policy__apo__r1.safetensors" in caplog.text and "computed again" in caplog.text
     assert not (tmp_path / "policy__apo__r1.json").exists()
 
 
@@ -107,14 +118,14 @@ def test_game_recomputes_exactly_the_corrupt_phases(tiny_cfg_factory, tmp_path, 
 
     cfg = tiny_cfg_factory(apo__arms=["fixed"], apo__rounds=1)
     first = play(cfg, tmp_path)
-    (tmp_path / "policy__fixed__r1.pt").write_bytes(b"torn")  # a truncated checkpoint
+    (tmp_path / "policy__fixed__r1.safetensors").write_bytes(b"torn")  # a truncated checkpoint
     answers = tmp_path / "samples__policy__init__test.json"
     answers.write_text(answers.read_text()[:-20])
     again = play(cfg, tmp_path)
     calls = again.system.calls
     assert [c[1] for c in calls if c[0] == "train_policy"] == ["policy/init"]  # redone, nothing else trained
     assert [c[1] for c in calls if c[0] == "generate"] == ["policy/init"]  # only the torn test answers
-    assert "samples__policy__init__test.json" in caplog.text and "policy__fixed__r1.pt" in caplog.text
+    assert "samples__policy__init__test.json" in caplog.text and "policy__fixed__r1.safetensors" in caplog.text
     for a, b in zip(first.records, again.records):
         assert a["policy_mean_reward"] == pytest.approx(b["policy_mean_reward"], abs=1e-6)
     assert torch.equal(first.weights("policy/fixed/r1")["lm_head.weight"],
@@ -245,3 +256,98 @@ def test_main_job_resume_without_output_dir_says_how(tmp_path, hh_data_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "holds no earlier run to continue" in proc.stderr and "run.output_dir" in proc.stderr
     assert not (tmp_path / "outputs" / "2026-01-01_00-00-00" / "phases" / "fingerprint.json").exists()
+
+
+# ------------------------------------------------------------------------------ checkpoints store what changed
+
+
+def _same(a: dict, b: dict) -> bool:
+    """Equal state dicts, bit for bit: names in order, dtypes, shapes and values."""
+    return list(a) == list(b) and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+def _stored_names(path: Path) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return set(fh.keys())
+
+
+def test_a_checkpoint_holds_what_its_phase_trained_and_rebuilds_the_rest_exactly(tmp_path, tiny_model, hh_pairs):
+    """Real learners on the 2-block tiny model with trainable_layers=1: each checkpoint holds block 1,
+    the final norm and the head, nothing of block 0 or the (tied) embedding, and names its base;
+    the store reads back the learner's full state dict bit for bit, through a chain of two versions
+    from the base model, for an RM (random head) and a policy (tied LM head)."""
+    from apo_ray.data import RankedPair
+    from apo_ray.models.training import TrainSettings, train_policy, train_reward_model
+
+    settings = TrainSettings(lr=1e-3, examples_per_step=4, micro_examples=4, max_length=96, precision="fp32",
+                             seed=0, trainable_layers=1)
+    pairs = [RankedPair(p.prompt, p.chosen, p.rejected, "pref") for p in hh_pairs[:8]]
+    examples = [(p.prompt, p.chosen) for p in hh_pairs[:8]]
+    store = weights_store(tmp_path)
+    for role, train, data in (("rm", train_reward_model, pairs), ("policy", train_policy, examples)):
+        base = {"rm": "rm/pretrained", "policy": "policy/init"}[role]
+        state = None
+        for key in (f"{role}/base", f"{role}/apo/r1"):
+            state, stats = train(TINY_MODEL, state, data, settings)
+            trained = stats.pop("trained_tensors")
+            store.put_version(key, state, stats, base=base, base_model=TINY_MODEL, trained=trained)
+            path = store.version_path(key)
+            assert path.suffix == ".safetensors"
+            assert _stored_names(path) == set(trained)
+            assert trained and all(n.startswith(("model.layers.1.", "model.norm.", "score.", "lm_head."))
+                                   for n in trained), trained
+            assert not any(n.startswith(("model.layers.0.", "model.embed_tokens.")) for n in trained)
+            assert json.loads((tmp_path / f"{key.replace('/', '__')}.json").read_text())["weights"]["base"] == base
+            assert _same(store_module.load_checkpoint(path), state), key  # the full state dict, exactly
+            assert _same(store.get_version(key).handle, state), key
+            base = key
+        full = sum(t.numel() * t.element_size() for t in state.values())
+        assert path.stat().st_size < 0.8 * full  # the tiny model's block 0 and embedding are left out
+
+
+def test_frozen_tensors_come_back_in_the_dtype_the_learner_held_them(tmp_path):
+    """A learner that holds frozen weights in bf16 (DeepSpeed's bf16 modes) hands back the base's fp32
+    values rounded to bf16: the checkpoint records the dtype and the rebuild casts to it."""
+    store = weights_store(tmp_path)
+    base = {"a": torch.randn(64), "b": torch.randn(8, 8)}
+    store.put_version("rm/base", base, {})  # no base: complete in itself
+    child = {"a": base["a"].to(torch.bfloat16), "b": torch.randn(8, 8)}
+    store.put_version("rm/apo/r1", child, {}, base="rm/base", base_model="unused", trained=["b"])
+    assert _stored_names(store.version_path("rm/apo/r1")) == {"b"}
+    assert _same(store.get_version("rm/apo/r1").handle, child)
+
+
+def test_a_changed_or_missing_base_is_named_not_silently_used(tmp_path):
+    store = weights_store(tmp_path)
+    store.put_version("rm/base", STATE, {})
+    child = {"w": STATE["w"], "b": STATE["b"] * 2}
+    store.put_version("rm/apo/r1", child, {}, base="rm/base", base_model="unused", trained=["b"])
+    base_file = store.version_path("rm/base")
+    from safetensors.torch import load_file, save_file
+
+    edited = load_file(str(base_file))
+    edited["w"][0] += 1
+    save_file(edited, str(base_file), metadata={"format": store_module.CHECKPOINT_FORMAT, "base": "", "base_model": "",
+                                                "layout": json.dumps([["w", "float32", [1000]], ["b", "float32", [3]]])})
+    with pytest.raises(ValueError, match="rm__base.safetensors is not the file rm__base.json recorded"):
+        store_module.load_checkpoint(store.version_path("rm/apo/r1"))
+    base_file.unlink()
+    with pytest.raises(FileNotFoundError, match=r"its base version rm/base \(rm__base.safetensors\) is missing"):
+        store_module.load_checkpoint(store.version_path("rm/apo/r1"))
+
+
+def test_a_run_folder_of_full_pt_checkpoints_still_reads(tmp_path):
+    """Run folders written before (a full ``<key>.pt`` per version, no "file" in the marker) resume
+    and export: the old file is read whole, and a new version may name it as its base."""
+    store = weights_store(tmp_path)
+    pt = tmp_path / "rm__base.pt"
+    torch.save(STATE, pt)
+    size, sha256 = store_module.file_sha256(pt)
+    store.put("rm/base", {"loss": 1.0}, weights={"bytes": size, "sha256": sha256})
+    assert store.weights_keys() == ["rm/base"] and store.version_path("rm/base") == pt
+    assert _same(store.get_version("rm/base").handle, STATE)
+    child = {"w": STATE["w"] + 1, "b": STATE["b"]}
+    store.put_version("rm/apo/r1", child, {}, base="rm/base", base_model="unused", trained=["w"])
+    assert _same(store.get_version("rm/apo/r1").handle, child)

@@ -113,7 +113,7 @@ class APOGame:
         return [w for w in versions if w is not None]
 
     def _weights_phase(self, key: str, compute: Callable[[], tuple[Any, dict]], timing: dict, name: str,
-                       **event) -> Weights:
+                       base: Weights | None = None, **event) -> Weights:
         # A version another arm holds already (apo_seq's round 1 is apo's) is shared, not loaded again.
         live = next((w for w in self.live_versions() if w.id == key and w.handle is not None), None)
         if live is not None:
@@ -125,8 +125,13 @@ class APOGame:
             return cached
         start = time.perf_counter()
         handle, stats = compute()
-        stats = {k: v for k, v in stats.items() if k != "losses"} | {"losses": stats.get("losses", [])}
-        weights = self.store.put_version(key, handle, stats)
+        # The checkpoint keeps the tensors the learner trained, over those of the version it started from.
+        trained = stats.get("trained_tensors")
+        stats = {k: v for k, v in stats.items() if k not in ("losses", "trained_tensors")} | {
+            "losses": stats.get("losses", [])}
+        base_model = self.cfg.model.reward if key.startswith("rm/") else self.cfg.model.policy
+        weights = self.store.put_version(key, handle, stats, base=None if base is None else base.id,
+                                         base_model=base_model, trained=trained)
         seconds = time.perf_counter() - start
         timing[name] = timing.get(name, 0.0) + seconds
         self.on_event(PhaseFinished(name, key, seconds, round=event.get("round"), arm=event.get("arm"),
@@ -150,7 +155,8 @@ class APOGame:
     def _train_rm(self, key: str, init: Weights, pairs: list[RankedPair], *, lr: float, epochs: int, seed: int,
                   loss: RMLoss, timing: dict, name: str, **event) -> Weights:
         job = LearnerJob.rm(self.cfg, lr=lr, epochs=epochs, seed=seed, loss=loss)
-        return self._weights_phase(key, lambda: self.system.train(job, init, pairs), timing, name, **event)
+        return self._weights_phase(key, lambda: self.system.train(job, init, pairs), timing, name, base=init,
+                                   **event)
 
     # -- the game --------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -230,7 +236,7 @@ class APOGame:
         lrs = cfg.policy.lrs
         job = LearnerJob.policy(cfg, lr=lrs[min(r - 1, len(lrs) - 1)], seed=self.seed(r))
         policy = self._weights_phase(f"policy/{lineage}/r{r}", lambda: self.system.train(job, policy, examples),
-                                     timing, "train_policy", **event)
+                                     timing, "train_policy", base=policy, **event)
 
         self.state[arm] = {"policy": policy, "rm": rm}
         record = self.evaluate(r, arm, policy, rm, timing)

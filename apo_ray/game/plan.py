@@ -34,7 +34,7 @@ class PlanningSystem:
     def train(self, job, init, data):
         return None, {}
 
-    def save_weights(self, handle, path) -> None:
+    def save_weights(self, handle, path, **checkpoint) -> None:
         pass
 
     def load_weights(self, path):
@@ -62,7 +62,7 @@ def plan_phases(cfg, data) -> list[dict]:
         def get_version(self, key):
             return Weights(key) if key in self.values else None
 
-        def put_version(self, key, handle, stats):
+        def put_version(self, key, handle, stats, **checkpoint):
             self.values[key] = stats
             return Weights(key, handle)
 

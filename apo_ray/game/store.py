@@ -4,14 +4,22 @@ Each phase of :class:`apo_ray.game.loop.APOGame` is stored under a key naming wh
 (``samples/policy/apo/r1/gold``). On disk, in ``<run.output_dir>/phases/``:
 
 - ``<key>.json``: ``{"format": 1, "sha256": <of the value's JSON>, "value": ...}``, plus for a
-  weights phase ``"weights": {"bytes": n, "sha256": h}`` describing ``<key>.pt``. The ``.json`` is
-  written last, so it marks the phase finished; a key is never half-written (file written and
-  fsynced under a temporary name, renamed, then the folder fsynced).
+  weights phase ``"weights": {"file": name, "bytes": n, "sha256": h}`` describing its checkpoint
+  ``<key>.safetensors``. The ``.json`` is written last, so it marks the phase finished; a key is
+  never half-written (file written and fsynced under a temporary name, renamed, then the folder
+  fsynced).
+- ``<key>.safetensors``: only the tensors the phase trained (the learners' ``requires_grad``
+  parameters: with ``*.trainable_layers: 4`` the top 4 blocks and the head, 14M of SmolLM2-135M's 135M),
+  and in its metadata the version it was trained from (``base``: another key of this folder, or
+  ``rm/pretrained`` / ``policy/init``, the base model itself) and the name, dtype and shape of every
+  tensor of the full state dict. :func:`load_checkpoint` rebuilds the full state dict from the
+  chain of bases, bit for bit (a frozen tensor is the base's, cast to the dtype the learner held it
+  in). Run folders written before (full ``<key>.pt`` state dicts) still resume and export.
 - ``fingerprint.json``: :func:`run_fingerprint` of the run that wrote the phases.
 
-A phase file that does not check out (truncated, bit-flipped, its ``.pt`` shorter or different from
-what the marker says) is moved aside to ``<name>.corrupt`` with a warning naming it, and the phase is
-computed again: phases are deterministic functions of their inputs, so the result is the same.
+A phase file that does not check out (truncated, bit-flipped, its checkpoint shorter or different
+from what the marker says) is moved aside to ``<name>.corrupt`` with a warning naming it, and the
+phase is computed again: phases are deterministic functions of their inputs, so the result is the same.
 
 :func:`open_store` refuses to mix runs: existing phases need ``run.resume=true``, an intact
 fingerprint and the same settings (:func:`check_store` does the checks without writing anything).
@@ -24,13 +32,17 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from apo_ray.config import Config, to_dict
 from apo_ray.data import EMBEDDED_SCHEME, HF_SCHEME, JSONL_SUFFIXES
+from apo_ray.game.stack import software_stack, stack_changes
 from apo_ray.game.system import GameSystem, Weights
-from apo_ray.models.loading import cache_dir
+from apo_ray.models.loading import cache_dir, load_policy, load_reward_model
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +98,147 @@ def _value_sha256(value: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+# Checkpoints that store what changed
+# --------------------------------------------------------------------------------------------------
+
+CHECKPOINT_SUFFIX = ".safetensors"
+LEGACY_SUFFIX = ".pt"  # full state dicts, written before checkpoints stored only what changed
+CHECKPOINT_FORMAT = "apo_ray.trained/1"
+# The version ids of the base models: a version trained from one of these names no file as its
+# base; its frozen tensors are the base model's own (its role says which loader builds it).
+PRETRAINED_BASES = {"rm/pretrained": "rm", "policy/init": "policy"}
+
+
+def checkpoint_name(key: str, suffix: str = CHECKPOINT_SUFFIX) -> str:
+    return key.replace("/", "__") + suffix
+
+
+def write_checkpoint(path: Path, state_dict: Mapping[str, torch.Tensor], *, base: str | None = None,
+                     base_model: str | None = None, trained: Iterable[str] | None = None) -> None:
+    """Write the tensors of ``state_dict`` named in ``trained`` (all of them when ``trained`` or
+    ``base`` is None) to the safetensors file ``path`` (under a temporary name, then renamed), with
+    ``base`` (the version id the others are taken from), ``base_model`` and the full state dict's
+    layout (name, dtype, shape of every tensor, in order) in its metadata.
+
+    Frozen tensors are the base's: a learner loads its initial weights into a model of one dtype
+    and never changes a parameter without ``requires_grad``, so :func:`load_checkpoint` gets them
+    back exactly by casting the base's to the recorded dtype."""
+    from safetensors.torch import save_file
+
+    if base is None or trained is None:
+        keep = list(state_dict)
+    else:
+        wanted = set(trained)
+        keep = [name for name in state_dict if name in wanted]
+    # Own, contiguous CPU copies: safetensors refuses tensors that share storage (views over one
+    # packed buffer, tied weights); only the kept tensors are copied.
+    tensors = {name: state_dict[name].detach().to("cpu").contiguous().clone() for name in keep}
+    layout = [[name, str(t.dtype).removeprefix("torch."), list(t.shape)] for name, t in state_dict.items()]
+    metadata = {"format": CHECKPOINT_FORMAT, "base": base or "", "base_model": base_model or "",
+                "layout": json.dumps(layout)}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _marker_of(path: Path) -> Path:
+    return path.with_name(path.name.removesuffix(path.suffix) + ".json")
+
+
+def _check_against_marker(path: Path) -> None:
+    """A base file must be the one its phase recorded (a changed base would change every version
+    built on it without a word)."""
+    marker_path = _marker_of(path)
+    if not marker_path.exists():
+        return
+    recorded = (json.loads(marker_path.read_bytes().decode("utf-8")).get("weights") or {})
+    size, sha256 = file_sha256(path)
+    if size != recorded.get("bytes") or sha256 != recorded.get("sha256"):
+        raise ValueError(f"{path} is not the file {marker_path.name} recorded ({size} bytes, recorded "
+                         f"{recorded.get('bytes')}): the versions trained from it cannot be rebuilt")
+
+
+def pretrained_state_dict(role: str, model: str) -> dict[str, torch.Tensor]:
+    """The base model's state dict as a learner loads it (fp32; cast to the recorded dtypes by the
+    caller). The RM's scalar head starts random (seed fixed here, the global RNG left as it was);
+    it is always trained, so a checkpoint stores it and this value is never used."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        loaded = (load_reward_model if role == "rm" else load_policy)(model, dtype="float32")
+    return dict(loaded.state_dict())
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The full CPU state dict of the version checkpointed at ``path`` (see the module docstring):
+    its trained tensors over its base's (a chain of files in the same folder ending at a base
+    model, each checked against its phase's recorded checksum). A legacy ``.pt`` is read whole.
+    Errors name the file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    chain: list[tuple[Path, dict[str, torch.Tensor], list]] = []  # the version first, then its bases
+    start: dict[str, torch.Tensor] | None = None
+    while True:
+        if path.suffix == LEGACY_SUFFIX:
+            start = torch.load(path, map_location="cpu", weights_only=True)
+            break
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as fh:
+                metadata = fh.metadata() or {}
+                names = fh.keys()
+                tensors = {name: fh.get_tensor(name) for name in names}
+        except Exception as exc:  # safetensors raises its own error types
+            raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+        if metadata.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path}: not an apo_ray checkpoint (metadata format {metadata.get('format')!r}, "
+                             f"expected {CHECKPOINT_FORMAT!r})")
+        layout = json.loads(metadata["layout"])
+        chain.append((path, tensors, layout))
+        base = metadata.get("base") or None
+        if len(tensors) == len(layout) or base is None:
+            break  # complete in itself
+        if base in PRETRAINED_BASES:
+            if not metadata.get("base_model"):
+                raise ValueError(f"{path}: trained from {base} but names no base_model")
+            start = pretrained_state_dict(PRETRAINED_BASES[base], metadata["base_model"])
+            break
+        base_path = path.with_name(checkpoint_name(base))
+        if not base_path.exists() and base_path.with_suffix(LEGACY_SUFFIX).exists():
+            base_path = base_path.with_suffix(LEGACY_SUFFIX)
+        if not base_path.exists():
+            raise FileNotFoundError(f"{path}: its base version {base} ({base_path.name}) is missing from "
+                                    f"{path.parent}")
+        _check_against_marker(base_path)
+        if any(p == base_path for p, _, _ in chain):
+            raise ValueError(f"{path}: its chain of base versions loops at {base_path.name}")
+        path = base_path
+    state = start
+    for file, tensors, layout in reversed(chain):  # the oldest base first
+        rebuilt: dict[str, torch.Tensor] = {}
+        for name, dtype, shape in layout:
+            if name in tensors:
+                tensor = tensors[name]
+            elif state is not None and name in state:
+                tensor = state[name].to(getattr(torch, dtype))
+            else:
+                raise ValueError(f"{file}: tensor {name} is neither stored nor in its base")
+            if list(tensor.shape) != shape:
+                raise ValueError(f"{file}: tensor {name} has shape {list(tensor.shape)} in its base, "
+                                 f"{shape} recorded")
+            rebuilt[name] = tensor
+        state = rebuilt
+    return state
+
+
+# --------------------------------------------------------------------------------------------------
 # The phase store
 # --------------------------------------------------------------------------------------------------
 
 
 class PhaseStore:
-    """Results of finished phases on disk: ``<dir>/<key>.json`` plus ``<key>.pt`` for weights (see
-    the module docstring for the format, the durability and what happens to a corrupt phase)."""
+    """Results of finished phases on disk: ``<dir>/<key>.json`` plus ``<key>.safetensors`` for
+    weights (see the module docstring for the format, the durability and what happens to a corrupt
+    phase)."""
 
     def __init__(self, root: Path, system: GameSystem | None):
         self.root = Path(root)
@@ -104,7 +250,7 @@ class PhaseStore:
 
     def _quarantine(self, key: str, why: str) -> None:
         """Move the phase's files aside (kept for a post-mortem) so it is computed again."""
-        for suffix in (".json", ".pt"):
+        for suffix in (".json", CHECKPOINT_SUFFIX, LEGACY_SUFFIX):
             path = self._path(key, suffix)
             if path.exists():
                 path.replace(path.with_name(path.name + ".corrupt"))
@@ -142,8 +288,8 @@ class PhaseStore:
         marker = self._marker(key)
         if marker is None:
             return None
-        pt = self._path(key, ".pt")
         expected = marker.get("weights") or {}
+        pt = self.root / expected.get("file", checkpoint_name(key, LEGACY_SUFFIX))  # no "file": a legacy .pt
         if not pt.exists():
             self._quarantine(key, f"its weights file {pt.name} is missing")
             return None
@@ -158,12 +304,17 @@ class PhaseStore:
             return None
         return Weights(key, handle, str(pt))
 
-    def put_version(self, key: str, handle: Any, stats: dict) -> Weights:
-        pt = self._path(key, ".pt")
-        self.system.save_weights(handle, pt)
+    def put_version(self, key: str, handle: Any, stats: dict, *, base: str | None = None,
+                    base_model: str | None = None, trained: Iterable[str] | None = None) -> Weights:
+        """Checkpoint the version ``key`` (``handle``: the system's), trained from the version
+        ``base`` (of ``base_model``): only the tensors named in ``trained`` are written (all
+        when either is None)."""
+        pt = self._path(key, CHECKPOINT_SUFFIX)
+        self.system.save_weights(handle, pt, base=base, base_model=base_model, trained=trained)
         size, sha256 = file_sha256(pt, sync=True)  # the weights are on disk before the marker says so
         fsync_dir(self.root)
-        self.put(key, stats, weights={"bytes": size, "sha256": sha256})  # the .json marks them complete
+        self.put(key, stats, weights={"file": pt.name, "bytes": size, "sha256": sha256,
+                                      "base": base})  # the .json marks them complete
         return Weights(key, handle, str(pt))
 
     def version_stats(self, key: str) -> dict:
@@ -174,13 +325,16 @@ class PhaseStore:
         return self._path(key, ".json").exists()
 
     def version_path(self, key: str) -> Path:
-        """The ``.pt`` state dict of a finished weights phase."""
-        return self._path(key, ".pt")
+        """The checkpoint of a finished weights phase (:func:`load_checkpoint` reads it whole)."""
+        path = self._path(key, CHECKPOINT_SUFFIX)
+        legacy = self._path(key, LEGACY_SUFFIX)
+        return legacy if legacy.exists() and not path.exists() else path
 
     def weights_keys(self) -> list[str]:
-        """Keys of every finished weights phase (a ``.pt`` with its ``.json`` marker)."""
-        return sorted(p.name[:-len(".pt")].replace("__", "/") for p in self.root.glob("*.pt")
-                      if p.with_suffix(".json").exists())
+        """Keys of every finished weights phase (a checkpoint with its ``.json`` marker)."""
+        return sorted({p.name.removesuffix(p.suffix).replace("__", "/")
+                       for suffix in (CHECKPOINT_SUFFIX, LEGACY_SUFFIX) for p in self.root.glob(f"*{suffix}")
+                       if _marker_of(p).exists()})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -262,8 +416,10 @@ RESULT_CLUSTER_FIELDS = ("generator_cpus", "generator_gpus", "scorer_cpus", "sco
 
 
 def run_fingerprint(cfg: Config) -> dict:
-    """The settings and input files every stored phase depends on; a resumed run must share them
-    (more rounds or other arms are fine: they only add phases)."""
+    """The settings, input files and software stack every stored phase depends on; a resumed run
+    must share them (more rounds or other arms are fine: they only add phases). The stack
+    (:func:`apo_ray.game.stack.software_stack`: package versions, CPU kind or GPUs, the dtypes
+    chosen, the model files' digests) is checked by :func:`check_store` with its own rules: see there."""
     d = to_dict(cfg)
     apo = {k: v for k, v in d["apo"].items() if k not in ("rounds", "arms", "rm_mode")}
     cluster = {k: d["cluster"][k] for k in RESULT_CLUSTER_FIELDS}
@@ -273,7 +429,7 @@ def run_fingerprint(cfg: Config) -> dict:
             "policy": d["policy"], "apo": apo, "seed": d["run"]["seed"], "test_queries": d["eval"]["test_queries"],
             "eval_rm": d["eval"]["eval_rm"], "rm_test": d["eval"]["rm_test"],
             "rm_all_paths": d["eval"]["rm_all_paths"], "in_process": cfg.run.in_process, "cluster": cluster,
-            "files": data_file_digests(cfg)}
+            "files": data_file_digests(cfg), "stack": software_stack(cfg)}
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -294,7 +450,15 @@ def check_store(cfg: Config) -> dict:
       timestamp, so a resume that forgets ``run.output_dir`` would silently start from scratch);
     - a missing or unreadable fingerprint beside existing phases: refused, naming the file (the
       settings that wrote the phases cannot be checked);
-    - settings or input files that differ from the fingerprint: refused, naming them.
+    - settings or input files that differ from the fingerprint: refused, naming them;
+    - another software stack (``stack`` in the fingerprint): refused when what changed alters the
+      numbers a phase computes (torch, transformers or vLLM version, DeepSpeed's when the run trains
+      with it, torch's CPU kernel level or the CPU flags, the GPUs, the dtypes ``auto`` chose, the
+      model files' digests): the stored phases and the new ones would come from different
+      computations, and the run would match neither a fresh run on the old stack nor on the new.
+      Warned about, naming what changed: Python, Ray (it places the work, the seeded batches are
+      the same), NumPy, the CPU's name when its features stay the same. A fingerprint written before
+      stacks were recorded is warned about (the stack cannot be checked).
     """
     phases = Path(cfg.run.output_dir) / "phases"
     marker = phases / FINGERPRINT
@@ -323,12 +487,34 @@ def check_store(cfg: Config) -> dict:
         raise ResumeError(f"{marker} is unreadable ({why}), e.g. torn by a crash while it was written: the "
                           f"settings of the stored phases cannot be checked. Restore the file, or start a new "
                           f"run in another run.output_dir")
-    old_flat, new_flat = _flatten(old), _flatten(fingerprint)
+    old_stack, new_stack = old.get("stack"), fingerprint.get("stack")
+    old_flat = _flatten({k: v for k, v in old.items() if k != "stack"})
+    new_flat = _flatten({k: v for k, v in fingerprint.items() if k != "stack"})
     changed = sorted(k for k in old_flat.keys() | new_flat.keys() if old_flat.get(k) != new_flat.get(k))
     if changed:
         raise ResumeError(f"run.resume=true but these settings or input files differ from the run in {phases}: "
                           f"{', '.join(changed)}; its stored phases would not match them")
+    check_stack(marker, old_stack, new_stack, trains_with_deepspeed=not cfg.run.in_process
+                and cfg.cluster.learner_strategy == "deepspeed")
     return fingerprint
+
+
+def check_stack(marker: Path, old: dict | None, new: dict, *, trains_with_deepspeed: bool = False) -> None:
+    """Refuse (:class:`ResumeError`) or warn about a resume on another software stack than the one
+    that wrote ``marker`` (the rules: :func:`check_store`, :data:`apo_ray.game.stack.REFUSE`)."""
+    if old is None:
+        log.warning("%s was written before apo_ray recorded software stacks: the stack of its phases cannot be "
+                    "checked (the resumed run's numbers may differ from a fresh run's)", marker)
+        return
+    refuse, warn = stack_changes(old, new, trains_with_deepspeed=trains_with_deepspeed)
+    if refuse:
+        raise ResumeError(f"run.resume=true on another software stack than the run in {marker.parent} was computed "
+                          f"on: {'; '.join(refuse)}. Its stored phases would not match what this stack computes; "
+                          f"resume on the recorded stack ({marker.name}, \"stack\") or start a new run in "
+                          f"another run.output_dir")
+    if warn:
+        log.warning("resuming the run in %s on a changed stack (results unaffected, see check_store): %s",
+                    marker.parent, "; ".join(warn))
 
 
 def open_store(cfg: Config, system: GameSystem | None) -> PhaseStore:

@@ -51,9 +51,12 @@ class GameSystem(Protocol):
     def train(self, job: LearnerJob, init: Weights, data: list) -> tuple[Any, dict]:
         """Run a learner job from ``init`` on ``data``: (handle of the trained weights, stats)."""
 
-    def save_weights(self, handle: Any, path: Path) -> None: ...
+    def save_weights(self, handle: Any, path: Path, **checkpoint) -> None:
+        """Checkpoint ``handle`` at ``path``: :func:`apo_ray.game.store.write_checkpoint`'s file
+        (``checkpoint``: its keyword arguments, what the phase trained and from which version)."""
 
-    def load_weights(self, path: Path) -> Any: ...
+    def load_weights(self, path: Path) -> Any:
+        """The handle of the version checkpointed at ``path`` (:func:`apo_ray.game.store.load_checkpoint`)."""
 
     def resource_usage(self) -> dict[str, float]:
         """What the system holds now, e.g. ``{"object_store_bytes": ...}`` on Ray; ``{}`` where there

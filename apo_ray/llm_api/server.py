@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from ray import serve
@@ -55,10 +56,22 @@ log = logging.getLogger(__name__)
 API_KEY_ENV = "APO_SERVE_API_KEY"  # read once by start_server; never sent anywhere
 KEY_SHA256_ENV = "APO_SERVE_KEY_SHA256"  # what the replicas get instead
 MAX_BODY_ENV = "APO_SERVE_MAX_BODY_BYTES"
+BODY_TIMEOUT_ENV = "APO_SERVE_BODY_TIMEOUT_S"
 APP_PREFIX = "apo-chat"
 DEFAULT_MAX_TOKENS = 256  # our server, when a request names no max_tokens (still capped)
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # a judge request is a few KB
+# The whole body must arrive within this (a total, not per chunk: a client trickling a byte every few
+# seconds is cut off too). Until then a request holds a replica's slot.
+DEFAULT_BODY_TIMEOUT_S = 10.0
+# Requests one replica of our own server takes at once; generation is one at a time (a lock), the
+# rest wait, cancellable. Serve's default of 5 let 5 stalled uploads lock every other client out.
+DEFAULT_MAX_ONGOING_REQUESTS = 64
+MAX_SEED = 2**63 - 1  # torch.manual_seed's range
 BACKENDS = ("auto", "vllm", "transformers")
+
+
+class GenerationCancelled(Exception):
+    """The client of a request disconnected; its generation was stopped."""
 
 
 class ChatRequestError(Exception):
@@ -107,13 +120,17 @@ class RequestGuard:
     """Pure ASGI middleware (responses, streams included, pass through untouched).
 
     ``key_sha256`` / ``max_body_bytes``: given, or read from ``$APO_SERVE_KEY_SHA256`` /
-    ``$APO_SERVE_MAX_BODY_BYTES`` in the replica (how our own server's module-level app gets them).
+    ``$APO_SERVE_MAX_BODY_BYTES`` in the replica (how our own server's module-level app gets them);
+    ``body_timeout_s`` / ``$APO_SERVE_BODY_TIMEOUT_S``: the whole body must arrive within it, else
+    408 (a stalled upload is dropped, not waited on).
     """
 
-    def __init__(self, app, key_sha256: "str | None" = None, max_body_bytes: "int | None" = None):
+    def __init__(self, app, key_sha256: "str | None" = None, max_body_bytes: "int | None" = None,
+                 body_timeout_s: "float | None" = None):
         self.app = app
         self.key_sha256 = key_sha256 or os.environ.get(KEY_SHA256_ENV) or None
         self.max_body_bytes = int(max_body_bytes or os.environ.get(MAX_BODY_ENV) or DEFAULT_MAX_BODY_BYTES)
+        self.body_timeout_s = float(body_timeout_s or os.environ.get(BODY_TIMEOUT_ENV) or DEFAULT_BODY_TIMEOUT_S)
 
     @staticmethod
     async def _refuse(send, err: ChatRequestError) -> None:
@@ -142,8 +159,16 @@ class RequestGuard:
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             return await self._refuse(send, too_big)
         chunks, size = [], 0
+        deadline = asyncio.get_running_loop().time() + self.body_timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except TimeoutError:
+                log.warning("request body not complete after %.0f s (%d bytes of %s): dropped", self.body_timeout_s,
+                            size, declared.decode() if declared else "an undeclared length")
+                return await self._refuse(send, ChatRequestError(
+                    408, f"request body not received within {self.body_timeout_s:g} s ({size} bytes arrived)",
+                    code="request_timeout"))
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")
@@ -228,8 +253,10 @@ class ChatEngine:
         return {"object": "list", "data": [{"id": self.served_name, "object": "model", "created": self.created,
                                             "owned_by": "apo_ray"}]}
 
-    def complete(self, request: dict[str, Any]) -> dict[str, Any]:
-        """An OpenAI ``chat.completion`` dict for an OpenAI request dict (raises ChatRequestError)."""
+    def complete(self, request: dict[str, Any], cancelled: "threading.Event | None" = None) -> dict[str, Any]:
+        """An OpenAI ``chat.completion`` dict for an OpenAI request dict (raises ChatRequestError).
+        ``cancelled`` set (the client went away): the request stops waiting for the model, or its
+        generation stops at the next token, and :class:`GenerationCancelled` is raised."""
         model = request.get("model")
         if model not in self.accepted_names:
             raise ChatRequestError(404, f"model {model!r} is not served here; use {self.served_name!r}",
@@ -237,11 +264,22 @@ class ChatEngine:
         if request.get("stream"):
             raise ChatRequestError(400, "stream=true is not supported by this server", param="stream")
         messages = request.get("messages") or []
-        if not messages:
-            raise ChatRequestError(400, "messages must not be empty", param="messages")
+        if not isinstance(messages, list) or not messages:
+            raise ChatRequestError(400, "messages must be a non-empty list of messages", param="messages")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role", "user"), str):
+                raise ChatRequestError(400, f"messages[{i}] must be an object with a string role, got {m!r:.80}",
+                                       param=f"messages[{i}]")
         bad = sampling_field_error(request)
         if bad is not None:
             raise bad
+        seed = request.get("seed")
+        if seed is not None and not (_is_int(seed) and 0 <= seed <= MAX_SEED):
+            raise ChatRequestError(400, f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}", param="seed")
+        stop = request.get("stop")
+        if stop is not None and not (isinstance(stop, str) or (
+                isinstance(stop, list) and all(isinstance(x, str) for x in stop))):
+            raise ChatRequestError(400, f"stop must be a string or a list of strings, got {stop!r:.80}", param="stop")
         n = 1 if request.get("n") is None else request["n"]
         if n > 16:
             raise ChatRequestError(400, f"n must be at most 16 here, got {n}", param="n")
@@ -256,7 +294,7 @@ class ChatEngine:
         chat = [{"role": m.get("role", "user"), "content": _content_text(m.get("content"))} for m in messages]
         prompt_ids = self._encode(chat)
         texts, finishes, completion_tokens = self._generate(prompt_ids, n, temperature, top_p, max_tokens,
-                                                            request.get("seed"))
+                                                            request.get("seed"), cancelled)
         choices = []
         for i, (text, finish) in enumerate(zip(texts, finishes)):
             cut = min((text.find(s) for s in stop if s and s in text), default=-1)
@@ -286,8 +324,14 @@ class ChatEngine:
         return ids[-self.max_prompt_tokens:]
 
     def _generate(self, prompt_ids: list[int], n: int, temperature: float, top_p: float, max_new_tokens: int,
-                  seed: int | None) -> tuple[list[str], list[str], int]:
+                  seed: int | None, cancelled: "threading.Event | None" = None) -> tuple[list[str], list[str], int]:
         import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class StopWhenCancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):  # input_ids: [sequences, tokens so far]
+                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool,
+                                  device=input_ids.device)
 
         greedy = temperature == 0.0
         kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "eos_token_id": self.eos_ids,
@@ -296,10 +340,23 @@ class ChatEngine:
             kwargs.update(num_return_sequences=1)
         else:
             kwargs.update(temperature=temperature, top_p=top_p, top_k=0, num_return_sequences=n)
+        if cancelled is not None:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([StopWhenCancelled()])
         input_ids = torch.tensor([prompt_ids], device=self.device)
-        with self._lock, torch.no_grad():
-            torch.manual_seed(int(seed) if seed is not None else int.from_bytes(os.urandom(4), "little"))
-            out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+        # Wait for the model, but not for a client that has gone away meanwhile.
+        while not self._lock.acquire(timeout=0.05):
+            if cancelled is not None and cancelled.is_set():
+                raise GenerationCancelled("client went away while waiting for the model")
+        try:
+            if cancelled is not None and cancelled.is_set():
+                raise GenerationCancelled("client went away while waiting for the model")
+            with torch.no_grad():
+                torch.manual_seed(int(seed) if seed is not None else int.from_bytes(os.urandom(4), "little"))
+                out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+        finally:
+            self._lock.release()
+        if cancelled is not None and cancelled.is_set():
+            raise GenerationCancelled("client went away during generation")
         rows = out[:, len(prompt_ids):].tolist()
         if greedy:  # greedy decoding gives the same answer n times
             rows = rows * n
@@ -320,8 +377,17 @@ class ChatEngine:
 
 # --- our own server (where vLLM is not installed) -----------------------------------------------------
 
+async def _bad_request(request, exc):
+    """FastAPI's body validation errors (a RequestValidationError) as OpenAI 400s naming the field."""
+    first = (exc.errors() or [{}])[0]
+    param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+    message = f"invalid request: {param + ': ' if param else ''}{first.get('msg', exc)}"
+    return JSONResponse(ChatRequestError(400, message, param=param).body(), status_code=400)
+
+
 app = FastAPI(title="apo_ray chat completions")
 app.add_middleware(RequestGuard)  # configured from the replica's environment (see ChatServer)
+app.add_exception_handler(RequestValidationError, _bad_request)
 
 
 class ChatCompletionRequest(BaseModel):
@@ -358,17 +424,26 @@ class ChatServer:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest):
+        cancelled = threading.Event()
         try:
-            return await asyncio.to_thread(self.engine.complete, body.model_dump())
+            return await asyncio.to_thread(self.engine.complete, body.model_dump(), cancelled)
+        except asyncio.CancelledError:  # Serve cancels the call when the HTTP client disconnects
+            cancelled.set()  # the worker thread stops waiting, or stops generating at the next token
+            log.info("client disconnected: its generation is cancelled")
+            raise
         except ChatRequestError as err:
             return JSONResponse(err.body(), status_code=err.status)
+        except GenerationCancelled:
+            return JSONResponse({"error": {"message": "cancelled", "type": "cancelled"}}, status_code=499)
 
 
 def _transformers_app(model: str, served_name: str, *, num_replicas: int, cpus: float, gpus: float,
-                      max_new_tokens_cap: int, dtype: str, key_sha256: str | None, max_body_bytes: int):
-    env = {MAX_BODY_ENV: str(max_body_bytes)} | ({KEY_SHA256_ENV: key_sha256} if key_sha256 else {})
+                      max_new_tokens_cap: int, dtype: str, key_sha256: str | None, max_body_bytes: int,
+                      body_timeout_s: float, max_ongoing_requests: int):
+    env = ({MAX_BODY_ENV: str(max_body_bytes), BODY_TIMEOUT_ENV: str(body_timeout_s)}
+           | ({KEY_SHA256_ENV: key_sha256} if key_sha256 else {}))
     deployment = ChatServer.options(
-        num_replicas=num_replicas,
+        num_replicas=num_replicas, max_ongoing_requests=max_ongoing_requests,
         ray_actor_options={"num_cpus": cpus, "num_gpus": gpus, "runtime_env": {"env_vars": env}})
     return deployment.bind(model, served_name=served_name, max_new_tokens_cap=max_new_tokens_cap, dtype=dtype)
 
@@ -376,12 +451,12 @@ def _transformers_app(model: str, served_name: str, *, num_replicas: int, cpus: 
 # --- Ray's OpenAI app on vLLM ---------------------------------------------------------------------------
 
 def _vllm_app(model: str, served_name: str, *, num_replicas: int, cpus: float, gpus: float, dtype: str,
-              max_model_len: int | None, key_sha256: str | None, max_body_bytes: int, engine_kwargs: dict | None):
+              max_model_len: int | None, key_sha256: str | None, max_body_bytes: int, engine_kwargs: dict | None,
+              body_timeout_s: float, max_ongoing_requests: int):
     """``ray.serve.llm``'s OpenAI application for one model, with our :class:`RequestGuard` in front:
     the documented pieces (``LLMConfig``, ``build_llm_deployment``, ``OpenAiIngress`` and
     ``make_fastapi_ingress`` with our own FastAPI app), assembled as ``build_openai_app`` does."""
-    from fastapi.exceptions import RequestValidationError
-
+    del max_ongoing_requests  # ray.serve.llm's ingress takes any number at once (its default: 1e9)
     # Ray's own example for a hand-built OpenAiIngress imports the model card helper from here.
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
     from ray.serve.llm import LLMConfig, build_llm_deployment
@@ -405,15 +480,9 @@ def _vllm_app(model: str, served_name: str, *, num_replicas: int, cpus: float, g
                            engine_kwargs=engine, deployment_config={"num_replicas": num_replicas},
                            **({"placement_group_config": placement} if placement else {}))
     ingress_app = FastAPI(title=f"apo_ray: {served_name} on vLLM")
-    ingress_app.add_middleware(RequestGuard, key_sha256=key_sha256, max_body_bytes=max_body_bytes)
-
-    async def bad_request(request, exc: RequestValidationError):  # pydantic errors as OpenAI 400s
-        first = (exc.errors() or [{}])[0]
-        param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
-        return JSONResponse(ChatRequestError(400, f"invalid request: {first.get('msg', exc)}", param=param).body(),
-                            status_code=400)
-
-    ingress_app.add_exception_handler(RequestValidationError, bad_request)
+    ingress_app.add_middleware(RequestGuard, key_sha256=key_sha256, max_body_bytes=max_body_bytes,
+                               body_timeout_s=body_timeout_s)
+    ingress_app.add_exception_handler(RequestValidationError, _bad_request)  # pydantic errors as OpenAI 400s
     ingress = make_fastapi_ingress(OpenAiIngress, app=ingress_app)
     options = OpenAiIngress.get_deployment_options([llm_config]) | {"ray_actor_options": {"num_cpus": 0}}
     return serve.deployment(ingress, **options).bind(
@@ -482,7 +551,9 @@ def start_server(model: str = "smollm2-135m-instruct", *, backend: str = "auto",
                  served_name: str | None = None, num_replicas: int = 1, num_cpus_per_replica: float = 1.0,
                  num_gpus_per_replica: float = 0.0, dtype: str = "auto", max_new_tokens_cap: int = 512,
                  max_model_len: int | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 engine_kwargs: dict | None = None, ready_timeout_s: float = 900.0) -> Served:
+                 engine_kwargs: dict | None = None, ready_timeout_s: float = 900.0,
+                 body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+                 max_ongoing_requests: int = DEFAULT_MAX_ONGOING_REQUESTS) -> Served:
     """Serve ``model`` over HTTP as its own Serve application and wait until it answers.
 
     ``backend``: ``auto`` (vLLM where installed), ``vllm`` or ``transformers``. ``app_name``
@@ -491,13 +562,13 @@ def start_server(model: str = "smollm2-135m-instruct", *, backend: str = "auto",
     ``max_new_tokens_cap``: our server's cap on ``max_tokens``; vLLM's is ``max_model_len`` (prompt +
     answer tokens; default: the model's context length).
     ``engine_kwargs``: extra ``vllm`` engine arguments. Uses the Ray already initialised in this
-    process, or starts a local one.
+    process, else the cluster of ``$RAY_ADDRESS``, else a private local one.
     """
     import ray
 
     backend = resolve_backend(backend)
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False)
+    if not ray.is_initialized():  # a private instance, never a stranger's cluster found on this machine
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
     app_name = app_name or f"{APP_PREFIX}-{uuid.uuid4().hex[:8]}"
     route_prefix = route_prefix or f"/{app_name}"
     served_name = served_name or model
@@ -505,7 +576,8 @@ def start_server(model: str = "smollm2-135m-instruct", *, backend: str = "auto",
     key_sha256 = _key_hash(api_key) if api_key else None
     serve.start(http_options={"host": host, "port": port})
     common = {"num_replicas": num_replicas, "cpus": num_cpus_per_replica, "gpus": num_gpus_per_replica,
-              "key_sha256": key_sha256, "max_body_bytes": max_body_bytes}
+              "key_sha256": key_sha256, "max_body_bytes": max_body_bytes, "body_timeout_s": body_timeout_s,
+              "max_ongoing_requests": max_ongoing_requests}
     if backend == "vllm":
         application = _vllm_app(model, served_name, dtype=dtype, max_model_len=max_model_len,
                                 engine_kwargs=engine_kwargs, **common)

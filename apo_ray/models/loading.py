@@ -15,16 +15,20 @@ the pad id": SmolLM2's pad id equals its end-of-turn id, which every response en
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import logging
 import os
+import random
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -56,15 +60,36 @@ def _smollm2_gguf_dir() -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def isolated_rng() -> Iterator[None]:
+    """Run a block without touching the caller's random streams: torch's CPU generator (and the
+    CUDA ones once CUDA is up), Python's ``random`` and NumPy's global state are restored after it.
+
+    For work whose random use depends on the machine's state rather than on the run's seed: a cache
+    fill that builds a randomly initialised model (or reseeds) only on a cold cache would otherwise
+    shift every seeded draw after it, so a run's numbers would depend on what was cached before."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
 def _build_once(target: Path, build) -> Path:
     """Run ``build(tmp_dir)`` and atomically rename the result to ``target`` (safe when several
-    Ray actors resolve the same model at once: the losers of the rename race discard their copy)."""
+    Ray actors resolve the same model at once: the losers of the rename race discard their copy).
+    The build runs under :func:`isolated_rng`: a cold cache leaves the caller's seeded streams as a
+    warm one does (the builders draw random weights and reseed torch)."""
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
-        build(tmp)
+        with isolated_rng():
+            build(tmp)
         try:
             os.rename(tmp, target)
         except OSError:

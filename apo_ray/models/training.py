@@ -58,6 +58,7 @@ from apo_ray.models.loading import (
     model_attention_mask,
     pad_batch,
     resolve_dtype,
+    resolve_model,
     reward_forward,
 )
 from apo_ray.models.weights import TensorSpec
@@ -267,11 +268,21 @@ class TrainedWeights:
         # tensors or parameters (sharded or not); ``state``: another selection of them (a LoRA
         # learner's adapter, under its exchange names: apo_ray/models/lora.py)
         self._state = hf_model.state_dict(keep_vars=True) if state is None else state
+        self._adapter = state is not None
         self._master = deepspeed_master
         self.collective = deepspeed_master or any(
             hasattr(t, "full_tensor") or hasattr(t, "ds_id") for t in self._state.values())
         self.specs = [TensorSpec(name, torch.float32 if self._from_master(t) else t.dtype,
                                  tuple(getattr(t, "ds_shape", None) or t.shape)) for name, t in self._state.items()]
+
+    @property
+    def trained_names(self) -> list[str]:
+        """Names of the tensors this job trained (parameters with ``requires_grad``); every other
+        tensor is still the one the job started from, in the dtype of ``specs`` (what a checkpoint
+        leaves out: :func:`apo_ray.game.store.write_checkpoint`)."""
+        if self._adapter:  # a LoRA version is its adapter: stored whole (a few MB), no base to fill in from
+            return list(self._state)
+        return [name for name, t in self._state.items() if isinstance(t, nn.Parameter) and t.requires_grad]
 
     def _from_master(self, t: torch.Tensor) -> bool:
         return self._master and isinstance(t, nn.Parameter) and t.requires_grad  # frozen ones have no master
@@ -484,6 +495,9 @@ def _run_steps(model: nn.Module, settings: TrainSettings, n_items: int,
             log.info("%s step %d/%d loss %.4f (%.0f tokens/s on rank 0)", what, step_no + 1, len(steps),
                      step_loss, tokens / max(elapsed, 1e-9))
     elapsed = time.perf_counter() - start
+    if steps and stepper.skipped_steps == len(steps):
+        log.error("%s: EVERY one of its %d optimiser steps was skipped (non-finite gradients): the phase left the "
+                  "model unchanged; check the loss weights and the learning rate", what, len(steps))
     return stepper.model, {"steps": len(steps), "loss_first": losses[0] if losses else float("nan"),
                            "loss_last": losses[-1] if losses else float("nan"),
                            "loss_mean": sum(losses) / max(len(losses), 1), "seconds": elapsed,
@@ -517,6 +531,10 @@ def _load_for_training(load, model_name: str, init_state: dict | None, settings:
     DeepSpeed's bf16 modes (its engine casts the module to bf16 anyway and keeps the fp32 master
     copy in its optimiser partitions, so loading fp32 first would only double this peak), else fp32."""
     assert settings.precision != "auto", "resolve_precision first"
+    # Fill the model cache before seeding (a cold cache converts or builds a model; that build is
+    # kept off the caller's streams anyway): the seeded stream's first draws are then the RM's
+    # scalar head whatever was cached before, so a cold and a warm cache train the same weights.
+    resolve_model(model_name)
     torch.manual_seed(settings.seed)
     tokenizer = load_tokenizer(model_name, padding_side="right")
     bf16 = settings.precision == "bf16" or (settings.strategy == "deepspeed" and settings.precision.startswith("bf16"))
@@ -589,7 +607,9 @@ def train_reward_model(model_name: str, init_state: dict[str, torch.Tensor] | No
     model, stats = _run_steps(model, settings, len(pairs), micro_loss, step_counts, "rm",
                               _fp32_init(hf_model, init_state, adapter))
     stats.update(pairs=len(pairs), apo_pairs=sum(p.kind == "apo" for p in pairs), **_lora_stats(adapter))
-    return publish(_trained_weights(hf_model, settings, adapter)), stats
+    trained = _trained_weights(hf_model, settings, adapter)
+    stats["trained_tensors"] = trained.trained_names  # the checkpoint stores these alone
+    return publish(trained), stats
 
 
 @torch.no_grad()
@@ -661,7 +681,9 @@ def train_policy(model_name: str, init_state: dict[str, torch.Tensor] | None,
     model, stats = _run_steps(model, settings, len(examples), micro_loss, step_counts, f"policy[{objective.name}]",
                               _fp32_init(hf_model, init_state, adapter))
     stats.update(examples=len(examples), **_lora_stats(adapter))
-    return publish(_trained_weights(hf_model, settings, adapter)), stats
+    trained = _trained_weights(hf_model, settings, adapter)
+    stats["trained_tensors"] = trained.trained_names  # the checkpoint stores these alone
+    return publish(trained), stats
 
 
 def _lora_stats(adapter) -> dict:

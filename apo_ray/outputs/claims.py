@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from apo_ray.core.arms import ARM_TABLE, judge_baseline, get_arm
+from apo_ray.core.arms import ARM_TABLE, get_arm, judge_baseline
 from apo_ray.core.metrics import (
     mean_difference_interval,
     paired_bootstrap,

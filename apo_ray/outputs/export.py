@@ -1,7 +1,8 @@
 """Hugging Face folders of the run's model versions (plain functions and one thread).
 
 Every version a run trains (each round's policy per arm, RM_Base, each arm's RMs, the evaluation RM)
-is stored by the phase store as a ``.pt`` state dict (:mod:`apo_ray.game.loop`). This module writes a
+is checkpointed by the phase store (the tensors its phase trained, over its base's:
+:func:`apo_ray.game.store.load_checkpoint` rebuilds the full state dict). This module writes a
 version as a folder that plain ``transformers`` and vLLM load with no code of ours:
 
 - ``model.safetensors`` + ``config.json`` (in the base checkpoint's dtype), the tokenizer with its
@@ -44,6 +45,7 @@ from typing import Any
 import torch
 
 from apo_ray.config import SAVE_MODELS
+from apo_ray.game.store import load_checkpoint
 from apo_ray.models.loading import resolve_model
 from apo_ray.models.lora import is_adapter, merged_state_dict, read_spec, write_peft_folder
 
@@ -249,7 +251,7 @@ class BackgroundExporter:
 
     ``submit_record(record)``: queues the versions that ``save_models`` keeps from that record; a
     thread exports them one at a time, each in a child process (``python -m apo_ray.outputs.export``) that
-    reads the phase store's ``.pt`` (complete once its phase has finished). A child process, not the
+    reads the phase store's checkpoint (complete once its phase has finished). A child process, not the
     thread itself: transformers sets torch's process-wide default dtype while it builds a model, so
     a model built in a thread can change the dtype of tensors the game creates at that moment.
     ``close()`` waits for the queue and raises if any export failed (the run's other results are
@@ -356,7 +358,7 @@ def _serve_exports() -> None:
     for line in sys.stdin:
         job = json.loads(line)
         try:
-            state = torch.load(job["weights"], map_location="cpu", weights_only=True)
+            state = load_checkpoint(job["weights"])
             export_version(job["version"], state, Path(job["out"]), base_model=job["base_model"],
                            generation=job["generation"], meta=job["meta"], merged=job.get("merged", False))
             reply = {"folder": job["out"]}

@@ -28,7 +28,7 @@ from apo_ray.outputs.progress import RunProgress, format_seconds, rate_unit, sto
 from apo_ray.outputs.tracking import make_trackers
 
 if TYPE_CHECKING:
-    from typing_extensions import Self
+    from typing import Self
 
 log = logging.getLogger("apo_ray.outputs.progress")
 

@@ -16,7 +16,6 @@ from collections import defaultdict
 
 from apo_ray.game.events import PhaseFinished
 
-
 log = logging.getLogger("apo_ray.outputs.progress")
 
 # Events whose phase name says what was counted in "sequences" (for the rate in the line).

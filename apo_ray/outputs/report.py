@@ -359,6 +359,22 @@ def _paired_comparisons(out: Path, records: Sequence[Mapping[str, Any]],
     return run_comparisons(out, records, judge)
 
 
+def no_op_phases(records: list[dict]) -> list[str]:
+    """Loud notes for training phases that skipped optimiser steps (non-finite gradients, e.g. a huge
+    ``apo.beta2``): a phase that skipped every step left its model as it was."""
+    notes = []
+    for r in records:
+        for key, what in (("rm_train", "RM"), ("policy_train", "policy")):
+            stats = r.get(key) or {}
+            skipped, steps = int(stats.get("skipped_steps") or 0), int(stats.get("steps") or 0)
+            if skipped:
+                verdict = "**every** optimiser step was skipped: the phase changed nothing" if skipped >= steps else \
+                    f"{skipped} of {steps} optimiser steps were skipped"
+                notes.append(f"**WARNING: {r.get('rm_mode')} round {r.get('round')}, {what} training: {verdict} "
+                             f"(non-finite gradients; check apo.beta2, apo.apo_weight and the learning rates)**")
+    return notes
+
+
 def write_report(output_dir: str | Path, records: Sequence[Mapping[str, Any]], *,
                  judge: Mapping[str, Mapping[str, Any]] | None = None, notes: Sequence[str] | None = None,
                  title: str = "APO run", judge_baseline: str = "RJS") -> Path:
@@ -399,6 +415,7 @@ def write_report(output_dir: str | Path, records: Sequence[Mapping[str, Any]], *
     if empty:
         auto_notes.append(f"empty samples: {empty}, never picked as best-of-S; {skipped} query-rounds had only "
                           "empty samples and were left out of the policy update")
+    auto_notes.extend(no_op_phases(records))
     tq = sorted({int(r["test_queries"]) for r in records if _num(r.get("test_queries")) is not None})
     if tq:
         auto_notes.append(f"test queries per evaluation: {', '.join(map(str, tq))}")

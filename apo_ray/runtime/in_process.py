@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from apo_ray.config import Config, DecodingConfig
+from apo_ray.game.store import load_checkpoint, write_checkpoint
 from apo_ray.game.system import (
     Generated,
     Weights,
@@ -53,13 +54,12 @@ class InProcessSystem:
         job = dataclasses.replace(job, settings=dataclasses.replace(job.settings, strategy="ddp"))
         return run_job(job, init.handle, data, device=self.device)
 
-    def save_weights(self, handle: Any, path: Path) -> None:
-        tmp = Path(path).with_suffix(".pt.tmp")
-        torch.save(handle, tmp)
-        tmp.replace(path)
+    def save_weights(self, handle: Any, path: Path, **checkpoint) -> None:
+        """``checkpoint``: what :func:`apo_ray.game.store.write_checkpoint` takes (base, trained...)."""
+        write_checkpoint(Path(path), handle, **checkpoint)
 
     def load_weights(self, path: Path) -> Any:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_checkpoint(path)
 
     def resource_usage(self) -> dict[str, float]:
         """Nothing to report: versions are state dicts in this process (the game keeps only the

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -13,9 +14,11 @@ from apo_ray.config import Config, ConfigError, resource_demand, total_demand, v
 from apo_ray.core.arms import judge_baseline
 from apo_ray.data import DataError
 from apo_ray.game.game_data import GameData, build_game_data, eval_prompts
+from apo_ray.game.ownership import claim_output_dir
 from apo_ray.game.store import PhaseStore, ResumeError, check_store
 from apo_ray.llm_api.judge import JudgeClient, JudgeError, summarize_records
 from apo_ray.llm_api.server import start_server, stop_server
+from apo_ray.models.memory import check_memory
 from apo_ray.outputs.report import write_report
 from apo_ray.outputs.tracking import require_tracker
 from apo_ray.runtime.driver import DRIVER_NAME, APODriver
@@ -26,27 +29,93 @@ from apo_ray.runtime.ray_system import ResourceWaitError
 log = logging.getLogger(__name__)
 
 
+class ClusterConnectError(ConnectionError):
+    """The Ray cluster that was asked for cannot be joined; the message names the address and the fix."""
+
+
 # Errors in what the user asked for (config, data, output folder, cluster, endpoint): the entry points
 # print their message, which names the field, file or resource, instead of a traceback.
-USER_ERRORS = (ConfigError, DataError, ResumeError, ResourceWaitError, JudgeError)
+USER_ERRORS = (ConfigError, DataError, ResumeError, ResourceWaitError, JudgeError, ClusterConnectError)
+
+
+def ray_target(cfg: Config) -> str | None:
+    """The existing cluster this run joins, or None for a private local instance: ``cluster.address``
+    when given (``auto`` only when asked for: it joins whatever cluster ``ray start`` left on this
+    machine, possibly another user's), else ``$RAY_ADDRESS`` (how ``ray job submit`` points a job at
+    its cluster). ``cluster.address=local`` is a private instance too."""
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS") or None
+    return None if address in (None, "", "local") else address
+
+
+def probe_ray(address: str, timeout_s: float) -> None:
+    """Connect to ``address`` in a child process, bounded by ``timeout_s``: ``ray.init`` against an
+    unreachable head, or one whose token auth refuses us, retries for minutes in-process. Raises
+    :class:`ClusterConnectError` naming the address, the cause and the fix."""
+    import socket
+    import subprocess
+    import sys
+
+    host, _, port = address.rpartition(":")
+    if host and port.isdigit() and "/" not in address:  # a GCS host:port: a refused connection says so at once
+        try:
+            socket.create_connection((host, int(port)), timeout=min(5.0, timeout_s)).close()
+        except OSError as exc:
+            raise ClusterConnectError(f"could not join the Ray cluster at {address!r}: "
+                                      f"{exc.strerror or exc} (no Ray head listens there). {_CONNECT_FIX}") from None
+    code = ("import sys, ray; ray.init(address=sys.argv[1], log_to_driver=False, logging_level='ERROR'); "
+            "ray.shutdown()")
+    try:
+        done = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True,
+                              timeout=timeout_s, env=os.environ.copy(), check=False)
+    except subprocess.TimeoutExpired as exc:
+        said = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        auth = any(word in said.lower() for word in ("auth", "token", "unauthenticated"))
+        why = ("it refuses this client's authentication token: set RAY_AUTH_TOKEN to that cluster's token"
+               if auth else "it is unreachable, or refuses this client (a cluster with token authentication "
+               "needs RAY_AUTH_TOKEN set to its token)")
+        raise ClusterConnectError(
+            f"could not join the Ray cluster at {address!r} within {timeout_s:g} s (cluster.connect_timeout_s): "
+            f"{why}. {_CONNECT_FIX}") from None
+    if done.returncode != 0:
+        lines = [ln for ln in (done.stderr or "").strip().splitlines() if ln.strip()]
+        raise ClusterConnectError(f"could not join the Ray cluster at {address!r}: "
+                                  f"{lines[-1] if lines else f'exit status {done.returncode}'}. {_CONNECT_FIX}")
+
+
+_CONNECT_FIX = ("Check cluster.address / $RAY_ADDRESS, or leave both unset (and cluster.address unset or "
+                "'local') to run on a private local Ray instance")
 
 
 def connect_ray(cfg: Config) -> bool:
-    """Connect to ``cluster.address``, to the cluster of a submitted job (``RAY_ADDRESS``), or to a
-    cluster started with ``ray start`` on this machine; else start a local instance. Returns True
-    when this call started Ray (and so must shut it down)."""
+    """Join the cluster :func:`ray_target` names (checked first, within ``cluster.connect_timeout_s``),
+    or start a private local instance: never a stranger's cluster found on this machine. Returns True
+    when this call connected (and so must shut Ray down)."""
     import ray
 
     if ray.is_initialized():
         return False
-    if cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.cluster.address, log_to_driver=True)
+    address = ray_target(cfg)
+    if address is None:
+        ray.init(address="local", num_cpus=local_instance_cpus(cfg), log_to_driver=True)
         return True
-    try:
-        ray.init(address="auto", log_to_driver=True)
-    except ConnectionError:
-        ray.init(num_cpus=cfg.cluster.local_num_cpus, log_to_driver=True)
+    probe_ray(address, cfg.cluster.connect_timeout_s)
+    ray.init(address=address, log_to_driver=True)
     return True
+
+
+def local_instance_cpus(cfg: Config) -> int:
+    """Logical CPUs of a Ray instance apo_ray starts itself (``cluster.address=local``, or no
+    cluster to join): ``cluster.local_num_cpus`` when set, else enough for every actor the run holds
+    at once (:func:`apo_ray.config.total_demand`, rounded up) and at least this machine's cores.
+
+    Ray's CPU count is a logical scheduling unit, not a core: a 2-core machine may hold the demo's
+    6 CPUs of actors (they mostly wait on each other; each sets its torch threads from its share).
+    A cluster that is joined is not resized: :func:`run_on_ray` validates the run against what it
+    offers."""
+    if cfg.cluster.local_num_cpus:
+        return int(cfg.cluster.local_num_cpus)
+    need = math.ceil(total_demand(cfg).get("CPU", 0.0) - 1e-9)
+    return max(need, os.cpu_count() or 1)
 
 
 def run_namespace(cfg: Config) -> str:
@@ -56,7 +125,35 @@ def run_namespace(cfg: Config) -> str:
     return f"apo-{cfg.run.name}-{digest}"
 
 
+def hydra_own_names(cfg: Config) -> set[str]:
+    """What Hydra itself put into ``run.output_dir`` when it is Hydra's own output folder of this job
+    (its ``.hydra/`` settings and the job's log): such a folder is still new to the run."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return set()
+        hc = HydraConfig.get()
+        if Path(hc.runtime.output_dir).resolve() != Path(cfg.run.output_dir).resolve():
+            return set()
+        return {hc.output_subdir or ".hydra", f"{hc.job.name}.log"}
+    except Exception:  # noqa: BLE001 - no Hydra app here: nothing is Hydra's
+        return set()
+
+
+def claim(cfg: Config):
+    """:func:`apo_ray.game.ownership.claim_output_dir` for ``run.output_dir``: this run's own folder
+    (new, empty or an earlier run's), locked against a second run while the block runs."""
+    return claim_output_dir(cfg.run.output_dir, ignore=hydra_own_names(cfg))
+
+
 def run_on_ray(cfg: Config) -> list[dict]:
+    check_memory(cfg)  # a generate call larger than this machine (where the head and CPU actors run)
+    with claim(cfg):  # refused or locked before Ray starts
+        return _run_on_ray(cfg)
+
+
+def _run_on_ray(cfg: Config) -> list[dict]:
     import ray
 
 
@@ -77,7 +174,8 @@ def run_on_ray(cfg: Config) -> list[dict]:
         try:
             records = ray.get(driver.run.remote())
         except ray.exceptions.RayTaskError as err:
-            if isinstance(err.cause, USER_ERRORS):  # its message says it all; the remote traceback would bury it
+            # its message says it all (an OSError: its cause and path); the remote traceback would bury it
+            if isinstance(err.cause, (*USER_ERRORS, OSError)):
                 raise err.cause from None
             raise
         finally:
@@ -152,11 +250,13 @@ def require_extras(cfg: Config) -> None:
 
 def run_in_process(cfg: Config) -> list[dict]:
     validate(cfg)
+    check_memory(cfg)
     require_extras(cfg)
-    data = build_game_data(cfg)
-    records = play_game(cfg, InProcessSystem(cfg), data=data)  # no model is loaded before the data checks pass
-    if cfg.eval.judge:
-        judge_final_policies(cfg, records, data)
+    with claim(cfg):
+        data = build_game_data(cfg)
+        records = play_game(cfg, InProcessSystem(cfg), data=data)  # no model is loaded before the data checks pass
+        if cfg.eval.judge:
+            judge_final_policies(cfg, records, data)
     return records
 
 

@@ -27,6 +27,7 @@ import ray
 import torch
 
 from apo_ray.config import Config, DecodingConfig
+from apo_ray.game.store import load_checkpoint, write_checkpoint
 from apo_ray.game.system import (
     Generated,
     Weights,
@@ -361,13 +362,13 @@ class RaySystem:
         return ref, stats
 
     # -- checkpoints (disk is for resume only) -----------------------------------------------------
-    def save_weights(self, handle: Any, path: Path) -> None:
-        tmp = Path(path).with_suffix(".pt.tmp")
-        torch.save(unpack_state_dict(ray.get(handle), copy=True), tmp)
-        tmp.replace(path)
+    def save_weights(self, handle: Any, path: Path, **checkpoint) -> None:
+        """Zero-copy views of the object-store buffer; only the tensors the checkpoint keeps (what
+        the phase trained, ``checkpoint``: see :func:`apo_ray.game.store.write_checkpoint`) are copied."""
+        write_checkpoint(Path(path), unpack_state_dict(ray.get(handle)), **checkpoint)
 
     def load_weights(self, path: Path) -> Any:
-        return ray.put(pack_state_dict(torch.load(path, map_location="cpu", weights_only=True)))
+        return ray.put(pack_state_dict(load_checkpoint(path)))
 
     def resource_usage(self) -> dict[str, float]:
         """The cluster's object-store bytes and objects now (:func:`apo_ray.runtime.telemetry.object_store_usage`)."""

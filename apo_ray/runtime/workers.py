@@ -17,8 +17,10 @@ from typing import Any
 import torch
 
 from apo_ray.config import Config, DecodingConfig
+from apo_ray.game.store import load_checkpoint
 from apo_ray.game.system import Generated, Weights
 from apo_ray.models.generators import generator_from_config
+from apo_ray.models.loading import isolated_rng
 from apo_ray.models.lora import is_adapter
 from apo_ray.models.scoring import scorer_from_config
 from apo_ray.models.weights import PackedWeights, load_packed_into, unpack_state_dict
@@ -50,7 +52,7 @@ def fetch_weights(weights: Weights) -> PackedWeights | dict[str, torch.Tensor] |
         if not weights.checkpoint:
             raise
         log.warning("%s: object store copy lost (its owner died); loading %s", weights.id, weights.checkpoint)
-        return torch.load(weights.checkpoint, map_location="cpu", weights_only=True)
+        return load_checkpoint(weights.checkpoint)
 
 
 class VersionedModel:
@@ -61,10 +63,17 @@ class VersionedModel:
     (``torch.nn.Module``) that packed weights are copied into in place."""
 
     def __init__(self, build: Callable[[], Any], pretrained_id: str, *, eager: bool = False):
-        self._build, self._pretrained_id = build, pretrained_id
-        self.obj = build() if eager else None
+        self._build_unseeded, self._pretrained_id = build, pretrained_id
+        self.obj = self._build() if eager else None
         self.loaded_id = pretrained_id if eager else None
         self.sync_seconds, self.sync_bytes = 0.0, 0  # what the latest ensure() spent loading
+
+    def _build(self) -> Any:
+        # Off the process's seeded streams: a build draws a random RM head, and vLLM reseeds the
+        # process at engine start; when (and whether) that happens depends on the call order, so
+        # in one process it would otherwise move a learner's or sampler's seeded draws.
+        with isolated_rng():
+            return self._build_unseeded()
 
     def ensure(self, weights: Weights) -> Any:
         """Load ``weights`` unless already held; returns the object serving them."""
