@@ -520,8 +520,14 @@ def _fp32_init(hf_model: nn.Module, init_state: dict[str, torch.Tensor] | None, 
                     and init_state[name].dtype == torch.float32)
 
 
-def _load_for_training(load, model_name: str, init_state: dict | None, settings: TrainSettings,
-                       role: str = "policy"):
+def _load_for_training(load, model_name: str, init_state: dict | None, settings: TrainSettings):
+    """(tokenizer, model) of :func:`_load_learner_model` (no LoRA adapter)."""
+    tokenizer, model, _ = _load_learner_model(load, model_name, init_state, settings)
+    return tokenizer, model
+
+
+def _load_learner_model(load, model_name: str, init_state: dict | None, settings: TrainSettings,
+                        role: str = "policy"):
     """Seeded load of a model (``load``: load_policy or load_reward_model) and its right-padding
     tokenizer, with the given initial weights and the settings' memory options. Returns (tokenizer,
     model, adapter): ``adapter`` is (peft model, spec) with ``settings.lora`` (the adapters injected
@@ -579,7 +585,7 @@ def train_reward_model(model_name: str, init_state: dict[str, torch.Tensor] | No
     if not pairs:
         raise ValueError("train_reward_model: no pairs to train on")
     settings = dataclasses.replace(settings, precision=resolve_precision(settings.precision, settings.device))
-    tokenizer, hf_model, adapter = _load_for_training(load_reward_model, model_name, init_state, settings, "rm")
+    tokenizer, hf_model, adapter = _load_learner_model(load_reward_model, model_name, init_state, settings, "rm")
     if hf_model.config.pad_token_id is None:
         hf_model.config.pad_token_id = tokenizer.pad_token_id
     model = wrap_for_strategy(ScalarRewardModel(hf_model).to(settings.device), hf_model, settings, prepare_model)
@@ -635,7 +641,7 @@ def train_policy(model_name: str, init_state: dict[str, torch.Tensor] | None,
         raise ValueError(f"train_policy: objective {objective.name!r} takes (prompt, {n_responses} responses) "
                          f"examples")
     settings = dataclasses.replace(settings, precision=resolve_precision(settings.precision, settings.device))
-    tokenizer, hf_model, adapter = _load_for_training(load_policy, model_name, init_state, settings, "policy")
+    tokenizer, hf_model, adapter = _load_learner_model(load_policy, model_name, init_state, settings, "policy")
     hf_model.to(settings.device)
     prompts = {ex[0]: format_prompt(tokenizer, ex[0]) for ex in examples}
 
