@@ -140,7 +140,8 @@ def project_7b(rows: list[dict], rank: int) -> list[dict]:
     return out
 
 
-def step_time(args) -> list[dict]:
+def step_time(args, partial=lambda rows: None) -> list[dict]:
+    """``partial(rows)`` after every repeat: the result so far is written (a long run may be cut short)."""
     from apo_ray.data import RankedPair, load_preference_pairs
     from apo_ray.models.training import PolicyLoss, TrainSettings, train_policy, train_reward_model
 
@@ -167,6 +168,7 @@ def step_time(args) -> list[dict]:
                     _, stats = train_policy(MODEL, None, sft, s, loss=PolicyLoss("rjs"))
                 seconds.setdefault((role, arm), []).append(stats["seconds"] / stats["steps"])
                 print(f"  {role:6s} {arm:24s} {seconds[(role, arm)][-1]:.2f} s/step", flush=True)
+        partial([{"role": role, "arm": arm, "step_s": _median(v)} for (role, arm), v in seconds.items()])
     return [{"role": role, "arm": arm, "step_s": _median(v)} for (role, arm), v in seconds.items()]
 
 
@@ -199,8 +201,10 @@ def main() -> None:
                   f"{r['checkpoint_s']['median']:8.4f}")
         for r in result["exchange_7b"]:
             print(f"{r['version']:40s} {r['bytes'] / 1e6:9.1f} MB, ~{r['exchange_s_at_measured_rate']:.2f} s")
+        write_result(result, args.out)
     if args.part in ("step", "both"):
-        rows = step_time(args)
+        rows = step_time(args, lambda rows: write_result(result | {"step": rows, "step_partial": True,
+                                                                  "load_average_now": os.getloadavg()}, args.out))
         result["step"] = rows
         print(f"\n{'role':6s} {'arm':24s} {'s/step median':>14s} {'min':>7s} {'max':>7s}")
         for r in rows:
