@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from apo_ray.models.loading import decoder_layers, load_policy, load_reward_model
+
 META_KEY = "apo_lora.meta"
 FORMAT = 1
 
@@ -74,8 +76,6 @@ def spec_for(model: nn.Module, base_model: str, role: str, lora, trainable_layer
     """The adapter a learner trains on ``model`` from its config section ``lora`` (a
     :class:`apo_ray.config.LoraConfig` or any object with its fields). ``trainable_layers`` N puts
     the adapters on the top N blocks only (backward then stops there, as without LoRA)."""
-    from apo_ray.models.loading import decoder_layers
-
     n = len(decoder_layers(model))
     layers = None
     if trainable_layers is not None:
@@ -209,8 +209,6 @@ def write_peft_folder(state: Mapping[str, torch.Tensor], out_dir: Path, *, base_
 def merged_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The full weights of base model + adapter (peft's ``merge_and_unload``), HF names: what a
     plain transformers model of the base architecture loads."""
-    from apo_ray.models.loading import load_policy, load_reward_model
-
     spec = read_spec(state)
     load = load_reward_model if spec.role == "rm" else load_policy
     torch.manual_seed(0)  # the RM's head is replaced by the adapter's copy; the seed only spares randomness
