@@ -140,7 +140,8 @@ def project_7b(rows: list[dict], rank: int) -> list[dict]:
     return out
 
 
-def step_time(args) -> list[dict]:
+def step_time(args, partial=lambda rows: None) -> list[dict]:
+    """``partial(rows)`` after every repeat: the result so far is written (a long run may be cut short)."""
     from apo_ray.data import RankedPair, load_preference_pairs
     from apo_ray.models.training import PolicyLoss, TrainSettings, train_policy, train_reward_model
 
@@ -152,10 +153,10 @@ def step_time(args) -> list[dict]:
     rm_pairs = [RankedPair.from_preference(p) for p in pairs]
     sft = [(p.prompt, p.chosen) for p in pairs]
     base = TrainSettings(lr=1e-5, examples_per_step=16, micro_examples=8, max_length=80, precision="fp32")
-    arms = {"trainable_layers=4": {"trainable_layers": 4},
+    arms = {f"trainable_layers={args.top}": {"trainable_layers": args.top},
             f"lora r{args.rank} all blocks": {"lora": LoraConfig(rank=args.rank, target_modules=TARGETS)},
-            f"lora r{args.rank} top 4 blocks": {"lora": LoraConfig(rank=args.rank, target_modules=TARGETS),
-                                                "trainable_layers": 4}}
+            f"lora r{args.rank} top {args.top} blocks": {"lora": LoraConfig(rank=args.rank, target_modules=TARGETS),
+                                                         "trainable_layers": args.top}}
     seconds: dict[tuple, list[float]] = {}
     for rep in range(args.repeats):
         for role in args.roles:
@@ -167,22 +168,27 @@ def step_time(args) -> list[dict]:
                     _, stats = train_policy(MODEL, None, sft, s, loss=PolicyLoss("rjs"))
                 seconds.setdefault((role, arm), []).append(stats["seconds"] / stats["steps"])
                 print(f"  {role:6s} {arm:24s} {seconds[(role, arm)][-1]:.2f} s/step", flush=True)
+        partial([{"role": role, "arm": arm, "step_s": _median(v)} for (role, arm), v in seconds.items()])
     return [{"role": role, "arm": arm, "step_s": _median(v)} for (role, arm), v in seconds.items()]
 
 
 def main() -> None:
+    global MODEL
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["exchange", "step", "both"], default="both")
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--model", default=MODEL, help="another model name, e.g. tiny-random-llama to try the script")
+    ap.add_argument("--top", type=int, default=4, help="trainable_layers of the comparison (the demo's 4)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--roles", nargs="+", default=["rm", "policy"])
     ap.add_argument("--data", default=os.environ.get("APO_HH_DATA"))
     ap.add_argument("--out", default="benchmarks/results/lora_exchange.json")
     args = ap.parse_args()
+    MODEL = args.model
     result = {"when": datetime.datetime.now(datetime.UTC).isoformat(), "machine": platform.processor()
               or platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-              "rank": args.rank, "load_average_before": os.getloadavg()}
+              "rank": args.rank, "model": MODEL, "load_average_before": os.getloadavg()}
     if args.part in ("exchange", "both"):
         rows = exchange(args)
         result["exchange"] = rows
@@ -195,8 +201,10 @@ def main() -> None:
                   f"{r['checkpoint_s']['median']:8.4f}")
         for r in result["exchange_7b"]:
             print(f"{r['version']:40s} {r['bytes'] / 1e6:9.1f} MB, ~{r['exchange_s_at_measured_rate']:.2f} s")
+        write_result(result, args.out)
     if args.part in ("step", "both"):
-        rows = step_time(args)
+        rows = step_time(args, lambda rows: write_result(result | {"step": rows, "step_partial": True,
+                                                                  "load_average_now": os.getloadavg()}, args.out))
         result["step"] = rows
         print(f"\n{'role':6s} {'arm':24s} {'s/step median':>14s} {'min':>7s} {'max':>7s}")
         for r in rows:

@@ -434,7 +434,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model, tiny_tokeni
     grads = {}
     for on in (False, True):
         load = load_reward_model if role == "rm" else load_policy
-        _, model, _ = _load_for_training(load, TINY, rm_init if role == "rm" else None,
+        _, model = _load_for_training(load, TINY, rm_init if role == "rm" else None,
                                       settings(gradient_checkpointing=on))
         assert model.is_gradient_checkpointing is on
         model.train()

@@ -298,3 +298,66 @@ def test_export_writes_the_peft_adapter_and_on_request_a_merged_model(tiny_model
     assert torch.allclose(merged, with_adapter, atol=2e-2)  # merged is saved in the base checkpoint's dtype
     plain = export_version("policy/apo/r1", policy_adapter, tmp_path / "plain", base_model=TINY)
     assert not (plain / "merged").exists()
+
+
+# ------------------------------------------------------------------------------ DDP and ZeRO-2
+
+RANKS_SCRIPT = """
+import os, sys
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def run(rank, data, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    from apo_ray.config import LoraConfig
+    from apo_ray.data import RankedPair, load_preference_pairs
+    from apo_ray.models.training import TrainSettings, train_reward_model
+
+    pairs = [RankedPair.from_preference(p) for p in load_preference_pairs(data, limit=8)]
+    lora = LoraConfig(rank=4, alpha=8.0, target_modules=["q_proj", "v_proj", "up_proj"])
+    results = {}
+    for name, kw in (("ddp", {"strategy": "ddp"}), ("zero2", {"strategy": "deepspeed", "zero_stage": 2})):
+        s = TrainSettings(lr=1e-2, examples_per_step=4, micro_examples=2, max_length=64, epochs=1, precision="fp32",
+                          seed=3, max_grad_norm=None, lora=lora, rank=rank, world_size=2, **kw)
+        prepare = torch.nn.parallel.DistributedDataParallel if name == "ddp" else (lambda m: m)
+        results[name] = train_reward_model("tiny-random-llama", None, pairs, s, prepare_model=prepare)
+    if rank == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    mp.spawn(run, args=tuple(sys.argv[1:]), nprocs=2)
+"""
+
+
+@pytest.mark.slow
+def test_lora_rm_learner_under_ddp_and_zero2_matches_one_process(tiny_model, hh_data_path, tmp_path):
+    """Two gloo ranks under DDP and under DeepSpeed ZeRO-2: the same losses and adapter (+ head) as one
+    process on the same steps."""
+    pytest.importorskip("deepspeed")
+    import socket
+    import subprocess
+    import sys
+
+    from apo_ray.data import load_preference_pairs
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    script, out = tmp_path / "ranks.py", tmp_path / "results.pt"
+    script.write_text(RANKS_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(hh_data_path), port, str(out)], capture_output=True,
+                          text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    results = torch.load(out, weights_only=False)
+    pairs = [RankedPair.from_preference(p) for p in load_preference_pairs(hh_data_path, limit=8)]
+    one, stats = train_reward_model(TINY, None, pairs, settings(epochs=1, micro_examples=2))
+    for name in ("ddp", "zero2"):
+        state, rank_stats = results[name]
+        assert rank_stats["losses"] == pytest.approx(stats["losses"], abs=1e-5), name
+        assert_same_adapter(state, lora.tensors_of(one), atol=1e-5)

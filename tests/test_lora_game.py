@@ -12,9 +12,10 @@ import pytest
 import torch
 from test_game import GREEDY_TESTS, Crash, RecordingSystem, max_abs_diff, play
 from test_ray_cluster import _submit, cluster  # noqa: F401  (a `ray start --head` of this module's own)
-from test_vllm_system import VLLM_SMOKE, _check_round1_answers_come_from_the_round1_policy
+from test_vllm_system import VLLM_SMOKE, _resolved
 
 from apo_ray.config import LoraConfig
+from apo_ray.game.store import PhaseStore, load_checkpoint
 from apo_ray.models import lora
 from apo_ray.runtime.in_process import InProcessSystem
 
@@ -67,9 +68,9 @@ def test_lora_job_through_ray_job_submit_serves_adapters_on_vllm(cluster, tmp_pa
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     records = json.loads((out / "summary.json").read_text())
     assert [(r["round"], r["rm_mode"]) for r in records] == [(0, "apo"), (1, "apo")]
-    policy = torch.load(out / "phases" / "policy__apo__r1.pt", map_location="cpu", weights_only=True)
+    policy = load_checkpoint(PhaseStore(out / "phases", None).version_path("policy/apo/r1"))
     assert lora.is_adapter(policy) and lora.read_spec(policy).rank == 8
-    _check_round1_answers_come_from_the_round1_policy(out)  # vLLM with the adapter == transformers + peft
+    _check_answers_of_the_adapter(out, policy)
     exported = out / "models" / "policy" / "apo" / "r1"
     assert (exported / "adapter_model.safetensors").exists() and (exported / "merged" / "config.json").exists()
 
@@ -78,3 +79,23 @@ def test_lora_job_through_ray_job_submit_serves_adapters_on_vllm(cluster, tmp_pa
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     for name, mtime in done.items():
         assert (out / "phases" / name).stat().st_mtime_ns == mtime, name
+
+
+def _check_answers_of_the_adapter(out, adapter) -> None:
+    """The round-1 test answers vLLM gave with the served adapter are those of transformers with the
+    stored adapter applied, and differ from the base policy's (round 0)."""
+    from apo_ray.game.game_data import build_game_data, eval_prompts
+    from apo_ray.models.generation import HFGenerator
+
+    cfg = _resolved(out)
+    prompts = eval_prompts(cfg, build_game_data(cfg))
+    phases = out / "phases"
+    r0 = json.loads((phases / "samples__policy__init__test.json").read_text())["value"]
+    r1 = json.loads((phases / "samples__policy__apo__r1__test.json").read_text())["value"]
+    g = cfg.generation
+    hf = HFGenerator(cfg.model.policy, decoding=g.testing, max_prompt_tokens=g.max_prompt_tokens,
+                     prompts_per_batch=1, dtype="float32", device="cpu")
+    assert hf.generate(prompts, 1) == r0
+    hf.load_weights(adapter)
+    assert hf.generate(prompts, 1) == r1
+    assert r0 != r1

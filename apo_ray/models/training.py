@@ -288,6 +288,7 @@ class TrainedWeights:
         # tensors or parameters (sharded or not); ``state``: another selection of them (a LoRA
         # learner's adapter, under its exchange names: apo_ray/models/lora.py)
         self._state = hf_model.state_dict(keep_vars=True) if state is None else state
+        self._adapter = state is not None
         self._master = deepspeed_master
         self.collective = deepspeed_master or any(
             hasattr(t, "full_tensor") or hasattr(t, "ds_id") for t in self._state.values())
@@ -299,6 +300,8 @@ class TrainedWeights:
         """Names of the tensors this job trained (parameters with ``requires_grad``); every other
         tensor is still the one the job started from, in the dtype of ``specs`` (what a checkpoint
         leaves out: :func:`apo_ray.game.store.write_checkpoint`)."""
+        if self._adapter:  # a LoRA version is its adapter: stored whole (a few MB), no base to fill in from
+            return list(self._state)
         return [name for name, t in self._state.items() if isinstance(t, nn.Parameter) and t.requires_grad]
 
     def _from_master(self, t: torch.Tensor) -> bool:
@@ -544,8 +547,14 @@ def _fp32_init(hf_model: nn.Module, init_state: dict[str, torch.Tensor] | None, 
                     and init_state[name].dtype == torch.float32)
 
 
-def _load_for_training(load, model_name: str, init_state: dict | None, settings: TrainSettings,
-                       role: str = "policy"):
+def _load_for_training(load, model_name: str, init_state: dict | None, settings: TrainSettings):
+    """(tokenizer, model) of :func:`_load_learner_model` (no LoRA adapter)."""
+    tokenizer, model, _ = _load_learner_model(load, model_name, init_state, settings)
+    return tokenizer, model
+
+
+def _load_learner_model(load, model_name: str, init_state: dict | None, settings: TrainSettings,
+                        role: str = "policy"):
     """Seeded load of a model (``load``: load_policy or load_reward_model) and its right-padding
     tokenizer, with the given initial weights and the settings' memory options. Returns (tokenizer,
     model, adapter): ``adapter`` is (peft model, spec) with ``settings.lora`` (the adapters injected
@@ -603,7 +612,7 @@ def train_reward_model(model_name: str, init_state: dict[str, torch.Tensor] | No
     if not pairs:
         raise ValueError("train_reward_model: no pairs to train on")
     settings = dataclasses.replace(settings, precision=resolve_precision(settings.precision, settings.device))
-    tokenizer, hf_model, adapter = _load_for_training(load_reward_model, model_name, init_state, settings, "rm")
+    tokenizer, hf_model, adapter = _load_learner_model(load_reward_model, model_name, init_state, settings, "rm")
     if hf_model.config.pad_token_id is None:
         hf_model.config.pad_token_id = tokenizer.pad_token_id
     cache = _rm_prefix_cache(hf_model, settings)
@@ -675,7 +684,7 @@ def train_policy(model_name: str, init_state: dict[str, torch.Tensor] | None,
         raise ValueError(f"train_policy: objective {objective.name!r} takes (prompt, {n_responses} responses) "
                          f"examples")
     settings = dataclasses.replace(settings, precision=resolve_precision(settings.precision, settings.device))
-    tokenizer, hf_model, adapter = _load_for_training(load_policy, model_name, init_state, settings, "policy")
+    tokenizer, hf_model, adapter = _load_learner_model(load_policy, model_name, init_state, settings, "policy")
     hf_model.to(settings.device)
     prompts = {ex[0]: format_prompt(tokenizer, ex[0]) for ex in examples}
 
