@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 pytestmark = [pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM not installed"),
               pytest.mark.slow]
@@ -46,6 +45,7 @@ def _resolved(out: Path):
 
 def _check_round1_answers_come_from_the_round1_policy(out: Path) -> None:
     from apo_ray.game.game_data import build_game_data, eval_prompts
+    from apo_ray.game.store import PhaseStore, load_checkpoint
     from apo_ray.models.generation import HFGenerator
 
     cfg = _resolved(out)
@@ -58,7 +58,7 @@ def _check_round1_answers_come_from_the_round1_policy(out: Path) -> None:
     hf = HFGenerator(cfg.model.policy, decoding=g.testing, max_prompt_tokens=g.max_prompt_tokens,
                      prompts_per_batch=1, dtype="float32", device="cpu")
     assert hf.generate(prompts, 1) == r0
-    hf.load_weights(torch.load(phases / "policy__apo__r1.pt", map_location="cpu", weights_only=True))
+    hf.load_weights(load_checkpoint(PhaseStore(phases, system=None).version_path("policy/apo/r1")))
     assert hf.generate(prompts, 1) == r1
     assert sum(a != b for a, b in zip(r0, r1)) >= len(prompts) // 2, (r0, r1)
 
