@@ -78,6 +78,7 @@ def test_marker_holds_the_size_and_checksum_of_the_weights(tmp_path):
     pt = tmp_path / "rm__base.safetensors"
     assert marker["value"] == {"loss": 1.0} and marker["weights"]["bytes"] == pt.stat().st_size
     assert marker["weights"]["sha256"] == store_module.file_sha256(pt)[1]
+    assert pt.stat().st_mode & 0o777 == (tmp_path / "rm__base.json").stat().st_mode & 0o777  # the umask's, not 0600
     loaded = store.get_version("rm/base")
     assert loaded.id == "rm/base" and torch.equal(loaded.handle["w"], STATE["w"])
 

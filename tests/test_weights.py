@@ -256,12 +256,13 @@ def test_actor_loads_weights_from_object_store(ray_local):
 def test_weights_whose_owner_died_are_reloaded_from_their_checkpoint(ray_local, tmp_path):
     """The object store copy dies with the process that put it; a version that was checkpointed is
     then read from its file (workers.fetch_weights), one that was not raises."""
+    from apo_ray.game.store import write_checkpoint
     from apo_ray.game.system import Weights
     from apo_ray.runtime.workers import fetch_weights
 
     expected = torch.arange(1 << 16, dtype=torch.float32)
-    checkpoint = tmp_path / "w.pt"
-    torch.save({"w": expected}, checkpoint)
+    checkpoint = tmp_path / "w.safetensors"  # the phase store's format (apo_ray.game.store.write_checkpoint)
+    write_checkpoint(checkpoint, {"w": expected})
     learner = ShortLivedLearner.remote()
     [ref] = ray.get(learner.publish.remote())
     [orphan] = ray.get(learner.publish.remote())

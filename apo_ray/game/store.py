@@ -137,7 +137,19 @@ def write_checkpoint(path: Path, state_dict: Mapping[str, torch.Tensor], *, base
         return
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its files 0600 whatever the umask
     os.replace(tmp, path)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask sets it: racy with other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
 
 
 def _suffix(path) -> str:
