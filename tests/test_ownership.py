@@ -150,3 +150,11 @@ def test_main_job_refuses_a_users_folder_and_root_and_a_busy_folder(tmp_path, hh
         proc = _apo(f"run.output_dir={tmp_path / 'busy'}", "run.resume=true", f"data.path={hh_data_path}")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert f"in use by another run (pid {os.getpid()}" in proc.stderr
+
+
+def test_main_job_names_the_os_cause(tmp_path, hh_data_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    proc = _apo(f"run.output_dir={a_file}/run", f"data.path={hh_data_path}")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "Not a directory (ENOTDIR)" in proc.stderr and str(a_file) in proc.stderr

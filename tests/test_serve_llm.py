@@ -13,7 +13,7 @@ import urllib.request
 
 import openai
 import pytest
-from serving import post, server_on_local_ray
+from serving import abandoned_request, post, read_status, server_on_local_ray, stalled_upload
 
 pytestmark = [pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM not installed"),
               pytest.mark.slow]
@@ -21,12 +21,14 @@ pytestmark = [pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reaso
 TINY = "tiny-random-llama"
 KEY = "llm-serve-key-for-tests"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+BODY_TIMEOUT_S = 3.0
 
 
 @pytest.fixture(scope="module")
 def served(tiny_model):
     with server_on_local_ray(TINY, KEY, backend="vllm", dtype="float32", max_model_len=512,
-                             max_body_bytes=64 << 10, engine_kwargs={"kv_cache_memory_bytes": 64 << 20}) as server:
+                             max_body_bytes=64 << 10, engine_kwargs={"kv_cache_memory_bytes": 64 << 20},
+                             body_timeout_s=BODY_TIMEOUT_S) as server:
         yield server
 
 
@@ -104,3 +106,49 @@ def test_oversized_body_is_refused(served):
     big = json.dumps({"model": TINY, "messages": [{"role": "user", "content": "x" * (80 << 10)}]}).encode()
     status, err = _post(served.base_url + "/chat/completions", big)
     assert status == 413 and err["error"]["code"] == "request_too_large"
+
+
+def _timed(url: str, body: dict) -> tuple[int, float]:
+    import time
+
+    start = time.monotonic()
+    status, _ = _post(url, json.dumps(body).encode())
+    return status, time.monotonic() - start
+
+
+def test_stalled_uploads_are_dropped_and_abandoned_requests_do_not_hold_others(served):
+    import threading
+    import time
+
+    chat = served.base_url + "/chat/completions"
+    normal = {"model": TINY, "messages": MESSAGES, "max_tokens": 4}
+    stalled = [stalled_upload(chat, KEY) for _ in range(8)]
+    time.sleep(0.5)
+    status, seconds = _timed(chat, normal)
+    assert status == 200 and seconds < BODY_TIMEOUT_S + 5, seconds
+    assert [read_status(sock, BODY_TIMEOUT_S + 10) for sock in stalled] == [408] * len(stalled)
+
+    heavy = {"model": TINY, "messages": MESSAGES, "n": 16, "max_tokens": 400, "ignore_eos": True}
+    status, one_heavy_s = _timed(chat, heavy)
+    assert status == 200
+    threads = [threading.Thread(target=abandoned_request, args=(chat, KEY, heavy)) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    status, seconds = _timed(chat, normal)
+    assert status == 200 and seconds < max(2 * one_heavy_s, 5.0), (seconds, one_heavy_s)
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    (b"[]", None), (json.dumps({"model": TINY}).encode(), "messages"),
+    (json.dumps({"model": TINY, "messages": "hi"}).encode(), "messages"),
+    (json.dumps({"model": TINY, "messages": MESSAGES, "n": "abc"}).encode(), "n"),
+    (json.dumps({"model": TINY, "messages": MESSAGES, "seed": "x"}).encode(), "seed"),
+    (json.dumps({"model": TINY, "messages": MESSAGES, "stop": 5}).encode(), "stop"),
+])
+def test_malformed_requests_are_4xx(served, body, param):
+    status, err = _post(served.base_url + "/chat/completions", body)
+    assert 400 <= status < 500, (status, err)
+    if param is not None:
+        assert param in json.dumps(err), err

@@ -10,9 +10,15 @@ Two servers behind one :func:`start_server`:
 Both sit behind :class:`RequestGuard`, an ASGI middleware that, before the app sees a request:
 checks the key (``Authorization: Bearer``; ``$APO_SERVE_API_KEY`` at start-up, only its SHA-256
 travels to the replicas) on every path, ``/docs`` and ``/openapi.json`` included, before any body is
-read; refuses bodies over ``max_body_bytes`` (413); and answers 400 naming the field for ``n < 1``,
-``max_tokens`` / ``max_completion_tokens < 1`` and a non-finite or negative ``temperature`` or a
-``top_p`` outside (0, 1].
+read; refuses bodies over ``max_body_bytes`` (413) and bodies not complete within
+``body_timeout_s`` (408: a stalled upload is dropped, not waited on); and answers 400 naming the
+field for ``n < 1``, ``max_tokens`` / ``max_completion_tokens < 1`` and a non-finite or negative
+``temperature`` or a ``top_p`` outside (0, 1]. Malformed bodies get a 400 naming the field (FastAPI's
+validation errors included), never a 500. A client's disconnect cancels its request (Serve cancels
+the call; our server then stops waiting for the model or stops generating at the next token).
+
+Open without the key, because Ray Serve's HTTP proxy answers them before any application runs:
+``/-/healthz`` and ``/-/routes`` (route prefixes and application names only).
 
 Each :func:`start_server` deploys one Serve application under its own name and route (by default
 ``apo-chat-<random>`` at ``/<name>``) and :func:`stop_server` deletes that application only: other
