@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from apo_ray.models.loading import reward_forward
+
 log = logging.getLogger(__name__)
 
 __all__ = ["FrozenPrefixCache", "cached_reward_forward", "frozen_fingerprint", "prefix_cache_for",
@@ -133,8 +135,6 @@ def cached_reward_forward(model, input_ids: torch.Tensor, attention_mask: torch.
     """``models.reward_forward`` with the first ``cache.n_frozen`` blocks read from ``cache``
     (computed, without gradients, for the sequences it lacks). input_ids, attention_mask: [B, T],
     right-padded. Returns [B] float32 rewards; gradients reach the top blocks, norm and head."""
-    from apo_ray.models.loading import reward_forward
-
     if not _right_padded(attention_mask):
         return reward_forward(model, input_ids, attention_mask)
     backbone = getattr(model, model.base_model_prefix)
