@@ -80,13 +80,22 @@ class LoadSampler(threading.Thread):
 
 
 def run_seeds(seeds: list[int], runs_dir: Path, preset: str, overrides: list[str], log_path: Path) -> None:
-    command = [sys.executable, str(ROOT / "jobs" / "apo.py"), "-m", f"experiment={preset}",
-               f"run.seed={','.join(map(str, seeds))}", "run.in_process=true", "run.resume=true",
-               f"hydra.sweep.dir={runs_dir}", "hydra.sweep.subdir=seed${run.seed}", *overrides]
-    print("running:", " ".join(command), f"(log: {log_path})", flush=True)
+    """The seeds as Hydra multiruns: the stopped ones first with ``run.resume=true`` (they continue
+    from their last phase), then the fresh ones without it (a resume of a folder that holds no run
+    is refused, so one multirun cannot do both)."""
+    stopped = [s for s in seeds if (runs_dir / f"seed{s}" / "phases").is_dir()
+               and any((runs_dir / f"seed{s}" / "phases").iterdir())]
+    fresh = [s for s in seeds if s not in stopped]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    with open(log_path, "a") as log:
-        subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+    for group, resume in ((stopped, "true"), (fresh, "false")):
+        if not group:
+            continue
+        command = [sys.executable, str(ROOT / "jobs" / "apo.py"), "-m", f"experiment={preset}",
+                   f"run.seed={','.join(map(str, group))}", "run.in_process=true", f"run.resume={resume}",
+                   f"hydra.sweep.dir={runs_dir}", "hydra.sweep.subdir=seed${run.seed}", *overrides]
+        print("running:", " ".join(command), f"(log: {log_path})", flush=True)
+        with open(log_path, "a") as log:
+            subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
 
 
 def phase_seconds(run_dir: Path) -> dict:

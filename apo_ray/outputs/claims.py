@@ -452,6 +452,9 @@ def judge_claims(runs: Sequence[Run], claims: Sequence[Claim] | None = None, *, 
         effect = r.get("paper_effect")
         if r["verdict"] == "undecided" and len(r["seeds"]) < 2:
             r["why"] = "one seed: its noise is not measured"
+        if effect and not math.isnan(comp.var_seed) and comp.se() == 0:
+            r["why"] = "no variance observed (every seed and item gives the same difference): power is not defined"
+            effect = None
         if effect and not math.isnan(comp.var_seed):
             effect = effect * r["sign"]
             r["power_paper_effect"] = power(effect, comp, comp.k, comp.n, alpha=alpha)
@@ -503,7 +506,8 @@ def claims_table_md(rows: Sequence[Mapping[str, Any]]) -> str:
         pooled = (f"{_fmt(row['mean'], digits, scale, True)} [{_fmt(row['low'], digits, scale, True)}, "
                   f"{_fmt(row['high'], digits, scale, True)}]{unit} (t, {_fmt(row['df'], 1)} df)")
         if row.get("power_paper_effect") is None:
-            design = "– (no paper effect in our units)" if not row.get("paper_effect") else "– (one seed)"
+            design = ("– (no paper effect in our units)" if not row.get("paper_effect")
+                      else "– (one seed)" if len(row["seeds"]) < 2 else "– (no variance observed)")
         else:
             design = (f"{row['power_paper_effect']:.0%} now; {_needed(row['seeds_needed_paper_effect'])} seeds "
                       f"or {_needed(row['items_needed_paper_effect'])} items")
