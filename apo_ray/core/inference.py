@@ -175,16 +175,7 @@ def seeds_needed(effect: float, comp: Components, n: int, *, alpha: float = 0.05
     do not reach it (then the item terms need more items)."""
     if effect == 0 or any(math.isnan(x) for x in (comp.var_seed, comp.var_item, comp.var_int)):
         return float("inf") if effect == 0 else float("nan")
-    lo, hi = 2, max_seeds
-    if power(effect, comp, hi, n, alpha=alpha) < target:
-        return float("inf")
-    while lo < hi:  # power grows with k: binary search
-        mid = (lo + hi) // 2
-        if power(effect, comp, mid, n, alpha=alpha) >= target:
-            hi = mid
-        else:
-            lo = mid + 1
-    return float(lo)
+    return _fewest(lambda k: power(effect, comp, k, n, alpha=alpha) >= target, max_seeds)
 
 
 def items_needed(effect: float, comp: Components, k: int, *, alpha: float = 0.05, target: float = 0.8,
@@ -193,12 +184,18 @@ def items_needed(effect: float, comp: Components, k: int, *, alpha: float = 0.05
     keeps the power below it."""
     if effect == 0 or any(math.isnan(x) for x in (comp.var_seed, comp.var_item, comp.var_int)):
         return float("inf") if effect == 0 else float("nan")
-    lo, hi = 2, max_items
-    if power(effect, comp, k, hi, alpha=alpha) < target:
+    return _fewest(lambda n: power(effect, comp, k, n, alpha=alpha) >= target, max_items)
+
+
+def _fewest(enough, most: int) -> float:
+    """The smallest count in [2, most] for which ``enough(count)`` holds (power grows with the count:
+    a binary search); inf when even ``most`` is not enough."""
+    lo, hi = 2, most
+    if not enough(hi):
         return float("inf")
     while lo < hi:
         mid = (lo + hi) // 2
-        if power(effect, comp, k, mid, alpha=alpha) >= target:
+        if enough(mid):
             hi = mid
         else:
             lo = mid + 1

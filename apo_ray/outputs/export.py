@@ -29,6 +29,7 @@ folder described above.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -164,19 +165,27 @@ def export_version(version_id: str, state_dict: Mapping[str, torch.Tensor], out_
         model = _build_on_meta(AutoModelForSequenceClassification, config, state_dict, dtype)
         info["score_position"] = (f"the last token that is not the pad token {pad_token!r} (id {pad_id}): "
                                   f"the end-of-turn token {tokenizer.eos_token!r} that ends every scored text")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with _folder_written_whole(out_dir, overwrite) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card(info, tokenizer))
         (tmp / EXPORT_META).write_text(json.dumps(info, indent=2, default=str) + "\n")
+    return out_dir
+
+
+@contextlib.contextmanager
+def _folder_written_whole(out_dir: Path, overwrite: bool):
+    """A temporary folder beside ``out_dir``, renamed to it when the block ends without an error, so
+    a reader never sees half an export (removed on an error)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        yield tmp
         if overwrite and out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
 
 
 def _export_adapter(version_id: str, adapter: Mapping[str, torch.Tensor], out_dir: Path, *, base_model: str,
@@ -191,20 +200,13 @@ def _export_adapter(version_id: str, adapter: Mapping[str, torch.Tensor], out_di
             "base_model_path": source, "format": "peft LoRA adapter", "lora_rank": spec.rank,
             "lora_alpha": spec.alpha, "target_modules": list(spec.target_modules),
             "modules_to_save": list(spec.modules_to_save), "merged": "merged/" if merged else None, **(meta or {})}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with _folder_written_whole(out_dir, overwrite) as tmp:
         write_peft_folder(adapter, tmp, base_path=source)
         AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
         if merged:
             export_version(version_id, merged_state_dict(adapter), tmp / "merged", base_model=base_model,
                            generation=generation, meta=meta)
         (tmp / EXPORT_META).write_text(json.dumps(info, indent=2, default=str) + "\n")
-        if overwrite and out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
