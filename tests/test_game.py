@@ -384,8 +384,10 @@ def test_checkpoints_leave_out_frozen_layers_and_a_resume_from_them_matches(tiny
     from safetensors import safe_open
 
     cfg = tiny_cfg_factory(apo__arms=["apo_seq"], apo__rounds=ROUNDS, rm__trainable_layers=1,
-                           policy__trainable_layers=1, **GREEDY_TESTS)
+                           policy__trainable_layers=1, eval__eval_rm=True, data__eval_rm_pairs=6,
+                           eval__shared_rm_dir=str(tmp_path / "shared"), **GREEDY_TESTS)
     whole = play(cfg, tmp_path / "whole")
+    assert "rm/eval" in whole.store.weights_keys()  # the shared evaluation RM is checkpointed like the rest
     files = sorted(whole.store.root.glob("*.safetensors"))
     assert {f.name for f in files} == {k.replace("/", "__") + ".safetensors" for k in whole.store.weights_keys()}
     for f in files:

@@ -292,8 +292,11 @@ class APOGame:
             return Weights(key, cached.handle, cached.checkpoint)
         start = time.perf_counter()
         handle, stats = self.system.train(job, Weights("rm/pretrained"), pairs)
-        stats = {k: v for k, v in stats.items() if k != "losses"} | {"losses": stats.get("losses", [])}
-        stored = store.put_version("rm", handle, stats)
+        trained = stats.get("trained_tensors")  # the checkpoint keeps these, over the base model's
+        stats = {k: v for k, v in stats.items() if k not in ("losses", "trained_tensors")} | {
+            "losses": stats.get("losses", [])}
+        stored = store.put_version("rm", handle, stats, base="rm/pretrained", base_model=self.cfg.model.reward,
+                                   trained=trained)
         self.store.adopt_weights(key, store, "rm")
         seconds = time.perf_counter() - start
         timing["train_eval_rm"] = timing.get("train_eval_rm", 0.0) + seconds
