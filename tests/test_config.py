@@ -140,6 +140,7 @@ def _apo(*overrides: str) -> subprocess.CompletedProcess:
                           cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
 
 
+@pytest.mark.slow  # runs jobs/apo.py in a subprocess
 def test_main_job_refuses_bad_values_without_a_traceback(tmp_path, hh_data_path):
     proc = _apo("data.rm_pairs=abc", "eval.judge_concurrency=0", "rm.lr=inf", "cluster.max_actor_restarts=-1",
                 f"data.path={hh_data_path}", f"run.output_dir={tmp_path}")
@@ -151,6 +152,7 @@ def test_main_job_refuses_bad_values_without_a_traceback(tmp_path, hh_data_path)
     assert not (tmp_path / "phases").exists()  # refused before any work
 
 
+@pytest.mark.slow  # runs jobs/apo.py in a subprocess
 def test_main_job_refuses_splits_that_cannot_fit(tmp_path, hh_data_path):
     proc = _apo("data.llm_queries=4", "data.dev_pairs=8", f"data.path={hh_data_path}", f"run.output_dir={tmp_path}")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]

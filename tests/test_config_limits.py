@@ -40,6 +40,7 @@ def test_unknown_keys_are_refused_with_the_nearest_valid_one():
     assert compose(["experiment=smoke", "+generation.engine_kwargs.seed=1"]).generation.engine_kwargs == {"seed": 1}
 
 
+@pytest.mark.slow  # runs jobs/apo.py in a subprocess
 def test_main_job_refuses_an_unknown_key_before_touching_the_folder(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "jobs/apo.py", "experiment=smoke", "run.in_process=true",

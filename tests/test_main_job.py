@@ -39,6 +39,7 @@ def test_main_job_in_process_with_report_and_judge(tmp_path, tiny_model, hh_data
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 
 
+@pytest.mark.slow  # runs jobs/apo.py in a subprocess
 def test_bad_config_names_the_field(tmp_path):
     proc = _apo("experiment=smoke", "run.in_process=true", "apo.beta2=-1", "apo.samples_per_query=0",
                 "rm.trainable_layers=0", "model.dtype=bf17", f"run.output_dir={tmp_path}")
@@ -50,6 +51,7 @@ def test_bad_config_names_the_field(tmp_path):
     assert not (tmp_path / "phases").exists()  # refused before any work
 
 
+@pytest.mark.slow  # runs jobs/apo.py in a subprocess
 def test_paper_hh_preset_is_the_papers_setup():
     import yaml
 
@@ -75,6 +77,7 @@ def test_paper_hh_preset_is_the_papers_setup():
     assert (cfg["policy"]["schedule"], cfg["policy"]["warmup_ratio"]) == ("cosine", 0.03)
 
 
+@pytest.mark.slow  # runs jobs/apo.py in a subprocess
 def test_a_missing_data_path_names_what_was_tried(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "jobs/apo.py"), "experiment=smoke", "run.in_process=true",
                            "data.path=[embedded:hh-rlhf-harmless-test,mine/pairs.jsonl]",

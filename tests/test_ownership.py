@@ -130,6 +130,7 @@ def test_os_errors_name_their_cause(tmp_path, monkeypatch):
         "/x: Permission denied (EACCES)"
 
 
+@pytest.mark.slow  # runs jobs/apo.py in a subprocess
 def test_main_job_refuses_a_users_folder_and_root_and_a_busy_folder(tmp_path, hh_data_path):
     d = tmp_path / "d"
     d.mkdir()
@@ -152,6 +153,7 @@ def test_main_job_refuses_a_users_folder_and_root_and_a_busy_folder(tmp_path, hh
     assert f"in use by another run (pid {os.getpid()}" in proc.stderr
 
 
+@pytest.mark.slow  # runs jobs/apo.py in a subprocess
 def test_main_job_names_the_os_cause(tmp_path, hh_data_path):
     a_file = tmp_path / "file"
     a_file.write_text("x")

@@ -49,6 +49,7 @@ def test_a_closed_port_is_named_at_once():
     assert time.monotonic() - start < 10
 
 
+@pytest.mark.slow  # runs jobs/apo.py in a subprocess
 def test_a_head_that_never_answers_fails_within_the_timeout():
     """A listener that accepts and then says nothing: ray.init alone would retry for minutes."""
     with socket.socket() as s:

@@ -250,6 +250,7 @@ def test_fresh_run_refuses_a_folder_with_phases(tmp_path):
         open_store(cfg, system=None)
 
 
+@pytest.mark.slow  # runs jobs/apo.py in a subprocess
 def test_main_job_resume_without_output_dir_says_how(tmp_path, hh_data_path):
     """The Hydra entry: a resume into Hydra's fresh timestamped folder stops, no traceback."""
     proc = subprocess.run([sys.executable, "jobs/apo.py", "experiment=smoke", "run.in_process=true", "run.resume=true",
