@@ -122,6 +122,17 @@ class APOGame:
             versions += [held["rm"], held["policy"]]
         return [w for w in versions if w is not None]
 
+    @staticmethod
+    def _checkpoint(store: PhaseStore, key: str, handle: Any, stats: dict, *, base: str | None,
+                    base_model: str) -> tuple[Weights, dict]:
+        """Checkpoint a learner's result: the tensors it trained (``stats["trained_tensors"]``), over
+        those of ``base``; the stats are stored beside it, per-step losses last. Returns the version
+        and the stats as stored."""
+        trained = stats.get("trained_tensors")
+        stats = {k: v for k, v in stats.items() if k not in ("losses", "trained_tensors")} | {
+            "losses": stats.get("losses", [])}
+        return store.put_version(key, handle, stats, base=base, base_model=base_model, trained=trained), stats
+
     def _weights_phase(self, key: str, compute: Callable[[], tuple[Any, dict]], timing: dict, name: str,
                        base: Weights | None = None, **event) -> Weights:
         # A version another arm holds already (apo_seq's round 1 is apo's) is shared, not loaded again.
@@ -135,13 +146,9 @@ class APOGame:
             return cached
         start = time.perf_counter()
         handle, stats = compute()
-        # The checkpoint keeps the tensors the learner trained, over those of the version it started from.
-        trained = stats.get("trained_tensors")
-        stats = {k: v for k, v in stats.items() if k not in ("losses", "trained_tensors")} | {
-            "losses": stats.get("losses", [])}
-        base_model = self.cfg.model.reward if key.startswith("rm/") else self.cfg.model.policy
-        weights = self.store.put_version(key, handle, stats, base=None if base is None else base.id,
-                                         base_model=base_model, trained=trained)
+        weights, stats = self._checkpoint(
+            self.store, key, handle, stats, base=None if base is None else base.id,
+            base_model=self.cfg.model.reward if key.startswith("rm/") else self.cfg.model.policy)
         seconds = time.perf_counter() - start
         timing[name] = timing.get(name, 0.0) + seconds
         self.on_event(PhaseFinished(name, key, seconds, round=event.get("round"), arm=event.get("arm"),
@@ -292,11 +299,8 @@ class APOGame:
             return Weights(key, cached.handle, cached.checkpoint)
         start = time.perf_counter()
         handle, stats = self.system.train(job, Weights("rm/pretrained"), pairs)
-        trained = stats.get("trained_tensors")  # the checkpoint keeps these, over the base model's
-        stats = {k: v for k, v in stats.items() if k not in ("losses", "trained_tensors")} | {
-            "losses": stats.get("losses", [])}
-        stored = store.put_version("rm", handle, stats, base="rm/pretrained", base_model=self.cfg.model.reward,
-                                   trained=trained)
+        stored, stats = self._checkpoint(store, "rm", handle, stats, base="rm/pretrained",
+                                         base_model=self.cfg.model.reward)
         self.store.adopt_weights(key, store, "rm")
         seconds = time.perf_counter() - start
         timing["train_eval_rm"] = timing.get("train_eval_rm", 0.0) + seconds

@@ -97,3 +97,20 @@ def merge_generated(batches: list[list[int]], parts: list[Generated], seconds: f
         "samples_per_s": sequences / max(seconds, 1e-9), "tokens_per_s": tokens / max(seconds, 1e-9),
         "sync_seconds": sum(p.stats["sync_seconds"] for p in parts),
         "sync_bytes": sum(p.stats["sync_bytes"] for p in parts)})
+
+
+def generate_calls(prompts: list[str], n: int, seed: int, decoding: DecodingConfig | None,
+                   prompts_per_batch: int) -> tuple[list[list[int]], list[tuple]]:
+    """How every system cuts a generate call: batches of similar-length prompts, and for batch k the
+    arguments ``(prompts, n, batch_seed(seed, k), decoding)`` of one generator call, so the samples
+    are the same in one process and on any number of actors."""
+    batches = batches_by_length([len(p) for p in prompts], prompts_per_batch)
+    return batches, [([prompts[i] for i in b], n, batch_seed(seed, k), decoding) for k, b in enumerate(batches)]
+
+
+def score_calls(prompts: list[str], responses: list[str], per_batch: int) -> tuple[list[list[int]], list[tuple]]:
+    """How every system cuts a score call: batches of similar-length texts, the arguments
+    ``(prompts, responses)`` of one scorer call each."""
+    batches = batches_by_length([len(p) + len(r) for p, r in zip(prompts, responses)], per_batch)
+    return batches, [([prompts[i] for i in b], [responses[i] for i in b]) for b in batches]
+

@@ -33,10 +33,10 @@ from apo_ray.game.store import load_checkpoint, write_checkpoint
 from apo_ray.game.system import (
     Generated,
     Weights,
-    batch_seed,
-    batches_by_length,
+    generate_calls,
     in_input_order,
     merge_generated,
+    score_calls,
 )
 from apo_ray.models.training import LearnerJob, run_job
 from apo_ray.models.weights import PackedWeights, pack_state_dict, put_weights, unpack_state_dict
@@ -384,16 +384,13 @@ class RaySystem:
         """Batches of ``generation.prompts_per_batch`` prompts, one call each, seeded by their batch
         number (:func:`apo_ray.game.system.batch_seed`): the same samples however many generators there are."""
         start = time.perf_counter()
-        batches = batches_by_length([len(p) for p in prompts], self.cfg.generation.prompts_per_batch)
-        parts = self.generators.call_all("generate", [
-            (policy, [prompts[i] for i in b], n, batch_seed(seed, k), decoding) for k, b in enumerate(batches)])
+        batches, calls = generate_calls(prompts, n, seed, decoding, self.cfg.generation.prompts_per_batch)
+        parts = self.generators.call_all("generate", [(policy, *call) for call in calls])
         return merge_generated(batches, parts, time.perf_counter() - start)
 
     def score(self, rm: Weights, prompts: list[str], responses: list[str]) -> list[float]:
-        batches = batches_by_length([len(p) + len(r) for p, r in zip(prompts, responses)], self.cfg.rm.score_batch)
-        results = self.scorers.call_all("score", [
-            (rm, [prompts[i] for i in b], [responses[i] for i in b]) for b in batches])
-        return in_input_order(batches, results)
+        batches, calls = score_calls(prompts, responses, self.cfg.rm.score_batch)
+        return in_input_order(batches, self.scorers.call_all("score", [(rm, *call) for call in calls]))
 
     # -- learners ----------------------------------------------------------------------------------
     def train(self, job: LearnerJob, init: Weights, data: list) -> tuple[Any, dict]:
