@@ -160,3 +160,19 @@ def test_main_job_names_the_os_cause(tmp_path, hh_data_path):
     proc = _apo(f"run.output_dir={a_file}/run", f"data.path={hh_data_path}")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "Not a directory (ENOTDIR)" in proc.stderr and str(a_file) in proc.stderr
+
+
+@pytest.mark.slow  # runs jobs/apo.py in a subprocess
+def test_the_readmes_output_dir_under_hydras_own_folder_is_accepted(tmp_path, hh_data_path):
+    """The README's `run.output_dir=$PWD/outputs/demo`: Hydra makes its job folder
+    `outputs/<run.name>/<time>/` inside it before the run starts; that folder is Hydra's, not the
+    user's, so the run goes on (it was refused, naming the timestamp folder)."""
+    out = tmp_path / "outputs" / "smoke"
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs/apo.py"), "experiment=smoke", "run.in_process=true",
+                           "apo.rounds=1", "apo.arms=[fixed]", "run.save_models=none", f"run.output_dir={out}",
+                           f"data.path={hh_data_path}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hydra_folders = [p for p in out.iterdir() if (p / ".hydra").is_dir()]
+    assert len(hydra_folders) == 1 and (out / MARKER).exists() and (out / "summary.json").exists()

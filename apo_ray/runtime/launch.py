@@ -130,17 +130,22 @@ def run_namespace(cfg: Config) -> str:
 
 
 def hydra_own_names(cfg: Config) -> set[str]:
-    """What Hydra itself put into ``run.output_dir`` when it is Hydra's own output folder of this job
-    (its ``.hydra/`` settings and the job's log): such a folder is still new to the run."""
+    """What Hydra itself put into ``run.output_dir`` for this job: its ``.hydra/`` settings and the
+    job's log when ``run.output_dir`` is Hydra's own output folder, or the folder Hydra made inside
+    it (``hydra.run.dir`` is ``outputs/<run.name>/<time>``, so the README's ``run.output_dir=$PWD/
+    outputs/demo`` holds Hydra's ``<time>/``). Such a folder is still new to the run."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
         if not HydraConfig.initialized():
             return set()
         hc = HydraConfig.get()
-        if Path(hc.runtime.output_dir).resolve() != Path(cfg.run.output_dir).resolve():
-            return set()
-        return {hc.output_subdir or ".hydra", f"{hc.job.name}.log"}
+        hydra_dir, out = Path(hc.runtime.output_dir).resolve(), Path(cfg.run.output_dir).resolve()
+        if hydra_dir == out:
+            return {hc.output_subdir or ".hydra", f"{hc.job.name}.log"}
+        if out in hydra_dir.parents:
+            return {hydra_dir.relative_to(out).parts[0]}
+        return set()
     except Exception:  # noqa: BLE001 - no Hydra app here: nothing is Hydra's
         return set()
 
