@@ -5,9 +5,10 @@
 
 For each batch size: the same HH prompts (chat template, cut to ``--prompt-tokens``), S samples each,
 ``--new-tokens`` at most, temperature 1; one warm-up call, then ``--repeats`` timed calls per backend,
-the backends taking turns.
+the backends taking turns call by call; medians with their min-max and the load average of each call
+(the machine is shared), and the ratio paired within each repeat.
 Reports samples/s and generated tokens/s (the backends stop at EOS alike, so tokens differ a little).
-Then one weight reload of the vLLM engine from a packed buffer (as the generator actor does after
+Then ``--repeats`` weight reloads of the vLLM engine from a packed buffer (as the generator actor does after
 ``ray.get``): seconds and GB/s, split into the copy into shared memory and the engine's
 ``reload_weights``; beside it the transformers generator's in-place load of the same buffer.
 Prints a table and writes ``benchmarks/results/vllm_vs_hf_cpu_<dtype>.json``.
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,20 +30,35 @@ sys.path.insert(0, str(ROOT))
 
 
 def _timed(gens: dict, prompts, samples, decoding, repeats) -> list[dict]:
-    """Each backend's samples/s on the same prompts. The backends take turns call by call, so a
-    change in the machine's load (it is shared) hits both alike."""
-    totals = {name: [0.0, 0] for name in gens}
+    """Each backend's samples/s on the same prompts, call by call. The backends take turns within
+    every repeat, so a change in the machine's load (it is shared) hits both alike, and each repeat
+    gives one paired ratio. Per backend: the median over the repeats and its min-max, every call's
+    seconds and the 1-minute load average when it started."""
+    calls = {name: [] for name in gens}
     for gen in gens.values():
         gen.generate(prompts[:2], samples, seed=0, decoding=decoding)  # warm-up
     for r in range(repeats):
         for name, gen in gens.items():
+            load = os.getloadavg()[0]
             start = time.perf_counter()
             gen.generate(prompts, samples, seed=r + 1, decoding=decoding)
-            totals[name][0] += time.perf_counter() - start
-            totals[name][1] += gen.last_stats.new_tokens
-    n = len(prompts) * samples * repeats
-    return [{"backend": name, "seconds": sec / repeats, "samples_per_s": n / sec, "new_tokens_per_s": tok / sec}
-            for name, (sec, tok) in totals.items()]
+            seconds = time.perf_counter() - start
+            calls[name].append({"seconds": seconds, "samples_per_s": len(prompts) * samples / seconds,
+                                "new_tokens_per_s": gen.last_stats.new_tokens / seconds, "load_1min": load})
+    rows = []
+    for name, rs in calls.items():
+        rate = [c["samples_per_s"] for c in rs]
+        rows.append({"backend": name, "seconds": statistics.median(c["seconds"] for c in rs),
+                     "samples_per_s": statistics.median(rate), "samples_per_s_min": min(rate),
+                     "samples_per_s_max": max(rate),
+                     "new_tokens_per_s": statistics.median(c["new_tokens_per_s"] for c in rs), "calls": rs})
+    return rows
+
+
+def paired_ratios(rows: list[dict], prompts: int) -> list[float]:
+    """vLLM / transformers samples/s of each repeat (the two calls of a repeat ran back to back)."""
+    hf_row, v_row = (r for r in rows if r["prompts"] == prompts)
+    return [v["samples_per_s"] / h["samples_per_s"] for h, v in zip(hf_row["calls"], v_row["calls"])]
 
 
 def main() -> None:
@@ -53,7 +70,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=24, help="the demo: 24")
     ap.add_argument("--prompt-tokens", type=int, default=56, help="the demo: 56")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5, help="alternating timed calls per backend, and reloads")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/vllm_vs_hf_cpu_<dtype>.json")
     args = ap.parse_args()
 
@@ -92,12 +109,16 @@ def main() -> None:
         new = {k: v + 0.01 * torch.randn_like(v) for k, v in state.items()}
     packed = pack_state_dict(new)
     vllm_gen.load_packed(packed)  # warm: first reload
-    vllm_gen.load_packed(packed)
-    reload = dict(vllm_gen.last_reload)
-    start = time.perf_counter()
-    load_packed_into(hf.model, packed)
-    hf_reload = time.perf_counter() - start
+    reloads, hf_reloads = [], []
+    for _ in range(args.repeats):  # alternating, as the sampling calls
+        vllm_gen.load_packed(packed)
+        reloads.append(dict(vllm_gen.last_reload))
+        start = time.perf_counter()
+        load_packed_into(hf.model, packed)
+        hf_reloads.append(time.perf_counter() - start)
     vllm_gen.close()
+    reload = {key: statistics.median(r[key] for r in reloads) for key in ("seconds", "write_seconds", "engine_seconds")}
+    hf_reload = statistics.median(hf_reloads)
 
     gb = packed.total_bytes / 1e9
     result = {
@@ -105,22 +126,30 @@ def main() -> None:
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
         "vllm_engine_start_s": engine_start, "sampling": rows,
         "load_average_before_after": [load_before[0], os.getloadavg()[0]],  # a shared machine
+        "load_average_1min_per_call": [c["load_1min"] for r in rows for c in r["calls"]],
         "reload": {"bytes": packed.total_bytes, "vllm_seconds": reload["seconds"],
                    "vllm_gb_per_s": gb / reload["seconds"], "vllm_shm_write_s": reload["write_seconds"],
                    "vllm_engine_reload_s": reload["engine_seconds"], "hf_in_place_seconds": hf_reload,
-                   "hf_in_place_gb_per_s": gb / hf_reload},
+                   "hf_in_place_gb_per_s": gb / hf_reload, "statistic": "median over --repeats",
+                   "vllm_seconds_all": [r["seconds"] for r in reloads], "hf_in_place_seconds_all": hf_reloads},
     }
     print(f"{args.model} ({dtype}, {threads} threads): {args.prompt_tokens}-token prompts, S={args.samples}, "
           f"<= {args.new_tokens} new tokens; vLLM engine start {engine_start:.1f} s")
-    print(f"{'backend':32} {'prompts':>7} {'s/call':>8} {'samples/s':>10} {'tokens/s':>9}")
+    loads = [c["load_1min"] for r in rows for c in r["calls"]]
+    print(f"medians over {args.repeats} alternating calls per backend [min-max]; 1-min load average during the "
+          f"calls: median {statistics.median(loads):.1f} (min {min(loads):.1f}, max {max(loads):.1f})")
+    print(f"{'backend':32} {'prompts':>7} {'s/call':>8} {'samples/s [min-max]':>22} {'tokens/s':>9}")
     for r in rows:
-        print(f"{r['backend']:32} {r['prompts']:>7} {r['seconds']:>8.2f} {r['samples_per_s']:>10.2f} "
-              f"{r['new_tokens_per_s']:>9.1f}")
+        spread = f"{r['samples_per_s']:.2f} [{r['samples_per_s_min']:.2f}-{r['samples_per_s_max']:.2f}]"
+        print(f"{r['backend']:32} {r['prompts']:>7} {r['seconds']:>8.2f} {spread:>22} {r['new_tokens_per_s']:>9.1f}")
     for n in args.prompts:
-        hf_row, v_row = (r for r in rows if r["prompts"] == n)
-        print(f"  {n} prompts: vLLM / transformers = {v_row['samples_per_s'] / hf_row['samples_per_s']:.2f}x samples/s")
+        ratios = paired_ratios(rows, n)
+        result.setdefault("ratio_vllm_over_hf", {})[str(n)] = {"median": statistics.median(ratios),
+                                                               "min": min(ratios), "max": max(ratios), "all": ratios}
+        print(f"  {n} prompts: vLLM / transformers = {statistics.median(ratios):.2f}x samples/s "
+              f"(paired per repeat, min {min(ratios):.2f}x, max {max(ratios):.2f}x)")
     rl = result["reload"]
-    print(f"reload {gb:.3f} GB: vLLM {rl['vllm_seconds']:.3f} s = {rl['vllm_gb_per_s']:.2f} GB/s "
+    print(f"reload {gb:.3f} GB (median of {args.repeats}): vLLM {rl['vllm_seconds']:.3f} s = {rl['vllm_gb_per_s']:.2f} GB/s "
           f"(shared-memory copy {rl['vllm_shm_write_s']:.3f} s, engine reload {rl['vllm_engine_reload_s']:.3f} s); "
           f"transformers in place {hf_reload:.3f} s = {rl['hf_in_place_gb_per_s']:.2f} GB/s")
     out = Path(args.out or ROOT / f"benchmarks/results/vllm_vs_hf_cpu_{dtype}.json")
