@@ -188,7 +188,7 @@ def test_write_report_without_judge_or_dev(tmp_path):
     assert "## LLM-as-judge" not in md and "fig3_judge.png" not in md
     assert not (tmp_path / "fig3_judge.png").exists()
     rm_rows = _section(md, "## Table 2")
-    assert len(rm_rows) == 6 and "| – | – | 63.04 |" in rm_rows[0]
+    assert len(rm_rows) == 6 and "| – | – | 63.04 [57.4, 68.6] | 280 |" in rm_rows[0]
     for name in ("reliability.png", "fig2_acc_vs_ece.png", "fig2_reward_by_round.png"):
         _assert_png(tmp_path / name)
     with (tmp_path / "rm_table.csv").open() as f:
@@ -217,3 +217,34 @@ def test_report_prints_the_evaluation_rms_quality_and_the_d_apo_accuracy(tmp_pat
     assert "- Scored by `rm/eval`: test accuracy 62.5% [57.7, 67.1] (Wilson 95%), ECE 0.0312, on 400 test pairs." in md
     rows = [line for line in md.splitlines() if line.startswith("| APO (vR) |") and "87.5" in line]
     assert rows == ["| APO (vR) | 1 | 40.0 | 87.5 | 400 |", "| APO (vR) | 2 | 40.0 | 87.5 | 400 |"]
+
+
+def _bins_of(n_pairs: int) -> list[dict]:
+    """Calibration bins holding n_pairs test pairs (each pair twice: p and 1 - p)."""
+    return [{"lo": 0.4, "hi": 0.5, "count": n_pairs, "mean_predicted": 0.45, "observed": 0.4},
+            {"lo": 0.5, "hi": 0.6, "count": n_pairs, "mean_predicted": 0.55, "observed": 0.6}]
+
+
+@pytest.mark.parametrize(("k", "n", "low", "high", "verdict"), [
+    # Wilson 95% by hand: centre (p + z^2/2n) / (1 + z^2/n), half-width z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n)
+    (160, 256, 0.5643, 0.6820, "above chance"),
+    (5, 16, 0.1416, 0.5560, "cannot tell the RM from chance"),
+    (60, 200, 0.2407, 0.3668, "below chance"),
+])
+def test_table2_gives_test_accuracy_with_its_wilson_interval_and_what_it_shows(k, n, low, high, verdict):
+    from apo_ray.outputs.report import _acc_with_interval, rm_table, what_rm_base_shows
+
+    rec = {"round": 0, "rm_mode": "fixed", "rm": "rm/base", "rm_test_acc": k / n, "rm_test_bins": _bins_of(n)}
+    rows = rm_table([rec])
+    assert rows[0]["test_pairs"] == n
+    assert _acc_with_interval(rows[0]) == f"{100 * k / n:.2f} [{100 * low:.1f}, {100 * high:.1f}]"
+    sentence = what_rm_base_shows(rows)
+    assert verdict in sentence and f"of {n} test pairs" in sentence
+
+
+def test_table2_without_test_pairs_says_it_cannot_tell():
+    from apo_ray.outputs.report import rm_table, what_rm_base_shows
+
+    rows = rm_table([{"round": 0, "rm_mode": "fixed", "rm": "rm/base", "rm_test_acc": None}])
+    assert rows[0]["test_pairs"] is None
+    assert "cannot say whether it learned" in what_rm_base_shows(rows)

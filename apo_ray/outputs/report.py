@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from apo_ray.core.arms import scored_by_rm_base_warning
+from apo_ray.core.metrics import proportion_interval
 from apo_ray.outputs.claims import comparisons_md, eval_rm_quality_md, plot_comparisons, run_comparisons
 from apo_ray.outputs.tables import (
     ARM_COLORS,
@@ -94,8 +95,9 @@ def rm_table(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One row per distinct RM (by ``rm`` id, first record seen in (round, arm) order).
 
     Row keys: ``rm`` (id), ``name``, ``arm`` (the first arm using it), ``arms`` (all of them),
-    ``round``, the eight ``dev_*`` / ``test_*`` metrics (raw fractions, None when missing) and
-    ``bins`` (test bins, dev as fallback; for the reliability diagrams).
+    ``round``, the eight ``dev_*`` / ``test_*`` metrics (raw fractions, None when missing),
+    ``test_pairs`` (how many test pairs were scored; None without test bins) and ``bins`` (test
+    bins, dev as fallback; for the reliability diagrams).
     """
     rows: dict[str, dict[str, Any]] = {}
     for rec in _sorted_records(records):
@@ -113,8 +115,41 @@ def rm_table(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         if not bins:
             bins, split = rec.get("rm_dev_bins"), "dev"
         row["bins"], row["bins_split"] = (list(bins), split) if bins else (None, None)
+        # Test pairs scored: the calibration bins hold each pair twice (p and 1 - p: both orientations).
+        test_bins = rec.get("rm_test_bins") or []
+        row["test_pairs"] = sum(int(b.get("count") or 0) for b in test_bins) // 2 or None
         rows[key] = row
     return list(rows.values())
+
+
+def _acc_interval(row: Mapping[str, Any]) -> dict[str, float] | None:
+    """The row's test accuracy as k of n pairs with its Wilson interval; None without both."""
+    acc, n = row.get("test_acc"), row.get("test_pairs")
+    if acc is None or not n or not math.isfinite(acc):
+        return None
+    return proportion_interval(round(acc * n), n)
+
+
+def _acc_with_interval(row: Mapping[str, Any]) -> str:
+    ci = _acc_interval(row)
+    if ci is None:
+        return _fmt(row.get("test_acc"), 2, 100)
+    return f"{_fmt(row['test_acc'], 2, 100)} [{100 * ci['low']:.1f}, {100 * ci['high']:.1f}]"
+
+
+def what_rm_base_shows(rms: Sequence[Mapping[str, Any]]) -> str:
+    """One sentence a reader can act on: whether the first RM of the run (RM_Base) is told apart
+    from chance (50%) on the test pairs, by its Wilson interval."""
+    ci = _acc_interval(rms[0])
+    if ci is None:
+        return f"{rms[0]['name']} was not scored on test pairs, so this run cannot say whether it learned."
+    head = (f"{rms[0]['name']} ranks the chosen answer first on {100 * rms[0]['test_acc']:.1f}% of {ci['n']} test pairs "
+            f"[{100 * ci['low']:.1f}, {100 * ci['high']:.1f}]: ")
+    if ci["low"] > 0.5:
+        return head + "above chance, so the RM learned something from its preference pairs."
+    if ci["high"] < 0.5:
+        return head + "below chance: it learned the opposite of the preferences (check the data's chosen/rejected)."
+    return head + "the interval contains 50%, so this run cannot tell the RM from chance (more pairs or steps)."
 
 
 def policy_table(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -429,13 +464,16 @@ def write_report(output_dir: str | Path, records: Sequence[Mapping[str, Any]], *
     md += [f"- {n}" for n in all_notes] + [""]
 
     md += ["## Table 2 — Reward models: test accuracy / ECE", "",
-           ("One row per distinct RM. ECE: weighted (authors' code), ACE: the paper's formula "
-            "(mean |observed - predicted| over non-empty bins), MCE: max over bins; all on the test split."), "",
+           ("One row per distinct RM. Test Acc with its 95% Wilson interval over the test pairs. ECE: weighted "
+            "(authors' code), ACE: the paper's formula (mean |observed - predicted| over non-empty bins), "
+            "MCE: max over bins; all on the test split."), "",
            format_markdown_table(
-               ["RM", "arm", "round", "Dev Acc (%)", "Dev ECE", "Test Acc (%)", "Test ECE", "Test ACE", "MCE"],
+               ["RM", "arm", "round", "Dev Acc (%)", "Dev ECE", "Test Acc (%) [95% CI]", "Test pairs", "Test ECE",
+                "Test ACE", "MCE"],
                [[r["name"], ", ".join(r["arms"]), r["round"], _fmt(r["dev_acc"], 2, 100), _fmt(r["dev_ece"], 4),
-                 _fmt(r["test_acc"], 2, 100), _fmt(r["test_ece"], 4), _fmt(r["test_ace"], 4),
+                 _acc_with_interval(r), r["test_pairs"] or MISSING, _fmt(r["test_ece"], 4), _fmt(r["test_ace"], 4),
                  _fmt(r["test_mce"], 4)] for r in rms]), ""]
+    md += [what_rm_base_shows(rms), ""] if rms else []
 
     cells = {(p["arm"], p["round"]): p for p in policies}
 
