@@ -1,19 +1,24 @@
-"""Does APO do what the paper says, at this scale? The science preset for several seeds, then the
-paper's claims judged across them (a benchmark: it takes about an hour per seed on 2 cores).
+"""Does APO do what the paper says, at this scale? A preset for several seeds, then the paper's
+claims judged across them (a benchmark: a seed of hh_small takes ~45 min on 2 cores, of rm_claims
+see docs/science/design.md).
 
-    python benchmarks/science.py                                  # seeds 0,1,2 -> docs/science/
+    python benchmarks/science.py                                  # hh_small, seeds 0,1,2 -> docs/science/
+    python benchmarks/science.py --preset rm_claims --seeds $(seq -s, 0 39) \
+        --runs-dir outputs/rm_claims --out docs/science/rm_claims  # the RM claims (Holm over 5 claims)
     python benchmarks/science.py --seeds 0,1,2,3,4 -- apo.rounds=2  # overrides after -- go to every run
-    python benchmarks/science.py --report-only                    # only rewrite docs/science/ from the runs
+    python benchmarks/science.py --report-only                    # only rewrite the report from the runs
 
-It runs one Hydra multirun over ``run.seed`` (``data.seed`` stays fixed, so every seed has the same
-blocks and test items):
+It runs the seeds as Hydra multiruns over ``run.seed`` (``data.seed`` stays fixed, so every seed
+has the same blocks and test items):
 
-    python jobs/apo.py -m experiment=hh_small run.seed=0,1,2 run.in_process=true run.resume=true \\
+    python jobs/apo.py -m experiment=<preset> run.seed=<seeds> run.in_process=true run.resume=<r> \
         hydra.sweep.dir=<runs-dir> hydra.sweep.subdir=seed${run.seed}
 
-one seed after another, each in one process (``run.in_process``: the same game as on Ray, without a
-Ray instance to share the 2 cores with; ``run.resume``: a stopped sweep continues from each seed's
-last finished phase). Then :func:`apo_ray.outputs.claims.write_claims_report` writes ``report.md``,
+one seed after another in one process (``run.in_process``: the same game as on Ray, without a Ray
+instance to share the 2 cores with; one process also keeps the frozen-block states of every text
+for every later seed). Seeds stopped part-way run first with ``run.resume=true`` (they continue
+from their last finished phase), fresh seeds after them with ``run.resume=false``; finished seeds
+are kept. Then :func:`apo_ray.outputs.claims.write_claims_report` writes ``report.md``,
 ``claims.json`` and the figures into ``--out``, with the machine (CPU flags, cores, load average
 while it ran), every seed's wall and CPU time, and the seconds each kind of phase took.
 """
