@@ -15,10 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # runs from a checkout without the package installed, as the other benchmarks
 
 MODEL = "smollm2-135m-instruct"
 
