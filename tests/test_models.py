@@ -387,6 +387,21 @@ def test_scorer_preserves_order_and_matches_single_scores(tiny_scorer, hh_pairs)
         tiny_scorer.score(prompts, responses[:-1])
 
 
+def test_a_long_score_call_logs_its_progress(tiny_scorer, hh_pairs, monkeypatch, caplog):
+    import logging
+
+    from apo_ray.models import scoring
+
+    monkeypatch.setattr(scoring, "PROGRESS_EVERY_S", 0.0)  # every batch after the first is "long"
+    pairs = hh_pairs[:6]
+    with caplog.at_level(logging.INFO, logger="apo_ray.models.scoring"):
+        tiny_scorer.score([p.prompt for p in pairs], [p.chosen for p in pairs])
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("scoring:")]
+    # score_batch=2: batches start at 0, 2, 4; the ones after the first report how far the call is
+    assert [m.split(",")[0] for m in lines] == ["scoring: 2 of 6 texts", "scoring: 4 of 6 texts"]
+    assert all(m.endswith("texts/s") for m in lines)
+
+
 def test_scorer_load_weights_changes_scores(tiny_scorer, hh_pairs):
     prompts, responses = [p.prompt for p in hh_pairs[:3]], [p.chosen for p in hh_pairs[:3]]
     original = {k: v.clone() for k, v in tiny_scorer.model.state_dict().items()}
