@@ -213,7 +213,8 @@ def main() -> None:
     if estimate:
         machine["other_cpu_estimate"] = estimate
     sweeps = machine.get("sweeps", [])
-    notes = [f"Command: `python benchmarks/science.py --seeds {args.seeds}`"
+    preset = "" if args.preset == "hh_small" else f" --preset {args.preset}"
+    notes = [f"Command: `python benchmarks/science.py{preset} --seeds {args.seeds}`"
              + (f" `-- {' '.join(args.overrides)}`" if args.overrides else "")
              + f" (Hydra multirun of `experiment={args.preset}` over `run.seed`, in process).",
              (f"CPU: {machine['cpu']['model']}, {machine['cpu']['cores']} cores, flags "
