@@ -178,3 +178,24 @@ def test_claims_report_files(runs, tmp_path):
     assert len(apo) == N_PAIRS and sum(float(r["score_a"]) > float(r["score_b"]) for r in apo) == RM_RIGHT["rm/apo/r1"]
     answers = [r for r in items if r["seed"] == "2" and r["model"] == "policy/apo/r2"]
     assert len(answers) == N_PROMPTS and answers[0]["scorer"] == "rm/eval"
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_claims_report_names_the_evaluation_rm_once_when_shared_else_per_seed(tmp_path, shared):
+    dirs = []
+    for s in (0, 1):
+        d = make_run(tmp_path / f"seed{s}", s, rm_right=RM_RIGHT, policy_offset=POLICY)
+        records = json.loads((d / "summary.json").read_text())
+        acc = 0.6 if shared else 0.6 + 0.01 * s  # a per-seed RM scores the policies differently in each seed
+        for rec in records:
+            rec["eval_rm_quality"] = {"rm/eval": {"acc": acc, "n": 100, "ece": 0.05}}
+        (d / "summary.json").write_text(json.dumps(records))
+        dirs.append(d)
+    report = write_claims_report(dirs, tmp_path / "out", n_resamples=50).read_text()
+    lines = [line for line in report.splitlines() if "Scored by `rm/eval`" in line]
+    if shared:
+        assert lines == ["- Scored by `rm/eval`: test accuracy 60.0% [50.2, 69.1] (Wilson 95%), ECE 0.0500, "
+                         "on 100 test pairs."]
+    else:
+        assert [line.split(":")[0] for line in lines] == ["- seed 0", "- seed 1"]
+        assert "61.0%" in lines[1]

@@ -672,7 +672,11 @@ def write_claims_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, 
           "{} ± {}".format(*(_fmt(v, 2, 100) for v in _mean_sd(r["acc"]))),
           *[_fmt(r["ece"].get(s), 4) for s in seeds], "{} ± {}".format(*(_fmt(v, 4) for v in _mean_sd(r["ece"])))]
          for r in rms]), ""]
-    judges = list(dict.fromkeys(line for run in runs for line in eval_rm_quality_md(run.records) if line))
+    # One line per evaluation RM when the seeds share it (eval.shared_rm_dir); else one per seed, named.
+    per_seed = [(seed, [line for line in eval_rm_quality_md(run.records) if line]) for seed, run in zip(seeds, runs)]
+    judges = list(dict.fromkeys(line for _, lines in per_seed for line in lines))
+    if len(judges) > max((len(lines) for _, lines in per_seed), default=0):
+        judges = [f"- seed {seed}: {line[2:]}" for seed, lines in per_seed for line in lines]
     md += ["## Policies across seeds (mean evaluation-RM score of the test answers)", "", *judges,
            *([""] if judges else []), format_markdown_table(
         ["arm", "round", *[f"s{s} (± stderr)" for s in seeds], "mean ± sd over seeds"],
