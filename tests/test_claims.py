@@ -194,8 +194,9 @@ def test_claims_report_names_the_evaluation_rm_once_when_shared_else_per_seed(tm
     report = write_claims_report(dirs, tmp_path / "out", n_resamples=50).read_text()
     lines = [line for line in report.splitlines() if "Scored by `rm/eval`" in line]
     if shared:
-        assert lines == ["- Scored by `rm/eval`: test accuracy 60.0% [50.2, 69.1] (Wilson 95%), ECE 0.0500, "
-                         "on 100 test pairs."]
+        expected = ("- Scored by `rm/eval`: test accuracy 60.0% [50.2, 69.1] (Wilson 95%), ECE 0.0500, "
+                    "on 100 test pairs.")
+        assert lines == [expected]
     else:
         assert [line.split(":")[0] for line in lines] == ["- seed 0", "- seed 1"]
         assert "61.0%" in lines[1]
