@@ -75,6 +75,9 @@ class PreferencePair:
     prompt: str
     chosen: str
     rejected: str
+    # Which source it was read from (source_label: "embedded:<name>", "hf://...", or a file's
+    # folder/name), so results can be broken down by data subset; not part of the pair's identity.
+    source: str = dataclasses.field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -288,6 +291,16 @@ def _parse_pair(row: Any, where: str) -> tuple[PreferencePair, str | None]:
     return pair, None
 
 
+def source_label(source: PathLike) -> str:
+    """A short name for one source in reports: ``embedded:`` and ``hf://`` names as given, a file or
+    folder as its parent folder and name (``helpful-base/test.jsonl.gz``)."""
+    source = os.fspath(source)
+    if source.startswith((EMBEDDED_SCHEME, HF_SCHEME)):
+        return source
+    path = Path(source)
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+
 def _describe(path: Sources) -> str:
     return " + ".join(os.fspath(s) for s in as_sources(path))
 
@@ -304,16 +317,19 @@ def load_preference_pairs(path: Sources, clean: bool = True, *, limit: int | Non
         raise ValueError(f"limit must be >= 0, got {limit}")
     pairs = PairList()
     rows_read = 0
-    if limit != 0:
-        for where, row in _iter_rows(path):
+    for source in as_sources(path) if limit != 0 else ():
+        label = source_label(source)
+        for where, row in _iter_rows(source):
             rows_read += 1
             pair, reason = _parse_pair(row, where)
             if clean and reason is not None:
                 pairs.dropped[reason] += 1
                 continue
-            pairs.append(pair)
+            pairs.append(dataclasses.replace(pair, source=label))
             if limit is not None and len(pairs) >= limit:
                 break
+        if limit is not None and len(pairs) >= limit:
+            break
     dropped = ", ".join(f"{r}={n}" for r, n in pairs.dropped.items())
     logger.info(
         "loaded %d preference pairs from %s (%d rows read; clean=%s; dropped: %s)",

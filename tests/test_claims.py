@@ -200,3 +200,37 @@ def test_claims_report_names_the_evaluation_rm_once_when_shared_else_per_seed(tm
     else:
         assert [line.split(":")[0] for line in lines] == ["- seed 0", "- seed 1"]
         assert "61.0%" in lines[1]
+
+
+def test_rm_accuracy_by_data_source(tmp_path):
+    """Test pairs from two sources: RM_APO-v1 ranks all 40 right, RM_Base the first 20, which are
+    pairs 0-19; with pairs 0-9 and 20-29 from source "a", RM_Base is right on 10 of a's 20 (50%)
+    and 10 of b's 20 (50%); with 0-19 from "a", on all of a's (100%) and none of b's (0%)."""
+    dirs = []
+    for s, split in ((0, "interleaved"), (1, "blocked")):
+        d = make_run(tmp_path / f"seed{s}", s, rm_right=RM_RIGHT, policy_offset=POLICY)
+        if split == "interleaved":
+            sources = ["a"] * 10 + ["b"] * 10 + ["a"] * 10 + ["b"] * 10
+        else:
+            sources = ["a"] * 20 + ["b"] * 20
+        PhaseStore(d / "phases", system=None).put("data/test_sources", sources)
+        dirs.append(d)
+    report = write_claims_report(dirs, tmp_path / "out", n_resamples=50).read_text()
+    data = json.loads((tmp_path / "out" / "claims.json").read_text())
+    rows = {(r["rm"], r["source"]): r for r in data["rm_accuracy_by_source"]}
+    assert rows[("rm/base", "a")]["acc"] == {"0": 0.5, "1": 1.0} and rows[("rm/base", "b")]["acc"] == {"0": 0.5, "1": 0.0}
+    assert rows[("rm/apo/r1", "b")]["acc"] == {"0": 1.0, "1": 1.0} and rows[("rm/apo/r1", "a")]["n"] == 20
+    assert "## RM test accuracy by data source" in report
+    # RM_Base on source a: 50 and 100 -> mean 75.0, sd 35.4
+    assert any(line.startswith("| RM_Base |") and "| a |" in line and "75.0 ± 35.4" in line for line in report.splitlines())
+    import csv
+
+    with (tmp_path / "out" / "item_scores.csv").open() as f:
+        items = [r for r in csv.DictReader(f) if r["seed"] == "1" and r["model"] == "rm/base"]
+    assert [r["source"] for r in items] == sources
+
+
+def test_no_by_source_section_without_sources(runs, tmp_path):
+    report = write_claims_report(runs, tmp_path / "out", n_resamples=50).read_text()
+    assert "by data source" not in report
+    assert json.loads((tmp_path / "out" / "claims.json").read_text())["rm_accuracy_by_source"] == []

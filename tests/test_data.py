@@ -442,6 +442,18 @@ def test_several_sources_are_read_in_order(tmp_path: Path) -> None:
         load_preference_pairs([a, tmp_path / "b"])
 
 
+def test_each_pair_names_its_source_without_changing_its_identity(tmp_path: Path) -> None:
+    a = write_jsonl(tmp_path / "harm" / "test.jsonl", [{"prompt": "Q", "chosen": "x", "rejected": "y"}])
+    write_jsonl(tmp_path / "help" / "test.jsonl.gz", [{"prompt": "Q", "chosen": "x", "rejected": "y"},
+                                                      {"prompt": "R", "chosen": "u", "rejected": "v"}])
+    pairs = load_preference_pairs([a, tmp_path / "help"])
+    folder = f"{tmp_path.name}/help"  # a source's parent folder and name
+    assert [p.source for p in pairs] == ["harm/test.jsonl", folder, folder]
+    assert pairs[0] == pairs[1] and len({pairs[0], pairs[1]}) == 1  # the same texts: the same pair
+    assert [p.source for p in load_preference_pairs([a, tmp_path / "help"], limit=2)] == ["harm/test.jsonl", folder]
+    assert {p.source for p in load_preference_pairs(DEFAULT_DATA, limit=3)} == {DEFAULT_DATA}
+
+
 def test_resolve_sources_reads_relative_paths_from_the_start_dir(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "d" / "x.jsonl", [{"prompt": "Q", "chosen": "a", "rejected": "b"}])
     assert resolve_sources("d/x.jsonl", "data.path", tmp_path) == str(tmp_path / "d" / "x.jsonl")

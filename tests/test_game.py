@@ -667,3 +667,12 @@ def test_paired_intervals_read_the_runs_own_scores(game, tmp_path):
     report = write_report(run_dir, game.records).read_text()
     assert "## Paired differences with 95% bootstrap intervals" in report
     assert (run_dir / "paired_differences.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_run_stores_each_test_pairs_data_source(game):
+    """Beside the per-item scores, for reports by subset: one source label per test pair, in order."""
+    from apo_ray.game.store import TEST_SOURCES_KEY
+
+    stored = game.store.get(TEST_SOURCES_KEY)
+    assert len(stored) == len(game.data.test_pairs) > 0
+    assert stored == [p.source for p in game.data.test_pairs] and all(stored)

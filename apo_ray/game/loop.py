@@ -53,7 +53,7 @@ from apo_ray.core.objectives import policy_objective
 from apo_ray.data import RankedPair
 from apo_ray.game.events import ArmRoundFinished, GameEvent, PhaseFinished, RoundFinished, RoundRecord
 from apo_ray.game.game_data import GameData, eval_prompts
-from apo_ray.game.store import PhaseStore
+from apo_ray.game.store import TEST_SOURCES_KEY, PhaseStore
 from apo_ray.game.system import GameSystem, Generated, Weights
 from apo_ray.models.loading import cache_dir
 from apo_ray.models.training import LearnerJob, RMLoss
@@ -179,6 +179,9 @@ class APOGame:
     def setup(self) -> None:
         """RM_Base (and the evaluation RM) from D_P before round 1; round 0 = the starting point."""
         rm_cfg, timing = self.cfg.rm, {}
+        # Which data source each test pair came from, beside the per-item scores, so a report can
+        # break accuracy down by subset (harmless-base vs helpful-base) item by item.
+        self.store.put(TEST_SOURCES_KEY, [p.source for p in self.data.test_pairs])
         pretrained = Weights("rm/pretrained")
         pref = [RankedPair.from_preference(p) for p in self.data.pref_pairs]
         self.rm_base = self._train_rm("rm/base", pretrained, pref, lr=rm_cfg.base_lr, epochs=rm_cfg.base_epochs,

@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 FINGERPRINT = "fingerprint.json"
+# The run's test pairs' data sources (one label per pair, in order), written by the game at setup.
+TEST_SOURCES_KEY = "data/test_sources"
 
 
 class ResumeError(RuntimeError):

@@ -50,7 +50,7 @@ from apo_ray.core.metrics import (
     rm_difference_interval,
     weighted_ece,
 )
-from apo_ray.game.store import PhaseStore
+from apo_ray.game.store import TEST_SOURCES_KEY, PhaseStore
 from apo_ray.outputs.tables import (
     ARM_COLORS,
     ARM_LABELS,
@@ -98,6 +98,12 @@ class Run:
             return None
         return np.asarray(good, dtype=np.float64), np.asarray(bad, dtype=np.float64)
 
+    def test_sources(self) -> list[str] | None:
+        """[N] the data source of each test pair (``PreferencePair.source``); None for a run written
+        before the game stored them, or when no pair names its source."""
+        sources = self.store.get(TEST_SOURCES_KEY)
+        return list(sources) if sources and any(sources) else None
+
     def policy_scores(self, eval_rm: str, policy_id: str) -> np.ndarray | None:
         """[Q] scores of ``policy_id``'s test answers under the evaluation RM ``eval_rm``."""
         scores = self.store.get(f"scores/{eval_rm}/{policy_id}/test")
@@ -120,15 +126,17 @@ def load_run(run_dir: str | Path, records: Sequence[Mapping] | None = None) -> R
     return Run(run_dir, [dict(r) for r in records], config, PhaseStore(phases, system=None))
 
 
-ITEM_SCORE_FIELDS = ("seed", "kind", "model", "scorer", "item", "score_a", "score_b")
+ITEM_SCORE_FIELDS = ("seed", "kind", "model", "scorer", "item", "score_a", "score_b", "source")
 
 
 def item_score_rows(run: Run) -> list[dict]:
     """Every per-item score the claims are computed from, one row per (model, scorer, test item):
     ``rm_test_pair`` rows (an RM's rewards of the i-th test pair's chosen = score_a and rejected =
     score_b response) and ``policy_test_answer`` rows (an evaluation RM's score of a policy's answer
-    to the i-th test prompt). Item i is the i-th test pair / prompt of the run's split (data.seed)."""
+    to the i-th test prompt). Item i is the i-th test pair / prompt of the run's split (data.seed);
+    ``source`` is the data source of a test pair ("" when the run did not record it)."""
     rows: list[dict] = []
+    sources = run.test_sources()
     rm_ids = list(dict.fromkeys([BASE_RM, *(r["rm"] for r in run.records),
                                  *(k for r in run.records for k in (r.get("eval_rm_quality") or {}))]))
     for rm_id in rm_ids:
@@ -136,7 +144,8 @@ def item_score_rows(run: Run) -> list[dict]:
         if scores is None:
             continue
         rows += [{"seed": run.seed, "kind": "rm_test_pair", "model": rm_id, "scorer": rm_id, "item": i,
-                  "score_a": float(g), "score_b": float(b)} for i, (g, b) in enumerate(zip(*scores))]
+                  "score_a": float(g), "score_b": float(b), "source": sources[i] if sources else ""}
+                 for i, (g, b) in enumerate(zip(*scores))]
     done = set()
     for rec in run.records:
         for eval_rm in rec.get("policy_rewards") or {rec.get("eval_rm"): None}:
@@ -147,7 +156,8 @@ def item_score_rows(run: Run) -> list[dict]:
             scores = run.policy_scores(eval_rm, rec["policy"])
             if scores is not None:
                 rows += [{"seed": run.seed, "kind": "policy_test_answer", "model": rec["policy"], "scorer": eval_rm,
-                          "item": i, "score_a": float(x), "score_b": ""} for i, x in enumerate(scores)]
+                          "item": i, "score_a": float(x), "score_b": "", "source": ""}
+                         for i, x in enumerate(scores)]
     return rows
 
 
@@ -573,6 +583,47 @@ def _across_seeds(runs: Sequence[Run]) -> tuple[list[dict], list[dict]]:
         p["round"], order.index(p["arm"]) if p["arm"] in order else len(order), p["arm"]))
 
 
+def rm_accuracy_by_source(runs: Sequence[Run]) -> list[dict]:
+    """Each RM's test accuracy on each data source's pairs, per seed: rows ``{"rm", "name", "round",
+    "source", "n", "acc": {seed: rate}}`` for the RMs of ``_across_seeds``. [] unless the runs
+    record their test pairs' sources and there are at least two (descriptive: not one of the claims)."""
+    rows: dict[tuple[str, str], dict] = {}
+    rms, _ = _across_seeds(runs)
+    for run in runs:
+        sources = run.test_sources()
+        if sources is None or len(set(sources)) < 2:
+            return []
+        labels = np.asarray(sources)
+        for rm in rms:
+            scores = run.rm_scores(rm["rm"])
+            if scores is None:
+                continue
+            wins = scores[0] > scores[1]  # [N] the RM ranks the chosen response first
+            for source in dict.fromkeys(sources):
+                mine = labels == source
+                row = rows.setdefault((rm["rm"], source), {"rm": rm["rm"], "name": rm["name"], "round": rm["round"],
+                                                           "source": source, "n": int(mine.sum()), "acc": {}})
+                row["acc"][run.seed] = float(wins[mine].mean())
+    return list(rows.values())
+
+
+def by_source_md(rows: Sequence[Mapping[str, Any]], seeds: Sequence[int]) -> list[str]:
+    """The report section of :func:`rm_accuracy_by_source`; [] without rows."""
+    if not rows:
+        return []
+    table = []
+    for r in rows:
+        mean, sd = _mean_sd(r["acc"])
+        table.append([r["name"], r["round"], r["source"], r["n"], *[_fmt(r["acc"].get(s), 1, 100) for s in seeds],
+                      f"{_fmt(mean, 1, 100)} ± {_fmt(sd, 1, 100)}"])
+    return ["## RM test accuracy by data source", "",
+            ("Each RM's accuracy on the test pairs of each data source (the sources the loader read, e.g. HH's "
+             "harmless-base and helpful-base), per seed, mean ± sd over seeds. Descriptive, not one of the claims "
+             "above: it shows whether an RM's pooled accuracy hides subsets it ranks differently."), "",
+            format_markdown_table(["RM", "round", "source", "test pairs", *[f"acc s{s} (%)" for s in seeds],
+                                   "mean ± sd (%)"], table), ""]
+
+
 def _mean_sd(values: Mapping[int, Any]) -> tuple[float, float]:
     xs = [float(v) for v in values.values() if v is not None]
     if not xs:
@@ -672,6 +723,8 @@ def write_claims_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, 
           "{} ± {}".format(*(_fmt(v, 2, 100) for v in _mean_sd(r["acc"]))),
           *[_fmt(r["ece"].get(s), 4) for s in seeds], "{} ± {}".format(*(_fmt(v, 4) for v in _mean_sd(r["ece"])))]
          for r in rms]), ""]
+    by_source = rm_accuracy_by_source(runs)
+    md += by_source_md(by_source, seeds)
     # One line per evaluation RM when the seeds share it (eval.shared_rm_dir); else one per seed, named.
     per_seed = [(seed, [line for line in eval_rm_quality_md(run.records) if line]) for seed, run in zip(seeds, runs)]
     judges = list(dict.fromkeys(line for _, lines in per_seed for line in lines))
@@ -726,7 +779,7 @@ def write_claims_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, 
     (out / "report.md").write_text("\n".join(md))
     data = {"title": title, "notes": list(notes), "machine": machine or {}, "seeds": seeds,
             "runs": [str(r.dir) for r in runs], "claims": claims, "within_run": within,
-            "rms_across_seeds": rms, "policies_across_seeds": policies, "figures": sorted(figures),
+            "rms_across_seeds": rms, "rm_accuracy_by_source": by_source, "policies_across_seeds": policies, "figures": sorted(figures),
             "n_resamples": n_resamples, "bootstrap_seed": seed, "confidence": CONFIDENCE, "power": POWER}
     (out / "claims.json").write_text(json.dumps(jsonable(data), indent=1, default=str) + "\n")
     return out / "report.md"
