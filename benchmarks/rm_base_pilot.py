@@ -6,8 +6,9 @@ the experiments' own test items play no part in choosing anything.
         rm.max_response_tokens=60      # each override after -- is one variant, run in turn
     python benchmarks/rm_base_pilot.py --preset demo --test 256 -- "data.rm_pairs=160 rm.base_epochs=3"
 
-Prints, per variant, the accuracy on the first ``--test`` test pairs with its Wilson 95% interval
-and the seconds it took (training RM_Base, then scoring), and writes the JSON.
+Prints, per variant, the accuracy on the first ``--test`` test pairs with its Wilson 95% interval,
+the same per data source when ``data.path`` lists several (e.g. harmless-base and helpful-base), and
+the seconds it took (training RM_Base, then scoring), and writes the JSON.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def main() -> None:
 
     from apo_ray.config import compose
     from apo_ray.core.metrics import proportion_interval
-    from apo_ray.data import RankedPair, load_apo_splits
+    from apo_ray.data import RankedPair, as_sources, load_apo_splits, load_preference_pairs
     from apo_ray.models.scoring import scorer_from_config
     from apo_ray.models.training import LearnerJob, RMLoss, run_job
 
@@ -57,9 +58,25 @@ def main() -> None:
         scores = scorer.score([p.prompt for p in test] * 2, [p.chosen for p in test] + [p.rejected for p in test])
         right = sum(scores[i] > scores[i + len(test)] for i in range(len(test)))
         acc = proportion_interval(right, len(test))
-        rows.append({"variant": variant, "rm_pairs": len(pref), "seconds": time.perf_counter() - start, **acc})
+        seconds = time.perf_counter() - start
+        by_source = {}
+        sources = as_sources(cfg.data.path)
+        if len(sources) > 1:  # which source each test pair came from, matched on its three texts
+            source_of = {}
+            for source in sources:
+                for p in load_preference_pairs(source):
+                    source_of.setdefault((p.prompt, p.chosen, p.rejected), str(source))
+            for source in map(str, sources):
+                wins = [scores[i] > scores[i + len(test)] for i, p in enumerate(test)
+                        if source_of.get((p.prompt, p.chosen, p.rejected)) == source]
+                if wins:
+                    by_source[source] = proportion_interval(sum(wins), len(wins))
+        rows.append({"variant": variant, "rm_pairs": len(pref), "seconds": seconds, **acc, "by_source": by_source})
         print(f"{variant}: RM_Base on {len(pref)} pairs, {100 * acc['rate']:.1f}% of {len(test)} test pairs "
-              f"[{100 * acc['low']:.1f}, {100 * acc['high']:.1f}] (Wilson 95%), {rows[-1]['seconds']:.0f} s", flush=True)
+              f"[{100 * acc['low']:.1f}, {100 * acc['high']:.1f}] (Wilson 95%), {seconds:.0f} s", flush=True)
+        for source, part in by_source.items():
+            print(f"    {source}: {100 * part['rate']:.1f}% of {part['n']} [{100 * part['low']:.1f}, "
+                  f"{100 * part['high']:.1f}]", flush=True)
     write_result({"benchmark": "rm_base_pilot", "preset": args.preset, "data_seed": args.data_seed,
                   "seed": args.seed, "rows": rows, "argv": sys.argv[1:]}, args.out)
 
