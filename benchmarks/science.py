@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import threading
@@ -225,10 +226,11 @@ def main() -> None:
     if estimate:
         minutes = [r["phases_estimated_s"] / 60 for r in estimate["per_seed"]]
         notes.append(f"On the 2-core AVX2-only CPU of `{Path(args.other_bench).name}` (fp32 there) a seed would take "
-                     f"about {min(minutes):.0f}-{max(minutes):.0f} min of phases: an estimate, each phase's seconds "
-                     f"here times the two machines' ratio on the same benchmark (sampling x"
-                     f"{estimate['ratio_sampling']:.2f}, learner x{estimate['ratio_learner']:.2f}; "
-                     f"`{Path(args.here_bench).name}` was run here during the sweep).")
+                     f"about {statistics.median(minutes):.0f} min of phases (median over seeds; range "
+                     f"{min(minutes):.0f}-{max(minutes):.0f}: a seed that ran beside other work, was paused or filled "
+                     f"the shared frozen-block cache first is slower): an estimate, each phase's seconds here times "
+                     f"the two machines' ratio on the same benchmark (sampling x{estimate['ratio_sampling']:.2f}, "
+                     f"learner x{estimate['ratio_learner']:.2f}; `{Path(args.here_bench).name}` run on this machine).")
     extra = [Path(args.notes).read_text()] if args.notes else []
     report = write_claims_report(run_dirs, out, title=f"APO's claims at small scale (`experiment={args.preset}`)",
                                  notes=notes, machine=machine, n_resamples=args.resamples, sections=extra,
