@@ -17,7 +17,7 @@ def test_compose_has_a_head_with_local_dashboard_and_gpu_workers():
     assert "ray-head:6379" in worker["command"]
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
-    assert (ROOT / "Dockerfile").exists() and "[vllm,deepspeed,offline]" in (ROOT / "Dockerfile").read_text()
+    assert (ROOT / "Dockerfile").exists() and "[vllm,deepspeed,offline,s3]" in (ROOT / "Dockerfile").read_text()
 
 
 def test_compose_places_roles_like_the_multinode_test():
