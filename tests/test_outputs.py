@@ -9,6 +9,7 @@ back what it left with the trackers' and transformers' own readers.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import struct
@@ -83,6 +84,10 @@ def test_every_model_version_is_exported(sweep):
         assert {"model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja", "README.md",
                 "apo_export.json"} <= names, (version, names)
         assert ("generation_config.json" in names) == version.startswith("policy/")
+        # the folder follows the umask like every other output (not mkdtemp's 0700): others can read it
+        umask = os.umask(0)
+        os.umask(umask)
+        assert folder.stat().st_mode & 0o777 == 0o777 & ~umask, (version, oct(folder.stat().st_mode))
 
 
 def test_exported_rms_give_our_scores_with_plain_transformers(sweep):

@@ -37,8 +37,8 @@ import queue
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
+import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -178,7 +178,10 @@ def _folder_written_whole(out_dir: Path, overwrite: bool):
     """A temporary folder beside ``out_dir``, renamed to it when the block ends without an error, so
     a reader never sees half an export (removed on an error)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    # A unique name made with mkdir, not mkdtemp: mkdtemp's folder is mode 0700 whatever the umask,
+    # and the renamed export would be unreadable to the other users of a shared cluster.
+    tmp = out_dir.parent / f".{out_dir.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
     try:
         yield tmp
         if overwrite and out_dir.exists():
