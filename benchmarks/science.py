@@ -156,7 +156,7 @@ def main() -> None:
     ap.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
     ap.add_argument("--claims", choices=("all", "rm"), default=None,
                     help="the report's family of claims (Holm adjusts over it): all, or the RM claims only "
-                         "(the default for --preset rm_claims)")
+                         "(the default for the rm_claims presets)")
     ap.add_argument("--keep-weights", action="store_true",
                     help="keep each finished seed's weight files (default: deleted; a finished run then "
                          "cannot be resumed for more rounds)")
@@ -169,7 +169,7 @@ def main() -> None:
     args = ap.parse_args()
 
     seeds = [int(s) for s in args.seeds.split(",")]
-    family = args.claims or ("rm" if args.preset == "rm_claims" else "all")
+    family = args.claims or ("rm" if args.preset.startswith("rm_claims") else "all")
     runs_dir, out = Path(args.runs_dir).resolve(), Path(args.out).resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
