@@ -676,3 +676,8 @@ def test_the_run_stores_each_test_pairs_data_source(game):
     stored = game.store.get(TEST_SOURCES_KEY)
     assert len(stored) == len(game.data.test_pairs) > 0
     assert stored == [p.source for p in game.data.test_pairs] and all(stored)
+    # a resumed run (every phase done) rewrites no file of the finished run, this one included
+    files = {f: f.stat().st_mtime_ns for f in game.store.root.iterdir()}
+    again = play(game.cfg, game.store.root)
+    assert [r["rm_test_acc"] for r in again.records] == [r["rm_test_acc"] for r in game.records]
+    assert {f: f.stat().st_mtime_ns for f in game.store.root.iterdir()} == files

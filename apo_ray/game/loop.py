@@ -181,7 +181,10 @@ class APOGame:
         rm_cfg, timing = self.cfg.rm, {}
         # Which data source each test pair came from, beside the per-item scores, so a report can
         # break accuracy down by subset (harmless-base vs helpful-base) item by item.
-        self.store.put(TEST_SOURCES_KEY, [p.source for p in self.data.test_pairs])
+        # Written once: a resumed run rewrites no finished phase's file.
+        sources = [p.source for p in self.data.test_pairs]
+        if self.store.get(TEST_SOURCES_KEY) != sources:
+            self.store.put(TEST_SOURCES_KEY, sources)
         pretrained = Weights("rm/pretrained")
         pref = [RankedPair.from_preference(p) for p in self.data.pref_pairs]
         self.rm_base = self._train_rm("rm/base", pretrained, pref, lr=rm_cfg.base_lr, epochs=rm_cfg.base_epochs,
