@@ -12,6 +12,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ray_nodes import RayNode  # tests/ is on sys.path under pytest
 
 from apo_ray.data import DEFAULT_DATA
 
@@ -48,27 +50,28 @@ def cluster(tiny_model):
     # Ray >= 2.59 turns on token auth for local clusters; give the cluster and its clients one token.
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
     env.pop("APO_HH_DATA", None)  # jobs read the default data: the copy inside the package
-    proc = _ray("start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-         "--num-cpus=4", "--num-gpus=0", f"--temp-dir={temp_dir}", "--include-dashboard=true",
-         # Every port our own: another Ray on this machine (a developer's, a parallel test) keeps the defaults.
-         *(f"--{flag}={_free_port()}" for flag in (
-             "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-             "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port")),
-         env=env, check=False)
-    if proc.returncode != 0:
-        subprocess.run(["pkill", "-9", "-f", temp_dir], check=False)
-        raise AssertionError(f"ray start failed:\n{proc.stdout}\n{proc.stderr}")
+    # `ray start --block`: every process of this cluster descends from it, so it is ended by PID
+    # (RayNode.kill), never with `ray stop`, which would stop every Ray instance on the machine.
+    head = RayNode("head", [
+        "--head", f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+        "--num-cpus=4", "--num-gpus=0", f"--temp-dir={temp_dir}", "--include-dashboard=true",
+        # Every port our own: another Ray on this machine (a developer's, a parallel test) keeps the defaults.
+        *(f"--{flag}={_free_port()}" for flag in (
+            "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+            "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port"))],
+        env, temp_dir)
     info = {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "data": DEFAULT_DATA,
             "env": dict(env, RAY_ADDRESS=f"http://127.0.0.1:{dash}")}
-    deadline = time.time() + 120
-    while _ray("job", "list", "--address", info["dashboard"], env=env, check=False, timeout=60).returncode != 0:
-        assert time.time() < deadline, "the job server did not come up"
-        time.sleep(1)
     try:
+        deadline = time.time() + 120
+        while _ray("job", "list", "--address", info["dashboard"], env=env, check=False, timeout=60).returncode != 0:
+            if head.proc.poll() is not None or time.time() > deadline:
+                raise AssertionError(f"the head or its job server did not come up:\n{head.log_tail()}")
+            time.sleep(1)
         yield info
     finally:
-        # Only this cluster's processes (`ray stop` would stop every Ray instance on the machine).
-        subprocess.run(["pkill", "-9", "-f", temp_dir], check=False)
+        head.kill()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _entry(cluster, out: Path, *extra: str) -> list[str]:
