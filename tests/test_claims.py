@@ -234,3 +234,10 @@ def test_no_by_source_section_without_sources(runs, tmp_path):
     report = write_claims_report(runs, tmp_path / "out", n_resamples=50).read_text()
     assert "by data source" not in report
     assert json.loads((tmp_path / "out" / "claims.json").read_text())["rm_accuracy_by_source"] == []
+
+
+def test_sources_that_do_not_match_the_scores_name_the_run(tmp_path):
+    d = make_run(tmp_path / "seed0", 0, rm_right=RM_RIGHT, policy_offset=POLICY)
+    PhaseStore(d / "phases", system=None).put("data/test_sources", ["a", "b"] * 3)  # 6 labels, 40 pairs
+    with pytest.raises(ValueError, match=r"seed0: 6 test-pair sources \(data/test_sources\) for 40 test pairs"):
+        write_claims_report([d], tmp_path / "out", n_resamples=20)

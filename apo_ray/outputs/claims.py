@@ -598,6 +598,9 @@ def rm_accuracy_by_source(runs: Sequence[Run]) -> list[dict]:
             scores = run.rm_scores(rm["rm"])
             if scores is None:
                 continue
+            if len(scores[0]) != len(labels):
+                raise ValueError(f"{run.dir}: {len(labels)} test-pair sources ({TEST_SOURCES_KEY}) for "
+                                 f"{len(scores[0])} test pairs scored by {rm['rm']}")
             wins = scores[0] > scores[1]  # [N] the RM ranks the chosen response first
             for source in dict.fromkeys(sources):
                 mine = labels == source
