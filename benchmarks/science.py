@@ -183,6 +183,12 @@ def main() -> None:
         start = time.time()
         try:
             run_seeds(to_run, runs_dir, args.preset, args.overrides, runs_dir / "runs.log")
+        except subprocess.CalledProcessError as exc:
+            how = f"signal {-exc.returncode}" if exc.returncode < 0 else f"exit code {exc.returncode}"
+            stopped = SystemExit(f"the sweep stopped ({how}; its log: {runs_dir / 'runs.log'}). Finished seeds "
+                                 "are kept and a stopped seed resumes from its last finished phase: run the same "
+                                 "command again, or report on the finished seeds with --report-only --seeds ...")
+            raise stopped from None
         finally:
             loads = sampler.stop()
             sampler.prune_finished()
