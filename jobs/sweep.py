@@ -45,6 +45,11 @@ def grid(swept: list[str]) -> list[list[str]]:
     return [list(point) for point in itertools.product(*axes)]
 
 
+# gitignore patterns: a leading "/" anchors one to the working dir's root, so the run folders at the
+# top are left out and the package's own apo_ray/outputs/ is not ("outputs/" alone matches both).
+WORKING_DIR_EXCLUDES = ["/outputs/", "/multirun/", "/.git/", "/.gpu-bundle/"]
+
+
 def entrypoint(fixed: list[str], point: list[str], output_dir: Path) -> str:
     """The job's shell command. Quoted: Ray runs it through a shell, and a value may hold spaces,
     quotes or ``&`` (an ``hf://...?data_dir=x&split=y`` data path)."""
@@ -77,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         out = root / slug(point)
         job_id = client.submit_job(
             entrypoint=entrypoint(fixed, point, out),
-            runtime_env={"working_dir": str(ROOT), "excludes": ["outputs/", "multirun/", ".git/", ".gpu-bundle/"]},
+            runtime_env={"working_dir": str(ROOT), "excludes": WORKING_DIR_EXCLUDES},
             metadata={"apo_sweep": str(root), "point": ",".join(point)},
         )
         jobs[job_id] = {"point": point, "output_dir": str(out)}

@@ -32,3 +32,21 @@ def test_compose_places_roles_like_the_multinode_test():
     for override in LAYOUT:  # the documented submit command places the roles as the test does
         assert override in text, override
     assert "AWS_SECRET_ACCESS_KEY: ${AWS_SECRET_ACCESS_KEY:-}" in text  # from the shell, never written down
+
+
+def test_sweep_jobs_upload_the_whole_package_but_not_the_run_folders():
+    """jobs/sweep.py's working-dir excludes, matched by Ray's own matcher (gitignore patterns over
+    paths relative to the working dir; private, but it is what decides the upload): "outputs/"
+    unanchored also dropped apo_ray/outputs/, and every sweep job died on `import apo_ray.outputs`."""
+    import importlib.util
+
+    from ray._private.runtime_env.packaging import _get_excludes
+
+    spec = importlib.util.spec_from_file_location("sweep", ROOT / "jobs" / "sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    match = _get_excludes(ROOT, sweep.WORKING_DIR_EXCLUDES)
+    package = list((ROOT / "apo_ray").rglob("*.py"))
+    assert ROOT / "apo_ray" / "outputs" / "claims.py" in package and not [p for p in package if match(p)]
+    assert all(match(ROOT / p) for p in ("outputs/demo/summary.json", "multirun/x/y.json", ".git/HEAD",
+                                         ".gpu-bundle/wheel.whl"))
