@@ -39,7 +39,7 @@ def main() -> None:
 
     from apo_ray.config import compose
     from apo_ray.core.metrics import proportion_interval
-    from apo_ray.data import RankedPair, as_sources, load_apo_splits, load_preference_pairs
+    from apo_ray.data import RankedPair, load_apo_splits
     from apo_ray.models.scoring import scorer_from_config
     from apo_ray.models.training import LearnerJob, RMLoss, run_job
 
@@ -60,17 +60,10 @@ def main() -> None:
         acc = proportion_interval(right, len(test))
         seconds = time.perf_counter() - start
         by_source = {}
-        sources = as_sources(cfg.data.path)
-        if len(sources) > 1:  # which source each test pair came from, matched on its three texts
-            source_of = {}
-            for source in sources:
-                for p in load_preference_pairs(source):
-                    source_of.setdefault((p.prompt, p.chosen, p.rejected), str(source))
-            for source in map(str, sources):
-                wins = [scores[i] > scores[i + len(test)] for i, p in enumerate(test)
-                        if source_of.get((p.prompt, p.chosen, p.rejected)) == source]
-                if wins:
-                    by_source[source] = proportion_interval(sum(wins), len(wins))
+        sources = list(dict.fromkeys(p.source for p in test))  # each pair names the source it was read from
+        for source in sources if len(sources) > 1 else ():
+            wins = [scores[i] > scores[i + len(test)] for i, p in enumerate(test) if p.source == source]
+            by_source[source] = proportion_interval(sum(wins), len(wins))
         rows.append({"variant": variant, "rm_pairs": len(pref), "seconds": seconds, **acc, "by_source": by_source})
         print(f"{variant}: RM_Base on {len(pref)} pairs, {100 * acc['rate']:.1f}% of {len(test)} test pairs "
               f"[{100 * acc['low']:.1f}, {100 * acc['high']:.1f}] (Wilson 95%), {seconds:.0f} s", flush=True)

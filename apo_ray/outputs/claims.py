@@ -583,12 +583,12 @@ def _across_seeds(runs: Sequence[Run]) -> tuple[list[dict], list[dict]]:
         p["round"], order.index(p["arm"]) if p["arm"] in order else len(order), p["arm"]))
 
 
-def rm_accuracy_by_source(runs: Sequence[Run]) -> list[dict]:
+def rm_accuracy_by_source(runs: Sequence[Run], rms: Sequence[Mapping[str, Any]]) -> list[dict]:
     """Each RM's test accuracy on each data source's pairs, per seed: rows ``{"rm", "name", "round",
-    "source", "n", "acc": {seed: rate}}`` for the RMs of ``_across_seeds``. [] unless the runs
-    record their test pairs' sources and there are at least two (descriptive: not one of the claims)."""
+    "source", "n", "acc": {seed: rate}}`` for ``rms`` (the RM rows of ``_across_seeds``). [] unless
+    the runs record their test pairs' sources and there are at least two (descriptive: not one of
+    the claims)."""
     rows: dict[tuple[str, str], dict] = {}
-    rms, _ = _across_seeds(runs)
     for run in runs:
         sources = run.test_sources()
         if sources is None or len(set(sources)) < 2:
@@ -726,7 +726,7 @@ def write_claims_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, 
           "{} ± {}".format(*(_fmt(v, 2, 100) for v in _mean_sd(r["acc"]))),
           *[_fmt(r["ece"].get(s), 4) for s in seeds], "{} ± {}".format(*(_fmt(v, 4) for v in _mean_sd(r["ece"])))]
          for r in rms]), ""]
-    by_source = rm_accuracy_by_source(runs)
+    by_source = rm_accuracy_by_source(runs, rms)
     md += by_source_md(by_source, seeds)
     # One line per evaluation RM when the seeds share it (eval.shared_rm_dir); else one per seed, named.
     per_seed = [(seed, [line for line in eval_rm_quality_md(run.records) if line]) for seed, run in zip(seeds, runs)]
