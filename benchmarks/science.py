@@ -57,8 +57,8 @@ def cpu_info() -> dict:
 
 class LoadSampler(threading.Thread):
     """The 1-minute load average every ``interval`` seconds while the runs go (the machine is shared).
-    With ``prune`` it also deletes the weight files of every seed that has finished (its
-    ``run_timing.json`` written): the report reads only scores, and a SmolLM2 run keeps ~11 GB of
+    With ``prune`` (run folders in the order the sweep runs them) it also deletes the weight files of
+    every seed whose job has ended: the report reads only scores, and a SmolLM2 run keeps ~11 GB of
     fp32 state dicts (21 model versions)."""
 
     def __init__(self, interval: float = 60.0, prune: list[Path] | None = None):
@@ -72,12 +72,15 @@ class LoadSampler(threading.Thread):
             self.prune_finished()
             self._done.wait(self.interval)
 
-    def prune_finished(self) -> None:
-        for run_dir in self.prune:
-            if (run_dir / "run_timing.json").exists():
-                for suffix in ("*.safetensors", "*.pt"):  # the checkpoints (.pt: written before 2026-12)
-                    for weights in (run_dir / "phases").glob(suffix):
-                        weights.unlink()
+    def prune_finished(self, sweep_ended: bool = False) -> None:
+        """A seed's job has ended when its ``run_timing.json`` exists and either a later seed's folder
+        does (the multirun runs them one after another) or the sweep has ended (``sweep_ended``).
+        ``run_timing.json`` alone is not enough: the job still exports its models after writing it,
+        and reads the weights to do so (a prune then made that export fail)."""
+        for i, run_dir in enumerate(self.prune):
+            ended = sweep_ended or any(later.exists() for later in self.prune[i + 1:])
+            if ended and (run_dir / "run_timing.json").exists():
+                delete_weights(run_dir)
 
     def stop(self) -> list:
         self._done.set()
@@ -85,13 +88,26 @@ class LoadSampler(threading.Thread):
         return self.samples
 
 
+def delete_weights(run_dir: Path) -> None:
+    """Delete a finished run's checkpoints (.pt: written before 2026-12), keeping every score."""
+    for suffix in ("*.safetensors", "*.pt"):
+        for weights in (run_dir / "phases").glob(suffix):
+            weights.unlink()
+
+
+def run_order(seeds: list[int], runs_dir: Path) -> tuple[list[int], list[int]]:
+    """(stopped, fresh): the seeds stopped part-way (their ``phases`` folder holds something) run
+    first, with ``run.resume=true``; then the fresh ones, without it."""
+    stopped = [s for s in seeds if (runs_dir / f"seed{s}" / "phases").is_dir()
+               and any((runs_dir / f"seed{s}" / "phases").iterdir())]
+    return stopped, [s for s in seeds if s not in stopped]
+
+
 def run_seeds(seeds: list[int], runs_dir: Path, preset: str, overrides: list[str], log_path: Path) -> None:
     """The seeds as Hydra multiruns: the stopped ones first with ``run.resume=true`` (they continue
     from their last phase), then the fresh ones without it (a resume of a folder that holds no run
     is refused, so one multirun cannot do both)."""
-    stopped = [s for s in seeds if (runs_dir / f"seed{s}" / "phases").is_dir()
-               and any((runs_dir / f"seed{s}" / "phases").iterdir())]
-    fresh = [s for s in seeds if s not in stopped]
+    stopped, fresh = run_order(seeds, runs_dir)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for group, resume in ((stopped, "true"), (fresh, "false")):
         if not group:
@@ -178,7 +194,11 @@ def main() -> None:
     # A seed that finished keeps its measured timing: only the others run (a stopped seed resumes).
     to_run = [s for s in seeds if not (runs_dir / f"seed{s}" / "run_timing.json").exists()]
     if not args.report_only and to_run:
-        sampler = LoadSampler(prune=[] if args.keep_weights else [runs_dir / f"seed{s}" for s in seeds])
+        stopped, fresh = run_order(to_run, runs_dir)
+        if not args.keep_weights:  # seeds an earlier, killed sweep finished
+            for seed in set(seeds) - set(to_run):
+                delete_weights(runs_dir / f"seed{seed}")
+        sampler = LoadSampler(prune=[] if args.keep_weights else [runs_dir / f"seed{s}" for s in stopped + fresh])
         sampler.start()
         start = time.time()
         try:
@@ -191,7 +211,7 @@ def main() -> None:
             raise stopped from None
         finally:
             loads = sampler.stop()
-            sampler.prune_finished()
+            sampler.prune_finished(sweep_ended=True)
             machine.setdefault("sweeps", []).append({
                 "seeds": to_run, "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(start)),
                 "wall_seconds": time.time() - start, "overrides": args.overrides,

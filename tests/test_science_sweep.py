@@ -1,0 +1,58 @@
+"""benchmarks/science.py's bookkeeping around the seeds it runs: which run first, and when a seed's
+weight files may go (only after its job, model export included, has ended)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_science():
+    spec = importlib.util.spec_from_file_location("science_bench", ROOT / "benchmarks" / "science.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def finished_seed(run_dir: Path) -> Path:
+    """A seed folder as a finished run leaves it: run_timing.json, a score record and a checkpoint."""
+    (run_dir / "phases").mkdir(parents=True)
+    (run_dir / "phases" / "rm__base.json").write_text("{}")
+    weights = run_dir / "phases" / "rm__base.safetensors"
+    weights.write_bytes(b"weights")
+    (run_dir / "run_timing.json").write_text(json.dumps({"wall_seconds": 1.0}))
+    return weights
+
+
+def test_weights_stay_until_the_seeds_job_has_ended(tmp_path):
+    """run_timing.json is written before the job exports its models (which reads the weights):
+    the weights go once the next seed has started, or the sweep has ended, never before."""
+    science = load_science()
+    seed0, seed1 = tmp_path / "seed0", tmp_path / "seed1"
+    sampler = science.LoadSampler(prune=[seed0, seed1])
+    weights0 = finished_seed(seed0)
+    sampler.prune_finished()
+    assert weights0.exists()  # seed 0 may still be exporting
+
+    (seed1 / "phases").mkdir(parents=True)  # the multirun started seed 1: seed 0's job returned
+    sampler.prune_finished()
+    assert not weights0.exists() and (seed0 / "phases" / "rm__base.json").exists()
+
+    weights1 = seed1 / "phases" / "rm__base.safetensors"
+    weights1.write_bytes(b"weights")
+    sampler.prune_finished(sweep_ended=True)
+    assert weights1.exists()  # seed 1 never finished: a resume needs its weights
+    (seed1 / "run_timing.json").write_text("{}")
+    sampler.prune_finished()
+    assert weights1.exists()  # the last seed: only the sweep's end says its job is over
+    sampler.prune_finished(sweep_ended=True)
+    assert not weights1.exists()
+
+
+def test_stopped_seeds_run_first_then_fresh_ones(tmp_path):
+    science = load_science()
+    (tmp_path / "seed2" / "phases").mkdir(parents=True)  # stopped after its first phase: resumes
+    (tmp_path / "seed2" / "phases" / "rm__base.json").write_text("{}")
+    (tmp_path / "seed1" / "phases").mkdir(parents=True)  # created, nothing finished: runs fresh
+    assert science.run_order([0, 1, 2, 3], tmp_path) == ([2], [0, 1, 3])
