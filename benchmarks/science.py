@@ -162,10 +162,31 @@ def other_cpu_estimate(per_seed: list[dict], here_path: Path, other_path: Path) 
             "per_seed": rows}
 
 
+def seed_list(text: str) -> list[int]:
+    """``--seeds``: distinct non-negative integers, comma separated (``0,1,2``, ``$(seq -s, 0 39)``)."""
+    seeds = []
+    for item in text.split(","):
+        if not item.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"{item.strip()!r} in {text!r} is not a non-negative integer "
+                                             "(give run.seed values comma separated, e.g. 0,1,2)")
+        seeds.append(int(item))
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r} names a seed twice")
+    return seeds
+
+
+def preset_name(name: str) -> str:
+    """``--preset``: a file of conf/experiment/ (checked before any seed starts)."""
+    presets = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+    if name not in presets:
+        raise argparse.ArgumentTypeError(f"no preset {name!r} in conf/experiment/ (there are: {', '.join(presets)})")
+    return name
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", default="0,1,2", help="run.seed values (comma separated)")
-    ap.add_argument("--preset", default="hh_small", help="experiment= preset")
+    ap.add_argument("--seeds", type=seed_list, default="0,1,2", help="run.seed values (comma separated)")
+    ap.add_argument("--preset", type=preset_name, default="hh_small", help="experiment= preset")
     ap.add_argument("--runs-dir", default=str(ROOT / "outputs" / "science"), help="where the runs go")
     ap.add_argument("--out", default=str(ROOT / "docs" / "science"), help="where the report goes")
     ap.add_argument("--report-only", action="store_true", help="do not run; report on the runs in --runs-dir")
@@ -184,7 +205,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="after --: Hydra overrides for every run")
     args = ap.parse_args()
 
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = args.seeds
     family = args.claims or ("rm" if args.preset.startswith("rm_claims") else "all")
     runs_dir, out = Path(args.runs_dir).resolve(), Path(args.out).resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -241,7 +262,7 @@ def main() -> None:
         machine["other_cpu_estimate"] = estimate
     sweeps = machine.get("sweeps", [])
     preset = "" if args.preset == "hh_small" else f" --preset {args.preset}"
-    notes = [f"Command: `python benchmarks/science.py{preset} --seeds {args.seeds}`"
+    notes = [f"Command: `python benchmarks/science.py{preset} --seeds {','.join(map(str, seeds))}`"
              + (f" `-- {' '.join(args.overrides)}`" if args.overrides else "")
              + f" (Hydra multirun of `experiment={args.preset}` over `run.seed`, in process).",
              (f"CPU: {machine['cpu']['model']}, {machine['cpu']['cores']} cores, flags "

@@ -56,3 +56,18 @@ def test_stopped_seeds_run_first_then_fresh_ones(tmp_path):
     (tmp_path / "seed2" / "phases" / "rm__base.json").write_text("{}")
     (tmp_path / "seed1" / "phases").mkdir(parents=True)  # created, nothing finished: runs fresh
     assert science.run_order([0, 1, 2, 3], tmp_path) == ([2], [0, 1, 3])
+
+
+def test_bad_seeds_and_presets_are_refused_before_anything_runs(capsys):
+    import argparse
+
+    import pytest
+
+    science = load_science()
+    assert science.seed_list("100,101,7") == [100, 101, 7]
+    for text in ("a,b", "1,,2", "-1", "1,1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            science.seed_list(text)
+    assert science.preset_name("rm_claims_r1") == "rm_claims_r1"
+    with pytest.raises(argparse.ArgumentTypeError, match="no preset 'nope'.*rm_claims_harmless"):
+        science.preset_name("nope")
