@@ -51,7 +51,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     run_dir = Path(args.run_dir)
-    run = load_run(run_dir)
+    try:
+        run = load_run(run_dir)
+    except FileNotFoundError as exc:
+        raise SystemExit(str(exc)) from None
     before, after = run.record(BASELINE_ARM, 0), run.record(BASELINE_ARM, 1)
     if before is None or after is None:
         raise SystemExit(f"{run_dir}: no {BASELINE_ARM} arm record for round 0 and round 1 in summary.json")
