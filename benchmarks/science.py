@@ -73,13 +73,17 @@ class LoadSampler(threading.Thread):
             self._done.wait(self.interval)
 
     def prune_finished(self, sweep_ended: bool = False) -> None:
-        """A seed's job has ended when its ``run_timing.json`` exists and either a later seed's folder
-        does (the multirun runs them one after another) or the sweep has ended (``sweep_ended``).
+        """A seed's job has ended when its ``run_timing.json`` exists and either the sweep has ended
+        (``sweep_ended``) or a later seed's folder changed after that file was written (the multirun
+        runs the seeds one after another, and a job starts by writing into its folder).
         ``run_timing.json`` alone is not enough: the job still exports its models after writing it,
         and reads the weights to do so (a prune then made that export fail)."""
         for i, run_dir in enumerate(self.prune):
-            ended = sweep_ended or any(later.exists() for later in self.prune[i + 1:])
-            if ended and (run_dir / "run_timing.json").exists():
+            timing = run_dir / "run_timing.json"
+            if not timing.exists():
+                continue
+            written = timing.stat().st_mtime
+            if sweep_ended or any(later.exists() and later.stat().st_mtime >= written for later in self.prune[i + 1:]):
                 delete_weights(run_dir)
 
     def stop(self) -> list:
@@ -215,11 +219,11 @@ def main() -> None:
     # A seed that finished keeps its measured timing: only the others run (a stopped seed resumes).
     to_run = [s for s in seeds if not (runs_dir / f"seed{s}" / "run_timing.json").exists()]
     if not args.report_only and to_run:
-        stopped, fresh = run_order(to_run, runs_dir)
+        resuming, fresh = run_order(to_run, runs_dir)
         if not args.keep_weights:  # seeds an earlier, killed sweep finished
             for seed in set(seeds) - set(to_run):
                 delete_weights(runs_dir / f"seed{seed}")
-        sampler = LoadSampler(prune=[] if args.keep_weights else [runs_dir / f"seed{s}" for s in stopped + fresh])
+        sampler = LoadSampler(prune=[] if args.keep_weights else [runs_dir / f"seed{s}" for s in resuming + fresh])
         sampler.start()
         start = time.time()
         try:

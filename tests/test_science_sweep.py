@@ -3,6 +3,7 @@ weight files may go (only after its job, model export included, has ended)."""
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,10 +28,13 @@ def finished_seed(run_dir: Path) -> Path:
 
 def test_weights_stay_until_the_seeds_job_has_ended(tmp_path):
     """run_timing.json is written before the job exports its models (which reads the weights):
-    the weights go once the next seed has started, or the sweep has ended, never before."""
+    the weights go once the next seed's job has written into its folder, or the sweep has ended,
+    never before; a later seed's folder left over from before does not count."""
     science = load_science()
-    seed0, seed1 = tmp_path / "seed0", tmp_path / "seed1"
-    sampler = science.LoadSampler(prune=[seed0, seed1])
+    seed0, seed1, seed2 = tmp_path / "seed0", tmp_path / "seed1", tmp_path / "seed2"
+    (seed2 / "phases").mkdir(parents=True)  # an empty folder from an earlier sweep
+    os.utime(seed2, (1e9, 1e9))
+    sampler = science.LoadSampler(prune=[seed0, seed1, seed2])
     weights0 = finished_seed(seed0)
     sampler.prune_finished()
     assert weights0.exists()  # seed 0 may still be exporting
@@ -45,7 +49,7 @@ def test_weights_stay_until_the_seeds_job_has_ended(tmp_path):
     assert weights1.exists()  # seed 1 never finished: a resume needs its weights
     (seed1 / "run_timing.json").write_text("{}")
     sampler.prune_finished()
-    assert weights1.exists()  # the last seed: only the sweep's end says its job is over
+    assert weights1.exists()  # seed 2's folder predates seed 1's end: seed 1 may still be exporting
     sampler.prune_finished(sweep_ended=True)
     assert not weights1.exists()
 
