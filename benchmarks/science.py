@@ -124,11 +124,20 @@ def run_seeds(seeds: list[int], runs_dir: Path, preset: str, overrides: list[str
             subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
 
 
+def read_json(path: Path) -> dict | list:
+    """A seed's JSON file; a damaged one ends the script with a line naming it and what to do."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); delete that "
+                         "seed's folder to run it again, or leave the seed out of --seeds") from None
+
+
 def phase_seconds(run_dir: Path) -> dict:
     """Seconds per kind of phase over the whole run (set-up phases counted once)."""
     from apo_ray.outputs.report import wall_time_table
 
-    records = json.loads((run_dir / "summary.json").read_text())
+    records = read_json(run_dir / "summary.json")
     phases, rows = wall_time_table(records)
     return {p: round(sum(float(r.get(p) or 0.0) for r in rows), 1) for p in phases if not p.endswith("_total")}
 
@@ -215,7 +224,7 @@ def main() -> None:
     runs_dir.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     machine_path = runs_dir / "machine.json"
-    machine = json.loads(machine_path.read_text()) if machine_path.exists() else {}
+    machine = read_json(machine_path) if machine_path.exists() else {}
     # A seed that finished keeps its measured timing: only the others run (a stopped seed resumes).
     to_run = [s for s in seeds if not (runs_dir / f"seed{s}" / "run_timing.json").exists()]
     if not args.report_only and to_run:
@@ -256,7 +265,7 @@ def main() -> None:
     per_seed = []
     for seed, run_dir in zip(seeds, run_dirs):
         timing_path = run_dir / "run_timing.json"
-        timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
+        timing = read_json(timing_path) if timing_path.exists() else {}
         per_seed.append({"seed": seed, "dir": str(run_dir), "wall_seconds": timing.get("wall_seconds"),
                          "cpu_seconds": timing.get("process_cpu_seconds"), "phase_seconds": phase_seconds(run_dir)})
     machine |= {"cpu": cpu_info(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),

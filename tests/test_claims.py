@@ -241,3 +241,10 @@ def test_sources_that_do_not_match_the_scores_name_the_run(tmp_path):
     PhaseStore(d / "phases", system=None).put("data/test_sources", ["a", "b"] * 3)  # 6 labels, 40 pairs
     with pytest.raises(ValueError, match=r"seed0: 6 test-pair sources \(data/test_sources\) for 40 test pairs"):
         write_claims_report([d], tmp_path / "out", n_resamples=20)
+
+
+def test_load_run_names_a_damaged_summary(tmp_path):
+    (tmp_path / "phases").mkdir()
+    (tmp_path / "summary.json").write_text('[{"round": 0,')  # cut short
+    with pytest.raises(ValueError, match=r"summary.json: not valid JSON \(line 1"):
+        load_run(tmp_path)

@@ -75,3 +75,13 @@ def test_bad_seeds_and_presets_are_refused_before_anything_runs(capsys):
     assert science.preset_name("rm_claims_r1") == "rm_claims_r1"
     with pytest.raises(argparse.ArgumentTypeError, match="no preset 'nope'.*rm_claims_harmless"):
         science.preset_name("nope")
+
+
+def test_a_damaged_seed_file_is_one_line_naming_it(tmp_path):
+    import pytest
+
+    science = load_science()
+    summary = tmp_path / "summary.json"
+    summary.write_text('[{"round": 0, "rm_mode": ')  # cut short
+    with pytest.raises(SystemExit, match=r"summary.json: not valid JSON \(line 1, column 26"):
+        science.phase_seconds(tmp_path)
