@@ -74,7 +74,12 @@ def main() -> None:
 
     start = time.perf_counter()
     scorer = scorer_from_config(cfg)
-    scorer.load_weights(load_checkpoint(run_dir / "phases" / checkpoint_name(before["rm"])))
+    try:
+        rm_base = load_checkpoint(run_dir / "phases" / checkpoint_name(before["rm"]))
+    except (ValueError, FileNotFoundError) as exc:  # e.g. science.py deleted a finished seed's weights
+        raise SystemExit(f"{exc}: RM_Base's weights are needed to rescore the answers (benchmarks/science.py "
+                         "keeps them with --keep-weights)") from None
+    scorer.load_weights(rm_base)
     by_scorer = {before["rm"]: {p: np.asarray(scorer.score(queries, a)) for p, a in answers.items()}}
     score_seconds = time.perf_counter() - start
     for eval_rm in before.get("policy_rewards") or {}:
