@@ -3,9 +3,13 @@ RM and policy. Run: bash .gpu-bundle/install.sh && PYTHONPATH=/tmp/site:$PWD TOR
 APO_RAY_CACHE=$PWD/.gpu-cache python benchmarks/deepspeed_check.py (2026-11-22, H100: both stages ran,
 finite losses, full 273-tensor state dicts gathered)."""
 import os
+import sys
 
+import torch
 import torch.distributed as dist
 
+if not (torch.cuda.is_available() and dist.is_nccl_available()):
+    sys.exit("deepspeed_check.py needs a CUDA GPU and NCCL (it runs ZeRO-2/3 over nccl); none here")
 os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29511")
 dist.init_process_group("nccl")
 from apo_ray.data import RankedPair, load_preference_pairs
