@@ -126,11 +126,12 @@ def run_seeds(seeds: list[int], runs_dir: Path, preset: str, overrides: list[str
 
 def read_json(path: Path) -> dict | list:
     """A seed's JSON file; a damaged one ends the script with a line naming it and what to do."""
+    from apo_ray.outputs.claims import read_json_file
+
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise SystemExit(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); delete that "
-                         "seed's folder to run it again, or leave the seed out of --seeds") from None
+        return read_json_file(path)
+    except ValueError as exc:  # names the file, line and column
+        raise SystemExit(f"{exc}; delete that seed's folder to run it again, or leave the seed out of --seeds") from None
 
 
 def phase_seconds(run_dir: Path) -> dict:

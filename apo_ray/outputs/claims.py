@@ -110,7 +110,7 @@ class Run:
         return None if scores is None else np.asarray(scores, dtype=np.float64)
 
 
-def _read_json(path: Path) -> Any:
+def read_json_file(path: Path) -> Any:
     """A run's JSON file; a damaged one (e.g. cut short) is an error naming the file and the place."""
     try:
         return json.loads(path.read_text())
@@ -128,9 +128,9 @@ def load_run(run_dir: str | Path, records: Sequence[Mapping] | None = None) -> R
         summary = run_dir / "summary.json"
         if not summary.exists():
             raise FileNotFoundError(f"{summary} is missing (the run did not finish?)")
-        records = _read_json(summary)
+        records = read_json_file(summary)
     config_path = run_dir / "resolved_config.json"
-    config = _read_json(config_path) if config_path.exists() else {}
+    config = read_json_file(config_path) if config_path.exists() else {}
     return Run(run_dir, [dict(r) for r in records], config, PhaseStore(phases, system=None))
 
 
@@ -281,7 +281,7 @@ def run_comparisons(run_dir: str | Path, records: Sequence[Mapping] | None = Non
     :func:`judge_intervals`). ``judge`` defaults to the run's ``judge_summary.json``."""
     run = load_run(run_dir, records)
     if judge is None and (run.dir / "judge_summary.json").exists():
-        judge = _read_json(run.dir / "judge_summary.json")
+        judge = read_json_file(run.dir / "judge_summary.json")
     return {"rm": rm_comparisons(run, n_resamples=n_resamples, seed=seed),
             "policy": policy_comparisons(run, n_resamples=n_resamples, seed=seed),
             "judge": judge_intervals(judge), "n_resamples": n_resamples, "seed": seed, "confidence": CONFIDENCE}
