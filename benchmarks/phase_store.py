@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))  # `python benchmarks/phase_store.py` from a check
 from apo_ray.config import Config
 from apo_ray.game.store import PhaseStore
 from apo_ray.runtime.in_process import InProcessSystem
+from benchmarks.results_io import positive_int
 from benchmarks.weight_sync import DTYPES, random_state_dict
 
 
@@ -64,7 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="smollm2-135m")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--dir", default=None, help="where the temporary phase folder goes (default: the system's)")
     parser.add_argument("--out", default="benchmarks/results/phase_store_cpu.json")
     args = parser.parse_args()

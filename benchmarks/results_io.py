@@ -1,6 +1,7 @@
 """What benchmarks share: write the result dict as JSON and say where; run a script against the
-package as it was at an earlier commit, for a before/after in one run."""
+package as it was at an earlier commit, for a before/after in one run; argument types."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -9,6 +10,18 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count (repeats, resamples, prompts, pairs): an integer >= 1, else a usage error
+    before anything runs."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 1 or more")
+    return value
 
 
 def write_result(result: dict, out: str | Path) -> Path:

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results_io import write_result
+from benchmarks.results_io import positive_int, write_result
 
 BASELINE_ARM = "fixed"
 
@@ -33,8 +33,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-dir", required=True, help="the run's output folder (summary.json, phases/)")
     ap.add_argument("--preset", default="rjs_pilot", help="the run's experiment= preset (rebuilds its test prompts)")
-    ap.add_argument("--resamples", type=int, default=2000)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--resamples", type=positive_int, default=2000)
+    ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rjs_pilot.json"))
     ap.add_argument("overrides", nargs="*", help="after --: the Hydra overrides the run was started with")
     args = ap.parse_args()

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results_io import write_result
+from benchmarks.results_io import positive_int, write_result
 
 
 def main() -> None:
@@ -29,8 +29,8 @@ def main() -> None:
     ap.add_argument("--preset", default="rm_claims")
     ap.add_argument("--data-seed", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0, help="the learner's seed (head initialisation, shuffle)")
-    ap.add_argument("--test", type=int, default=1000, help="test pairs scored")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--test", type=positive_int, default=1000, help="test pairs scored")
+    ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rm_base_pilot.json"))
     ap.add_argument("variants", nargs="+", help="after --: one quoted string of Hydra overrides per variant")
     args = ap.parse_args()

@@ -31,16 +31,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results_io import write_result
+from benchmarks.results_io import positive_int, write_result
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pref", type=int, default=96, help="D_P pairs (rm_claims: 600)")
-    ap.add_argument("--apo", type=int, default=32, help="golden queries, one sample each (rm_claims: 64 x S=4)")
-    ap.add_argument("--test", type=int, default=128, help="test pairs (rm_claims: 3,900)")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--pref", type=positive_int, default=96, help="D_P pairs (rm_claims: 600)")
+    ap.add_argument("--apo", type=positive_int, default=32, help="golden queries, one sample each (rm_claims: 64 x S=4)")
+    ap.add_argument("--test", type=positive_int, default=128, help="test pairs (rm_claims: 3,900)")
+    ap.add_argument("--repeats", type=positive_int, default=5)
+    ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rm_claims_cost.json"))
     args = ap.parse_args()
 

@@ -39,6 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results_io import positive_int
+
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 
 
@@ -204,7 +206,7 @@ def main() -> None:
     ap.add_argument("--runs-dir", default=str(ROOT / "outputs" / "science"), help="where the runs go")
     ap.add_argument("--out", default=str(ROOT / "docs" / "science"), help="where the report goes")
     ap.add_argument("--report-only", action="store_true", help="do not run; report on the runs in --runs-dir")
-    ap.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
+    ap.add_argument("--resamples", type=positive_int, default=2000, help="bootstrap resamples")
     ap.add_argument("--claims", choices=("all", "rm"), default=None,
                     help="the report's family of claims (Holm adjusts over it): all, or the RM claims only "
                          "(the default for the rm_claims presets)")

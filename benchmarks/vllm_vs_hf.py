@@ -28,6 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results_io import positive_int
+
 
 def _timed(gens: dict, prompts, samples, decoding, repeats) -> list[dict]:
     """Each backend's samples/s on the same prompts, call by call. The backends take turns within
@@ -65,12 +67,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--data", default=os.environ.get("APO_HH_DATA", str(ROOT.parent / "shared/data/hh-rlhf")))
-    ap.add_argument("--prompts", type=int, nargs="+", default=[16, 64], help="batch sizes (the demo: 16)")
-    ap.add_argument("--samples", type=int, default=4, help="S (the demo: 4)")
-    ap.add_argument("--new-tokens", type=int, default=24, help="the demo: 24")
-    ap.add_argument("--prompt-tokens", type=int, default=56, help="the demo: 56")
+    ap.add_argument("--prompts", type=positive_int, nargs="+", default=[16, 64], help="batch sizes (the demo: 16)")
+    ap.add_argument("--samples", type=positive_int, default=4, help="S (the demo: 4)")
+    ap.add_argument("--new-tokens", type=positive_int, default=24, help="the demo: 24")
+    ap.add_argument("--prompt-tokens", type=positive_int, default=56, help="the demo: 56")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--repeats", type=int, default=5, help="alternating timed calls per backend, and reloads")
+    ap.add_argument("--repeats", type=positive_int, default=5, help="alternating timed calls per backend, and reloads")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/vllm_vs_hf_cpu_<dtype>.json")
     args = ap.parse_args()
 

@@ -85,3 +85,18 @@ def test_a_damaged_seed_file_is_one_line_naming_it(tmp_path):
     summary.write_text('[{"round": 0, "rm_mode": ')  # cut short
     with pytest.raises(SystemExit, match=r"summary.json: not valid JSON \(line 1, column 26"):
         science.phase_seconds(tmp_path)
+
+
+def test_counts_below_one_are_usage_errors_in_every_science_and_cost_script():
+    """--resamples 0 used to end a whole report run in a ValueError traceback, --repeats 0 in an
+    IndexError after minutes of work: each count is an argparse error before anything runs."""
+    import subprocess
+    import sys
+
+    for script, args in (("science.py", ["--resamples", "0"]), ("rjs_pilot.py", ["--run-dir", "x", "--resamples", "-3"]),
+                         ("rm_claims_cost.py", ["--repeats", "0"]), ("phase_store.py", ["--repeats", "two"])):
+        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                              text=True, timeout=120, cwd=ROOT.parent)
+        assert done.returncode == 2, (script, done.stderr[-500:])
+        assert "must be 1 or more" in done.stderr or "is not an integer" in done.stderr, done.stderr[-500:]
+        assert "Traceback" not in done.stderr
