@@ -5,13 +5,14 @@ Side by side in one run, on a random state dict of a real model shape (``--shape
 
 - ``save``: a plain save: ``InProcessSystem.save_weights`` (the checkpoint file, here the whole
   state dict, written under a temporary name + rename) and a plain JSON marker;
-- ``put_weights``: ``PhaseStore.put_weights`` now: the same save, then fsync of the file and the
+- ``put_weights``: ``PhaseStore.put_version`` now: the same save, then fsync of the file and the
   folder, SHA-256 of the file (read back, mostly from the page cache) and a marker written durably;
-- ``load`` / ``get_weights``: the system's load alone vs the store's size + checksum check and load,
+- ``load`` / ``get_weights``: the system's load alone vs ``PhaseStore.get_version`` (size + checksum check and load),
   each followed by copying every tensor into a model-shaped state dict (what ``load_state_dict``
   does on a resume): safetensors maps the file lazily, so a load that touches nothing costs ~0.
 
-Median of ``--repeats`` (alternating, after one warm-up) with min-max and each repeat's load average. Prints a table; writes JSON under ``benchmarks/results/``.
+Median of ``--repeats`` (the four steps take turns in each repeat; one warm-up repeat first) with
+min-max and each repeat's load average. Prints a table; writes JSON under ``benchmarks/results/``.
 
     python benchmarks/phase_store.py --shape smollm2-135m --dtype fp32
 """
